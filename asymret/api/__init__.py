@@ -1,0 +1,1 @@
+"""Interfaces: the ``asymret`` command line and the FastAPI app, thin over the layers below."""

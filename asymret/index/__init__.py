@@ -1,0 +1,4 @@
+"""Vectors and their metadata: FAISS indices and the SQL metadata store.
+
+Knows nothing about images or networks: imports neither torch models nor ``retrieval``.
+"""

@@ -1,0 +1,358 @@
+"""Retrieval and re-ID metrics, identical to the official protocols (shared/reference/protocols.md).
+
+Two steps, kept apart so every ranking source shares one scoring code:
+
+1. **Positions.** For each query, the 0-based position in the descending ranking of each item the
+   metric cares about (positives and junk), from a similarity matrix (exact, never a full argsort:
+   only items scoring at least as high as the query's lowest relevant item are sorted), from
+   features (the same, in memory-bounded query chunks of one matrix product each), or from a
+   truncated top-k ranking such as an index search returns (items outside it are ``MISSING``).
+   Ties are broken by database order, as a stable sort would (``np.argsort(-s, kind="stable")``).
+2. **Scores** from positions, vectorised over all queries: revisitop's trapezoidal AP and capped
+   mP@k after junk removal; torchreid/fast-reid mAP (mean of precisions), the official VeRi
+   trapezoidal mAP, CMC and mINP.
+
+Metrics take rankings or similarities plus ground truth and return plain dicts of floats in [0, 1];
+they never encode images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from asymret.errors import InputError
+
+MISSING = np.iinfo(np.int64).max  # position of an item outside a truncated ranking
+REVISITED_PROTOCOLS = ("easy", "medium", "hard")
+DEFAULT_KAPPAS = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+def as_features(x, name: str, dim: int | None = None) -> np.ndarray:
+    """2-D float32 rows, finite, L2-normalised (normalised with a warning when they are not)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(f"{name} must be a 2-D array (rows = images), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise InputError(f"{name} has dimension {x.shape[1]} but the other side has {dim}; "
+                         "both sides must live in the same space")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"{name} must hold floating-point features, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise InputError(f"{name} has {bad.size} row(s) with NaN or inf (first: row {bad[0]}); "
+                         "re-extract those images")
+    norms = np.linalg.norm(x, axis=1)
+    if (norms == 0).any():
+        raise InputError(f"{name} has {int((norms == 0).sum())} all-zero row(s) (first: row "
+                         f"{int(np.flatnonzero(norms == 0)[0])}); they have no direction to compare")
+    if np.abs(norms - 1).max() > 1e-3:
+        warnings.warn(f"{name}: {int((np.abs(norms - 1) > 1e-3).sum())} of {len(x)} rows were not "
+                      "L2-normalised; normalised them before scoring", stacklevel=2)
+        x = x / norms[:, None]
+    return x
+
+
+# ----------------------------------------------------------------------------------------- positions
+
+
+def positions_from_scores(scores: np.ndarray, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """0-based positions of ``items[q]`` in row ``q``'s descending ranking (ties: lower index first).
+
+    Only the entries scoring at least the row's lowest item score are sorted, so the cost follows
+    the depth of the deepest relevant item, not the database size.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or len(items) != scores.shape[0]:
+        raise InputError(f"scores must be (queries x database) with one item list per query; got "
+                         f"shape {scores.shape} and {len(items)} item lists")
+    out = []
+    for row, idx in zip(scores, items):
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            out.append(idx)
+            continue
+        s = row[idx]
+        above = row[row >= s.min()]
+        above.sort()
+        right = np.searchsorted(above, s, side="right")
+        pos = (above.size - right).astype(np.int64)
+        tied = np.flatnonzero(right - np.searchsorted(above, s, side="left") > 1)
+        for t in tied:  # equal scores: items earlier in the database rank first
+            pos[t] += np.count_nonzero(row[: idx[t]] == s[t])
+        out.append(pos)
+    return out
+
+
+def positions_from_ranking(ranking: np.ndarray, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Positions of ``items[q]`` in the id list ``ranking[q]`` (best first); absent items are MISSING.
+
+    ``ranking`` may be truncated (top-k from an index) and may pad with -1.
+    """
+    ranking = np.asarray(ranking)
+    if ranking.ndim != 2 or len(items) != ranking.shape[0]:
+        raise InputError(f"ranking must be (queries x k) with one item list per query; got shape "
+                         f"{ranking.shape} and {len(items)} item lists")
+    out = []
+    for row, idx in zip(ranking, items):
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(row, kind="stable")
+        where = np.searchsorted(row, idx, sorter=order)
+        where = np.minimum(where, row.size - 1) if row.size else where
+        found = (row[order[where]] == idx) if row.size else np.zeros(idx.size, bool)
+        pos = np.full(idx.size, MISSING, dtype=np.int64)
+        pos[found] = order[where[found]]
+        out.append(pos)
+    return out
+
+
+def positions_from_features(queries: np.ndarray, database: np.ndarray, items: Sequence[np.ndarray],
+                            max_block_bytes: int = 256 << 20) -> list[np.ndarray]:
+    """Exact positions from features: inner products in query chunks of bounded memory."""
+    rows = max(1, int(max_block_bytes // (4 * max(1, database.shape[0]))))
+    out: list[np.ndarray] = []
+    for start in range(0, len(queries), rows):
+        scores = queries[start:start + rows] @ database.T
+        out.extend(positions_from_scores(scores, items[start:start + rows]))
+    return out
+
+
+def _positions(items, *, scores=None, ranking=None, queries=None, database=None):
+    given = [x is not None for x in (scores, ranking, queries)]
+    if sum(given) != 1 or (queries is None) != (database is None):
+        raise InputError("give exactly one ranking source: scores=, ranking=, or queries= with database=")
+    if scores is not None:
+        return positions_from_scores(scores, items)
+    if ranking is not None:
+        return positions_from_ranking(ranking, items)
+    return positions_from_features(queries, database, items)
+
+
+# ------------------------------------------------------------------------------ scoring from positions
+
+
+def _flatten(groups: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-query arrays; returns (values, query index of each value)."""
+    sizes = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
+    values = np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]) if sizes.sum() else \
+        np.empty(0, dtype=np.int64)
+    return values, np.repeat(np.arange(len(groups)), sizes)
+
+
+def junk_removed(pos: Sequence[np.ndarray], junk: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Positives' positions after deleting junk from the ranking, flattened and sorted per query.
+
+    Each positive moves up by the number of junk items ranked above it (revisitop ``compute_map``;
+    torchreid's ``keep`` mask). Positives outside a truncated ranking are dropped: they add nothing.
+    Returns (positions, query index), sorted by (query, position).
+    """
+    p, pq = _flatten(pos)
+    j, jq = _flatten(junk)
+    keep = p != MISSING
+    p, pq = p[keep], pq[keep]
+    keep = j != MISSING
+    j, jq = j[keep], jq[keep]
+    stride = int(max(p.max(initial=0), j.max(initial=0))) + 2
+    pkey = pq * stride + p
+    order = np.argsort(pkey, kind="stable")
+    pkey, pq, p = pkey[order], pq[order], p[order]
+    jkey = np.sort(jq * stride + j)
+    junk_above = np.searchsorted(jkey, pkey) - np.searchsorted(jkey, pq * stride)
+    return p - junk_above, pq
+
+
+def _rank_in_query(q: np.ndarray, n_queries: int) -> np.ndarray:
+    """0-based index of each element within its query's run (``q`` sorted)."""
+    starts = np.searchsorted(q, np.arange(n_queries))
+    return np.arange(q.size) - starts[q]
+
+
+def average_precision(ranks: np.ndarray, q: np.ndarray, n_pos: np.ndarray, rule: str) -> np.ndarray:
+    """AP per query from the junk-free 0-based ranks ``r_j`` of its retrieved positives.
+
+    ``trapezoid`` (revisitop ``compute_ap``; official VeRi ``compute_AP.m``):
+        AP = Σ_j (P0_j + P1_j) / (2n), P0_j = j / r_j (1 when r_j = 0), P1_j = (j + 1) / (r_j + 1).
+    ``precision`` (torchreid / fast-reid): AP = Σ_j (j + 1) / (r_j + 1) / n.
+    ``n`` is the number of positives in the ground truth, retrieved or not.
+    """
+    nq = len(n_pos)
+    j = _rank_in_query(q, nq).astype(np.float64)
+    r = ranks.astype(np.float64)
+    p1 = (j + 1) / (r + 1)
+    if rule == "trapezoid":
+        p0 = np.divide(j, r, out=np.ones_like(r), where=r > 0)
+        total, denominator = np.bincount(q, p0 + p1, minlength=nq), 2.0 * n_pos
+    elif rule == "precision":
+        total, denominator = np.bincount(q, p1, minlength=nq), 1.0 * n_pos
+    else:
+        raise ValueError(f"unknown AP rule {rule!r}")
+    return np.divide(total, denominator, out=np.full(nq, np.nan), where=n_pos > 0)
+
+
+def precision_at(ranks: np.ndarray, q: np.ndarray, n_queries: int, kappas: Iterable[int]) -> np.ndarray:
+    """revisitop's mP@k per query: ``kq = min(max(pos), k)``, ``|{pos <= kq}| / kq`` (1-based pos).
+
+    A query with fewer than k positives, all ranked first, scores 1. A query with no retrieved
+    positive (truncated ranking) scores 0.
+    """
+    pos1 = ranks + 1
+    last = np.zeros(n_queries, dtype=np.int64)
+    np.maximum.at(last, q, pos1)
+    out = np.zeros((n_queries, len(kappas)))
+    for c, k in enumerate(kappas):
+        kq = np.minimum(last, k)
+        hits = np.bincount(q, pos1 <= kq[q], minlength=n_queries)
+        out[:, c] = np.divide(hits, kq, out=np.zeros(n_queries), where=kq > 0)
+    return out
+
+
+# ------------------------------------------------------------------------------------ revisited Ox/Pa
+
+
+def revisited_groundtruth(gnd: Sequence[dict], protocol: str) -> tuple[list, list]:
+    """(positives, ignored) per query for Easy / Medium / Hard (Radenović et al., CVPR 2018)."""
+    def get(g, key):
+        return np.asarray(g.get(key, []), dtype=np.int64)
+
+    ok, junk = [], []
+    for g in gnd:
+        easy, hard, jk = get(g, "easy"), get(g, "hard"), get(g, "junk")
+        if protocol == "easy":
+            ok.append(easy), junk.append(np.concatenate([jk, hard]))
+        elif protocol == "medium":
+            ok.append(np.concatenate([easy, hard])), junk.append(jk)
+        elif protocol == "hard":
+            ok.append(hard), junk.append(np.concatenate([jk, easy]))
+        else:
+            raise InputError(f"unknown protocol {protocol!r}; use easy, medium or hard")
+    return ok, junk
+
+
+def evaluate_revisited(gnd: Sequence[dict], *, scores=None, ranking=None, queries=None, database=None,
+                       kappas: Sequence[int] = DEFAULT_KAPPAS, protocols=REVISITED_PROTOCOLS,
+                       per_query: bool = False) -> dict:
+    """Revisited Oxford/Paris metrics, numbers identical to revisitop's ``compute_map``.
+
+    One ranking source: ``scores`` (queries x database similarities), ``ranking`` (queries x k ids,
+    best first, possibly truncated), or ``queries`` + ``database`` features. Distractors (R1M) are
+    database rows after the ``imlist`` images: any index past the ground truth is a negative.
+    Returns ``{protocol: {"mAP", "mP@1", "mP@5", "mP@10", "queries"}, "exact": bool}``; ``exact`` is
+    False when a truncated ranking missed a positive (its AP is then a lower bound).
+    """
+    relevant = [np.unique(np.concatenate([np.asarray(g.get(k, []), dtype=np.int64)
+                                          for k in ("easy", "hard", "junk")])) for g in gnd]
+    positions = _positions(relevant, scores=scores, ranking=ranking, queries=queries, database=database)
+
+    def lookup(q, ids):
+        return positions[q][np.searchsorted(relevant[q], ids)]
+
+    result: dict = {}
+    exact = True
+    for protocol in protocols:
+        ok, junk = revisited_groundtruth(gnd, protocol)
+        pos = [lookup(q, ids) for q, ids in enumerate(ok)]
+        jpos = [lookup(q, ids) for q, ids in enumerate(junk)]
+        n_pos = np.array([len(ids) for ids in ok], dtype=np.int64)
+        exact &= all((p != MISSING).all() for p in pos)
+        ranks, q = junk_removed(pos, jpos)
+        ap = average_precision(ranks, q, n_pos, "trapezoid")
+        prs = precision_at(ranks, q, len(gnd), kappas)
+        valid = n_pos > 0  # a query without positives is left out of the means
+        entry = {"mAP": float(ap[valid].mean()) if valid.any() else float("nan")}
+        for c, k in enumerate(kappas):
+            entry[f"mP@{k}"] = float(prs[valid, c].mean()) if valid.any() else float("nan")
+        entry["queries"] = int(valid.sum())
+        if per_query:
+            entry["AP"] = ap.tolist()
+        result[protocol] = entry
+    result["exact"] = bool(exact)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- re-ID
+
+
+def evaluate_reid(positives: Sequence[np.ndarray], junk: Sequence[np.ndarray], *, scores=None,
+                  ranking=None, queries=None, database=None, cmc_ranks: Sequence[int] = (1, 5, 10),
+                  per_query: bool = False) -> dict:
+    """Re-ID metrics over queries with at least one positive (others are skipped, as torchreid does).
+
+    ``mAP``: torchreid / fast-reid ``eval_func`` (mean of precisions at each positive).
+    ``mAP_official``: the official VeRi ``compute_AP.m`` (trapezoidal; slightly lower).
+    ``R{k}``: CMC at rank k after junk removal. ``mINP``: fast-reid, ``n_pos / (rank of the hardest
+    positive)``. Build ``positives``/``junk`` with :func:`reid_groundtruth`.
+    """
+    if len(positives) != len(junk):
+        raise InputError("positives and junk need one entry per query")
+    relevant = [np.unique(np.concatenate([np.asarray(p, np.int64), np.asarray(j, np.int64)]))
+                for p, j in zip(positives, junk)]
+    positions = _positions(relevant, scores=scores, ranking=ranking, queries=queries, database=database)
+    pos = [positions[q][np.searchsorted(relevant[q], np.asarray(p, np.int64))] for q, p in enumerate(positives)]
+    jpos = [positions[q][np.searchsorted(relevant[q], np.asarray(j, np.int64))] for q, j in enumerate(junk)]
+    n_pos = np.array([len(p) for p in positives], dtype=np.int64)
+    nq = len(positives)
+    exact = all((p != MISSING).all() for p in pos)
+    ranks, q = junk_removed(pos, jpos)
+    ap = average_precision(ranks, q, n_pos, "precision")
+    ap_official = average_precision(ranks, q, n_pos, "trapezoid")
+    first = np.full(nq, MISSING, dtype=np.int64)
+    np.minimum.at(first, q, ranks)
+    last = np.full(nq, -1, dtype=np.int64)
+    np.maximum.at(last, q, ranks)
+    inp = np.divide(n_pos, last + 1, out=np.zeros(nq), where=(last >= 0) & exact)
+    valid = n_pos > 0
+    if not valid.any():
+        raise InputError("no query has a positive in the gallery; check identities and the camera rule")
+    result = {"mAP": float(ap[valid].mean()), "mAP_official": float(ap_official[valid].mean())}
+    for k in cmc_ranks:
+        result[f"R{k}"] = float((first[valid] < k).mean())
+    result["mINP"] = float(inp[valid].mean()) if exact else float("nan")
+    result["queries"] = int(valid.sum())
+    result["exact"] = bool(exact)
+    if per_query:
+        result["AP"] = ap.tolist()
+    return result
+
+
+def reid_groundtruth(query_ids, query_cams, gallery_ids, gallery_cams=None, *, camera_rule: bool = True,
+                     query_gallery_index=None):
+    """Per query, the gallery positives and junk of the re-ID protocol (0-based gallery indices).
+
+    With ``camera_rule`` (torchreid/fast-reid, official VeRi): same identity on the same camera is
+    junk, same identity on another camera is positive. Without it, or when the gallery has no
+    cameras, every same-identity image is positive (torchreid and fast-reid crash here instead).
+    ``query_gallery_index[q]`` (-1 or None when absent) marks the query's own gallery entry, which is
+    always junk. Returns two lists of sorted int64 arrays.
+    """
+    query_ids = np.asarray(query_ids)
+    gallery_ids = np.asarray(gallery_ids)
+    use_cams = camera_rule and gallery_cams is not None and query_cams is not None
+    if use_cams:
+        query_cams = np.asarray(query_cams)
+        gallery_cams = np.asarray(gallery_cams)
+    order = np.argsort(gallery_ids, kind="stable")
+    sorted_ids = gallery_ids[order]
+    lo = np.searchsorted(sorted_ids, query_ids, "left")
+    hi = np.searchsorted(sorted_ids, query_ids, "right")
+    positives, junk = [], []
+    for q in range(len(query_ids)):
+        same = np.sort(order[lo[q]:hi[q]])
+        if use_cams:
+            same_cam = gallery_cams[same] == query_cams[q]
+            pos, jk = same[~same_cam], same[same_cam]
+        else:
+            pos, jk = same, same[:0]
+        self_idx = None if query_gallery_index is None else query_gallery_index[q]
+        if self_idx is not None and self_idx >= 0:
+            pos = pos[pos != self_idx]
+            jk = np.union1d(jk, [self_idx])
+        positives.append(pos.astype(np.int64))
+        junk.append(np.asarray(jk, dtype=np.int64))
+    return positives, junk

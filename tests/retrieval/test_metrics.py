@@ -1,0 +1,353 @@
+"""The evaluators against independent implementations written here the way the references write them.
+
+``_revisitop_map`` follows revisitop's ``compute_ap``/``compute_map`` loop by loop;
+``_torchreid_eval`` follows torchreid's ``eval_market1501`` (+ fast-reid's mINP) and
+``_veri_official_ap`` the official VeRi ``compute_AP.m``. Rankings come from a full stable argsort.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asymret.errors import InputError
+from asymret.retrieval import metrics as M
+
+from tests.conftest import SHARED as _SHARED
+
+SHARED = _SHARED / "data"
+GND = {name: SHARED / "revisited" / f"gnd_{name}.pkl" for name in ("roxford5k", "rparis6k")}
+VERI = SHARED / "veri776"
+
+
+# ----------------------------------------------------------------------------- reference implementations
+
+
+def _compute_ap(ranks, nres):
+    ap = 0.0
+    for j, rank in enumerate(ranks):
+        precision_0 = 1.0 if rank == 0 else float(j) / rank
+        precision_1 = float(j + 1) / (rank + 1)
+        ap += (precision_0 + precision_1) * (1.0 / nres) / 2.0
+    return ap
+
+
+def _revisitop_map(ranks, gnd, kappas=(1, 5, 10)):
+    """revisitop compute_map: ranks is (db x queries), gnd entries have 'ok' and 'junk'."""
+    nq = len(gnd)
+    aps, prs, nempty = [], [], 0
+    for i in range(nq):
+        qgnd = np.array(gnd[i]["ok"])
+        if qgnd.shape[0] == 0:
+            nempty += 1
+            continue
+        qgndj = np.array(gnd[i]["junk"])
+        pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgnd)]
+        junk = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgndj)]
+        k = ij = 0
+        if len(junk):
+            ip = 0
+            while ip < len(pos):
+                while ij < len(junk) and pos[ip] > junk[ij]:
+                    k += 1
+                    ij += 1
+                pos[ip] = pos[ip] - k
+                ip += 1
+        aps.append(_compute_ap(pos, len(qgnd)))
+        pos = pos + 1
+        row = []
+        for kappa in kappas:
+            if len(pos) == 0:  # truncated ranking without any positive (not reachable in revisitop)
+                row.append(0.0)
+                continue
+            kq = min(max(pos), kappa)
+            row.append((pos <= kq).sum() / kq)
+        prs.append(row)
+    return float(np.sum(aps) / (nq - nempty)), np.sum(prs, axis=0) / (nq - nempty), nq - nempty
+
+
+def _protocol_gnd(gnd, protocol):
+    out = []
+    for g in gnd:
+        easy, hard, junk = list(g["easy"]), list(g["hard"]), list(g["junk"])
+        if protocol == "easy":
+            out.append({"ok": easy, "junk": junk + hard})
+        elif protocol == "medium":
+            out.append({"ok": easy + hard, "junk": junk})
+        else:
+            out.append({"ok": hard, "junk": junk + easy})
+    return out
+
+
+def _veri_official_ap(good, junk, index):
+    """compute_AP.m, line by line."""
+    ngood = len(good)
+    old_recall, old_precision, ap, intersect, j, good_now = 0.0, 1.0, 0.0, 0, 0, 0
+    for n in index:
+        flag = n in good
+        if flag:
+            good_now += 1
+        if n in junk:
+            continue
+        if flag:
+            intersect += 1
+        recall = intersect / ngood
+        precision = intersect / (j + 1)
+        ap += (recall - old_recall) * ((old_precision + precision) / 2)
+        old_recall, old_precision = recall, precision
+        j += 1
+        if good_now == ngood:
+            break
+    return ap
+
+
+def _torchreid_eval(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=10):
+    """torchreid eval_market1501 + fast-reid mINP + official VeRi AP, by the references' loops."""
+    indices = np.argsort(distmat, axis=1, kind="stable")
+    matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
+    all_cmc, all_ap, all_inp, all_off = [], [], [], []
+    for q in range(len(q_pids)):
+        order = indices[q]
+        remove = (g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q])
+        keep = np.invert(remove)
+        raw_cmc = matches[q][keep]
+        if not np.any(raw_cmc):
+            continue
+        cmc = raw_cmc.cumsum()
+        pos_idx = np.where(raw_cmc == 1)[0]
+        all_inp.append(cmc[np.max(pos_idx)] / (np.max(pos_idx) + 1.0))
+        cmc[cmc > 1] = 1
+        all_cmc.append(cmc[:max_rank])
+        num_rel = raw_cmc.sum()
+        tmp = raw_cmc.cumsum() / (np.arange(len(raw_cmc)) + 1.0) * raw_cmc
+        all_ap.append(tmp.sum() / num_rel)
+        good = set(np.flatnonzero((g_pids == q_pids[q]) & (g_camids != q_camids[q])))
+        junk = set(np.flatnonzero((g_pids == q_pids[q]) & (g_camids == q_camids[q])))
+        all_off.append(_veri_official_ap(good, junk, order))
+    cmc = np.asarray(all_cmc).astype(np.float64).sum(0) / len(all_cmc)
+    return {"mAP": np.mean(all_ap), "mAP_official": np.mean(all_off), "R1": cmc[0], "R5": cmc[4],
+            "R10": cmc[9], "mINP": np.mean(all_inp), "queries": len(all_ap)}
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _load_gnd(name):
+    with open(GND[name], "rb") as f:
+        return pickle.load(f)
+
+
+# ----------------------------------------------------------------------------------- revisited tests
+
+
+def _features_for(gnd, n_db, rng, d=32, signal=0.0):
+    """Random features; with ``signal`` > 0 each query leans toward its positives (realistic depths)."""
+    db = _unit(rng, n_db, d)
+    q = _unit(rng, len(gnd), d)
+    if signal:
+        for i, g in enumerate(gnd):
+            ok = list(g["easy"]) + list(g["hard"])
+            if ok:
+                q[i] += signal * db[ok].mean(0)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q, db
+
+
+@pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
+@pytest.mark.parametrize("distractors", [0, 3000])
+@pytest.mark.parametrize("signal", [0.0, 3.0])
+def test_revisited_matches_revisitop(name, distractors, signal):
+    data = _load_gnd(name)
+    gnd = data["gnd"]
+    rng = np.random.default_rng(len(name) + distractors + int(signal))
+    q, db = _features_for(gnd, len(data["imlist"]) + distractors, rng, signal=signal)
+    sim = db @ q.T
+    ranks = np.argsort(-sim, axis=0, kind="stable")
+    ours = M.evaluate_revisited(gnd, queries=q, database=db)
+    from_scores = M.evaluate_revisited(gnd, scores=sim.T)
+    from_ranking = M.evaluate_revisited(gnd, ranking=ranks.T)
+    assert ours["exact"] and from_ranking["exact"]
+    for protocol in M.REVISITED_PROTOCOLS:
+        ref_map, ref_pr, n = _revisitop_map(ranks, _protocol_gnd(gnd, protocol))
+        for result in (ours, from_scores, from_ranking):
+            got = result[protocol]
+            assert got["mAP"] == pytest.approx(ref_map, abs=1e-12)
+            assert [got["mP@1"], got["mP@5"], got["mP@10"]] == pytest.approx(list(ref_pr), abs=1e-12)
+            assert got["queries"] == n
+    if name == "roxford5k":
+        assert ours["easy"]["queries"] == 68 and ours["medium"]["queries"] == 70
+
+
+def test_revisited_truncated_ranking_is_flagged_and_scores_missing_positives_as_nothing():
+    data = _load_gnd("roxford5k")
+    gnd = data["gnd"]
+    rng = np.random.default_rng(7)
+    q, db = _features_for(gnd, len(data["imlist"]), rng, signal=4.0)
+    sim = db @ q.T
+    ranks = np.argsort(-sim, axis=0, kind="stable")
+    k = 300
+    truncated = M.evaluate_revisited(gnd, ranking=ranks[:k].T)
+    assert truncated["exact"] is False
+    for protocol in M.REVISITED_PROTOCOLS:
+        ref_map, ref_pr, _ = _revisitop_map(ranks[:k], _protocol_gnd(gnd, protocol))
+        assert truncated[protocol]["mAP"] == pytest.approx(ref_map, abs=1e-12)
+        assert truncated[protocol]["mP@10"] == pytest.approx(ref_pr[2], abs=1e-12)
+        assert truncated[protocol]["mAP"] <= M.evaluate_revisited(gnd, scores=sim.T)[protocol]["mAP"] + 1e-12
+
+
+def test_revisited_hand_computed_cases():
+    # db of 6 items; query ranks items in order 0..5 (scores descending)
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    # positives at 0-based positions 1 and 3, junk at 0 -> after removal positives at 0 and 2
+    gnd = [{"easy": [1, 3], "hard": [], "junk": [0]}]
+    r = M.evaluate_revisited(gnd, scores=scores)["easy"]
+    # AP = ((1 + 1/1) + (1/2 + 2/3)) / (2*2)
+    assert r["mAP"] == pytest.approx(((1 + 1) + (1 / 2 + 2 / 3)) / 4)
+    # mP@1: kq = min(3, 1) = 1 -> 1/1; mP@5 and mP@10: kq = 3 -> 2/3
+    assert (r["mP@1"], r["mP@5"], r["mP@10"]) == pytest.approx((1.0, 2 / 3, 2 / 3))
+    # fewer positives than k, all first: mP@10 = 1
+    r = M.evaluate_revisited([{"easy": [0, 1], "hard": [], "junk": []}], scores=scores)["easy"]
+    assert r["mP@10"] == 1.0 and r["mAP"] == 1.0
+
+
+def test_revisited_no_positive_and_all_junk_queries_are_left_out():
+    scores = np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.7]])
+    gnd = [{"easy": [], "hard": [2], "junk": [0, 1]},  # no easy: left out of Easy; Hard: junk removed
+           {"easy": [0], "hard": [], "junk": []}]
+    r = M.evaluate_revisited(gnd, scores=scores)
+    assert r["easy"]["queries"] == 1 and r["easy"]["mAP"] == 1.0
+    assert r["hard"]["queries"] == 1 and r["hard"]["mAP"] == 1.0  # the hard positive rises to the top
+    assert r["medium"]["queries"] == 2
+
+
+def test_ties_follow_database_order_like_a_stable_sort():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(5, 50)).astype(np.float32)  # many ties
+    items = [rng.choice(50, size=7, replace=False) for _ in range(5)]
+    got = M.positions_from_scores(scores, items)
+    for row, idx, pos in zip(scores, items, got):
+        order = np.argsort(-row, kind="stable")
+        expected = np.argsort(order)[idx]
+        assert np.array_equal(pos, expected)
+
+
+def test_positions_from_ranking_marks_missing():
+    ranking = np.array([[4, 2, 9, -1]])
+    pos = M.positions_from_ranking(ranking, [np.array([9, 4, 7])])[0]
+    assert pos.tolist() == [2, 0, M.MISSING]
+
+
+# ----------------------------------------------------------------------------------------- re-ID tests
+
+
+def _parse(names):
+    ids = np.array([int(n[:4]) for n in names])
+    cams = np.array([int(n[6:9]) for n in names])
+    return ids, cams
+
+
+def _read_index_file(path):
+    return [np.array([int(v) - 1 for v in line.split()], dtype=np.int64)
+            for line in path.read_text().splitlines()]
+
+
+def test_veri_groundtruth_from_names_equals_official_index_files():
+    qn = (VERI / "name_query.txt").read_text().split()
+    gn = (VERI / "name_test.txt").read_text().split()
+    qid, qcam = _parse(qn)
+    gid, gcam = _parse(gn)
+    where = {n: i for i, n in enumerate(gn)}
+    pos, junk = M.reid_groundtruth(qid, qcam, gid, gcam, query_gallery_index=[where[n] for n in qn])
+    gt, jk = _read_index_file(VERI / "gt_index.txt"), _read_index_file(VERI / "jk_index.txt")
+    assert len(pos) == len(gt) == 1678
+    for a, b in zip(pos, gt):
+        assert np.array_equal(a, np.sort(b))
+    for a, b in zip(junk, jk):
+        assert np.array_equal(a, np.sort(b))
+
+
+def test_reid_matches_torchreid_and_official_veri_on_real_lists():
+    qn = (VERI / "name_query.txt").read_text().split()
+    gn = (VERI / "name_test.txt").read_text().split()
+    qid, qcam = _parse(qn)
+    gid, gcam = _parse(gn)
+    rng = np.random.default_rng(0)
+    sel = rng.choice(len(qn), 300, replace=False)  # the official AP loop is slow in pure Python
+    qid, qcam = qid[sel], qcam[sel]
+    # identity-aware features so positives sit at realistic depths
+    centres = _unit(rng, 1000, 24)
+    g = centres[gid % 1000] * 0.6 + _unit(rng, len(gid), 24)
+    q = centres[qid % 1000] * 0.6 + _unit(rng, len(qid), 24)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sim = q @ g.T
+    pos, junk = M.reid_groundtruth(qid, qcam, gid, gcam)
+    ours = M.evaluate_reid(pos, junk, scores=sim)
+    ref = _torchreid_eval(-sim, qid, gid, qcam, gcam)
+    for key in ("mAP", "mAP_official", "R1", "R5", "R10", "mINP"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert ours["queries"] == ref["queries"]
+    assert ours["mAP_official"] < ours["mAP"]
+
+
+def test_reid_hand_computed_and_edge_cases():
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    # junk at position 0, positives at 1 and 4 -> junk-free ranks 0 and 3
+    r = M.evaluate_reid([np.array([1, 4])], [np.array([0])], scores=scores)
+    assert r["mAP"] == pytest.approx((1 / 1 + 2 / 4) / 2)
+    assert r["mAP_official"] == pytest.approx(((1 + 1) + (1 / 3 + 2 / 4)) / 4)
+    assert r["R1"] == 1.0 and r["mINP"] == pytest.approx(2 / 4)
+    # a query without positives is skipped; one with every same-id image junk too
+    r2 = M.evaluate_reid([np.array([1]), np.array([], int)], [np.array([], int), np.array([0, 2])], scores=np.vstack([scores] * 2))
+    assert r2["queries"] == 1 and r2["R1"] == 0.0  # positive at position 1, nothing junk above it
+    with pytest.raises(InputError):
+        M.evaluate_reid([np.array([], int)], [np.array([0])], scores=scores)
+
+
+def test_camera_rule_switch_and_galleries_without_cameras():
+    qid, gid = np.array([1, 2]), np.array([1, 1, 2, 3])
+    qcam, gcam = np.array([0, 0]), np.array([0, 1, 0, 0])
+    pos, junk = M.reid_groundtruth(qid, qcam, gid, gcam)
+    assert [p.tolist() for p in pos] == [[1], []] and [j.tolist() for j in junk] == [[0], [2]]
+    pos, junk = M.reid_groundtruth(qid, qcam, gid, gcam, camera_rule=False)
+    assert [p.tolist() for p in pos] == [[0, 1], [2]] and all(j.size == 0 for j in junk)
+    pos, junk = M.reid_groundtruth(qid, None, gid, None, query_gallery_index=[0, -1])
+    assert [p.tolist() for p in pos] == [[1], [2]] and junk[0].tolist() == [0]
+
+
+def test_truncated_reid_ranking():
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    ranking = np.argsort(-scores, axis=1)[:, :3]
+    r = M.evaluate_reid([np.array([1, 4])], [np.array([], int)], ranking=ranking)
+    assert r["exact"] is False and r["mAP"] == pytest.approx((1 / 2) / 2) and np.isnan(r["mINP"])
+
+
+# ------------------------------------------------------------------------------------------ input checks
+
+
+def test_feature_validation():
+    x = np.ones((3, 4), dtype=np.float32)
+    with pytest.warns(UserWarning, match="not L2-normalised"):
+        y = M.as_features(x, "queries")
+    assert np.allclose(np.linalg.norm(y, axis=1), 1)
+    x[1, 2] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        M.as_features(x, "queries")
+    with pytest.raises(InputError, match="dimension"):
+        M.as_features(np.eye(3, dtype=np.float32), "database", dim=4)
+    with pytest.raises(InputError, match="2-D"):
+        M.as_features(np.ones(3), "database")
+
+
+def test_memory_bounded_chunks_give_the_same_positions():
+    rng = np.random.default_rng(1)
+    q, db = _unit(rng, 20, 8), _unit(rng, 500, 8)
+    items = [rng.choice(500, 10, replace=False) for _ in range(20)]
+    whole = M.positions_from_scores(q @ db.T, items)
+    chunked = M.positions_from_features(q, db, items, max_block_bytes=500 * 4 * 3)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked))
