@@ -1,0 +1,68 @@
+"""``asymret evaluate``: the official protocols on precomputed features or on a trained pair."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from asymret.errors import InputError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="evaluate features or a trained pair on a benchmark",
+                                   description="Evaluate on the official protocols (mAP, mP@k, R1, mINP).")
+    sub = parser.add_subparsers(dest="evaluate_command", metavar="{features}")
+    feats = sub.add_parser(
+        "features", help="evaluate precomputed L2-normalised features (.npy, rows in list order)",
+        description="Evaluate your own descriptors. Rows must be L2-normalised (normalised with a "
+        "warning otherwise) and in the order of the dataset's lists.")
+    feats.add_argument("--protocol", required=True, choices=["revisited", "veri776", "reid"])
+    feats.add_argument("--queries", required=True, metavar="Q.npy", help="query features")
+    feats.add_argument("--database", required=True, metavar="X.npy", help="database / gallery features")
+    feats.add_argument("--gnd", metavar="FILE", help="revisited: gnd_roxford5k.pkl / gnd_rparis6k.pkl")
+    feats.add_argument("--distractors", metavar="D.npy", help="revisited: R1M distractor features")
+    feats.add_argument("--query-names", metavar="TXT", help="veri776: name_query.txt")
+    feats.add_argument("--gallery-names", metavar="TXT", help="veri776: name_test.txt")
+    feats.add_argument("--query-meta", metavar="CSV", help="reid: identity,camera[,path] per query")
+    feats.add_argument("--gallery-meta", metavar="CSV", help="reid: identity,camera[,path] per gallery image")
+    feats.add_argument("--no-camera-rule", action="store_true",
+                       help="re-ID: keep same-identity same-camera gallery images as positives")
+    feats.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
+    feats.set_defaults(func=run_features)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _need(args, *names):
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise InputError(f"--protocol {args.protocol} needs {' and '.join(missing)}")
+
+
+def run_features(args: argparse.Namespace) -> int:
+    from asymret.retrieval import evaluate as ev
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = ev.load_features(args.queries, "queries")
+        db = ev.load_features(args.database, "database")
+        if args.protocol == "revisited":
+            _need(args, "gnd")
+            d = ev.load_features(args.distractors, "distractors") if args.distractors else None
+            result = ev.evaluate_features_revisited(args.gnd, q, db, d)
+            text = ev.format_revisited(result)
+        elif args.protocol == "veri776":
+            _need(args, "query_names", "gallery_names")
+            result = ev.evaluate_features_veri(args.query_names, args.gallery_names, q, db,
+                                               camera_rule=not args.no_camera_rule)
+            text = ev.format_reid(result)
+        else:
+            _need(args, "query_meta", "gallery_meta")
+            result = ev.evaluate_features_reid(args.query_meta, args.gallery_meta, q, db,
+                                               camera_rule=not args.no_camera_rule)
+            text = ev.format_reid(result)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(json.dumps(ev.public(result)) if args.json else text)
+    return 0

@@ -1,0 +1,151 @@
+"""Evaluate descriptors on the official protocols: from precomputed features, or by encoding a benchmark.
+
+``evaluate_features_*`` check that the arrays fit the ground truth (row counts, dimensions, NaN,
+normalisation) and hand them to :mod:`asymret.retrieval.metrics`; the CLI and the API call these, so
+a user's own descriptors get exactly the numbers our trained networks get.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from asymret.errors import DataError, InputError
+from asymret.retrieval import metrics
+
+
+def load_features(path: str | Path, what: str) -> np.ndarray:
+    """A ``.npy`` file of features (memory-mapped; rows = images in list order)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{what} file {path} is not a .npy array ({exc}); save features with numpy.save") from None
+
+
+def _check_rows(array: np.ndarray, expected: int, what: str, listed_in: str) -> None:
+    if array.ndim == 2 and array.shape[0] != expected:
+        raise InputError(f"{what} has {array.shape[0]} rows but {listed_in} lists {expected} images; "
+                         "rows must be the images in list order")
+
+
+def evaluate_features_revisited(gnd_path, queries, database, distractors=None, kappas=(1, 5, 10)) -> dict:
+    """Revisited Oxford/Paris (+ R1M distractors appended after the database)."""
+    from asymret.retrieval.datasets import read_gnd
+
+    data = read_gnd(gnd_path)
+    name = Path(gnd_path).name
+    _check_rows(queries, len(data["qimlist"]), "queries", f"{name} (qimlist)")
+    _check_rows(database, len(data["imlist"]), "database", f"{name} (imlist)")
+    q = metrics.as_features(queries, "queries")
+    db = metrics.as_features(database, "database", dim=q.shape[1])
+    if distractors is not None:
+        db = np.concatenate([db, metrics.as_features(distractors, "distractors", dim=q.shape[1])])
+    return metrics.evaluate_revisited(data["gnd"], queries=q, database=db, kappas=kappas)
+
+
+def read_names(path, what: str) -> list[str]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate_features_veri(query_names, gallery_names, queries, database, camera_rule: bool = True) -> dict:
+    """VeRi-776 from its name lists (``name_query.txt``, ``name_test.txt``)."""
+    from asymret.retrieval.datasets import parse_veri_name
+
+    qn, gn = read_names(query_names, "query name list"), read_names(gallery_names, "gallery name list")
+    _check_rows(queries, len(qn), "queries", str(query_names))
+    _check_rows(database, len(gn), "database", str(gallery_names))
+    (qid, qcam), (gid, gcam) = (zip(*[parse_veri_name(n, f"{p}:{i + 1}") for i, n in enumerate(names)])
+                                for names, p in ((qn, query_names), (gn, gallery_names)))
+    where = {n: i for i, n in enumerate(gn)}
+    pos, junk = metrics.reid_groundtruth(qid, qcam, gid, gcam, camera_rule=camera_rule,
+                                         query_gallery_index=[where.get(n, -1) for n in qn])
+    return _reid(pos, junk, queries, database)
+
+
+def read_meta(path) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """A re-ID metadata CSV with header ``identity,camera`` (camera optional; ``path`` optional)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"metadata CSV not found: {path}")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        if "identity" not in fields:
+            raise DataError(f"{path}: needs a header with an 'identity' column (and optionally 'camera', "
+                            f"'path'); found {fields or 'no header'}")
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    ids = np.array([r["identity"] for r in rows])
+    cams = None
+    if "camera" in fields and all(r["camera"] for r in rows):
+        try:
+            cams = np.array([int(r["camera"]) for r in rows])
+        except ValueError:
+            cams = np.array([r["camera"] for r in rows])
+    paths = [r["path"] for r in rows] if "path" in fields else None
+    return ids, cams, paths
+
+
+def evaluate_features_reid(query_meta, gallery_meta, queries, database, camera_rule: bool = True) -> dict:
+    """Any re-ID dataset from two CSVs (``identity,camera[,path]``); a shared ``path`` marks the query itself."""
+    qid, qcam, qpath = read_meta(query_meta)
+    gid, gcam, gpath = read_meta(gallery_meta)
+    _check_rows(queries, len(qid), "queries", str(query_meta))
+    _check_rows(database, len(gid), "database", str(gallery_meta))
+    self_index = None
+    if qpath is not None and gpath is not None:
+        where = {p: i for i, p in enumerate(gpath)}
+        self_index = [where.get(p, -1) for p in qpath]
+    pos, junk = metrics.reid_groundtruth(qid, qcam, gid, gcam, camera_rule=camera_rule and qcam is not None
+                                         and gcam is not None, query_gallery_index=self_index)
+    return _reid(pos, junk, queries, database)
+
+
+def _reid(pos, junk, queries, database) -> dict:
+    q = metrics.as_features(queries, "queries")
+    db = metrics.as_features(database, "database", dim=q.shape[1])
+    return metrics.evaluate_reid(pos, junk, queries=q, database=db)
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def format_revisited(result: dict, title: str = "") -> str:
+    cols = [k for k in result[next(iter(p for p in metrics.REVISITED_PROTOCOLS if p in result))]
+            if k.startswith("mAP") or k.startswith("mP@")]
+    lines = [title] if title else []
+    lines.append(f"{'protocol':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'queries':>9}")
+    for p in metrics.REVISITED_PROTOCOLS:
+        if p in result:
+            lines.append(f"{p:<10}" + "".join(f"{100 * result[p][c]:>9.2f}" for c in cols)
+                         + f"{result[p]['queries']:>9d}")
+    if not result.get("exact", True):
+        lines.append("note: truncated ranking; positives beyond it counted as not retrieved (mAP is a lower bound)")
+    return "\n".join(lines)
+
+
+REID_COLUMNS = ("mAP", "mAP_official", "R1", "R5", "R10", "mINP")
+
+
+def format_reid(result: dict, title: str = "") -> str:
+    cols = [c for c in REID_COLUMNS if c in result]
+    lines = [title] if title else []
+    lines.append("".join(f"{c:>13}" for c in cols) + f"{'queries':>9}")
+    lines.append("".join(f"{100 * result[c]:>13.2f}" for c in cols) + f"{result['queries']:>9d}")
+    lines.append("mAP: mean of precisions (torchreid/fast-reid); mAP_official: trapezoidal (VeRi MATLAB code)")
+    return "\n".join(lines)
+
+
+def public(result: dict) -> dict:
+    """The result as the documented JSON object: ``exact`` appears only when a ranking was truncated."""
+    out = dict(result)
+    if out.get("exact", True):
+        out.pop("exact", None)
+    return out
