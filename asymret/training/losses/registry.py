@@ -9,8 +9,8 @@ state where a method has some, e.g. a projector) and calls that function.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import Tensor, nn
 

@@ -1,0 +1,16 @@
+"""The loss zoo of reference/methods.md, by name. Importing this package registers every loss."""
+
+from asymret.training.losses import (
+    aml,  # noqa: F401  (AML, methods.md §2)
+    distill,  # noqa: F401  (re-ID distillers, ACD, §3-5)
+    reid,  # noqa: F401  (supervised re-ID losses, §1, §3)
+)
+from asymret.training.losses.registry import (  # noqa: F401
+    LOSSES,
+    LossBatch,
+    LossInfo,
+    LossOutput,
+    create_loss,
+    list_losses,
+    register_loss,
+)

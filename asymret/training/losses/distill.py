@@ -1,0 +1,421 @@
+"""Re-ID distillers, ACD and the local-feature carry-overs (methods.md §3, §4, §5).
+
+§3 distillers (``fitnet``, ``cc``, ``csd``, ``raml``, ``rop``, ``d3still``) compare ``batch.query``
+(B, D) and ``batch.gallery`` (B, D), the two networks' retrieval features of the same B images (the
+distillation batch: query resolution for φ_q, gallery resolution for φ_g). Those defined on cosine
+similarities L2-normalise their inputs first, as the D3still code does (idempotent on unit vectors).
+None of them detaches the gallery side unless its method says so: under ACD (§4) the base loss's
+gradient reaches the co-trained gallery network. Each class's ``weight`` defaults to the paper's
+weight for ResNet query networks; the MobileNet alternative is in its docstring.
+
+§4 ``acd`` works on logits: the frozen query network's ``query_logits`` z^q, the gallery's
+``gallery_logits`` z^g and the collaborative ``collab_logits`` z^c = W_g(½(g + q)).
+
+§5 ``mqd``, ``simdistill``, ``attentive`` carry ideas from the local-feature distillation seeds over to
+global descriptors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from asymret.errors import InputError
+from asymret.training.losses.registry import LossBatch, LossOutput, register_loss, require
+
+D3STILL = "Xie et al., D3still: Decoupled differential distillation for asymmetric image retrieval, CVPR 2024"
+ACD = "Xie et al., Asymmetric collaborative distillation for asymmetric image retrieval"
+STFM = "Mao et al., 3DG-STFM: 3D geometric guided student-teacher feature matching, ECCV 2022"
+SIMDISTILL = "seed 000 (asymmetric local-feature distillation), Eq. (10), Tables 3-4"
+
+
+# ---- shared pieces -----------------------------------------------------------------------------------
+
+def kl_elements(target_logits: Tensor, logits: Tensor, dim: int = -1) -> Tensor:
+    """Elementwise terms of ``KL(P ‖ Q) = Σ P log(P/Q)``, P = softmax(target_logits), Q = softmax(logits).
+
+    Summing over ``dim`` gives the divergence of each distribution (``F.kl_div(log Q, P)`` per element).
+    """
+    log_p = F.log_softmax(target_logits, dim)
+    return log_p.exp() * (log_p - F.log_softmax(logits, dim))
+
+
+def ranked_similarities(query: Tensor, gallery: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+    """Each row of ``S^gg`` sorted descending, and ``S^qg`` gathered at the same gallery indices: (B, k).
+
+    This is the list CSD, ROP and D3still distil: the gallery network's own ranking of the batch for
+    each anchor, and the query network's scores against that ranked list. ``k`` None keeps the batch.
+    """
+    q, g = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    s_gg, order = (g @ g.t()).sort(dim=1, descending=True)
+    s_qg = (q @ g.t()).gather(1, order)
+    return s_gg[:, :k], s_qg[:, :k]
+
+
+# ---- §3: the D3still table ---------------------------------------------------------------------------
+
+def fitnet_loss(query: Tensor, gallery: Tensor) -> Tensor:
+    """FitNet (Romero et al., ICLR 2015) as D3still runs it: ``MSE(q_i, g_i)``, mean over B·D entries."""
+    return F.mse_loss(query, gallery)
+
+
+def cc_loss(query: Tensor, gallery: Tensor) -> Tensor:
+    """Correlation congruence as in the D3still code (Peng et al., ICCV 2019):
+    ``δ_i = |q̂_i − ĝ_i|``, loss ``mean_i ⟨δ_i, δ_{i+1}⟩`` over consecutive items of the batch."""
+    delta = (F.normalize(query, dim=1) - F.normalize(gallery, dim=1)).abs()
+    return (delta[:-1] * delta[1:]).sum(1).mean()
+
+
+def csd_loss(s_gg: Tensor, s_qg: Tensor, tau_q: float = 1.0, tau_g: float = 0.01) -> Tensor:
+    """Contextual similarity distillation (Wu et al., CVPR 2023), on :func:`ranked_similarities` rows:
+    ``p_g = softmax(S^gg_{i,:k}/τ_g)``, ``p_q = softmax(S^qg_{i,:k}/τ_q)``, ``Σ_i KL(p_g ‖ p_q) / B``.
+
+    p_g is the target and gets no gradient (CSD code). Defaults τ_q = 1, τ_g = 0.01.
+    """
+    return kl_elements(s_gg.detach() / tau_g, s_qg / tau_q).sum() / len(s_gg)
+
+
+def offdiag_mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared difference of two (B, B) matrices over the B(B−1) off-diagonal entries."""
+    off = ~torch.eye(len(a), dtype=torch.bool, device=a.device)
+    return (a - b)[off].pow(2).mean()
+
+
+def raml_loss(query: Tensor, gallery: Tensor, lambda1: float = 0.7482,
+              lambda2: float = 0.6778) -> tuple[Tensor, Tensor, Tensor]:
+    """RAML second-order loss (Suma et al., WACV 2023): the three terms
+    ``mean_i (1 − q̂_iᵀĝ_i)²``, ``λ1 MSE_offdiag(S^qg, S^gg)``, ``λ2 MSE_offdiag(S^qq, S^gg)``.
+
+    Defaults λ1 = 0.7482, λ2 = 0.6778. (The RAML code adds 1e-6 inside each square; left out here.)
+    """
+    q, g = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    s_gg = g @ g.t()
+    absolute = (1 - (q * g).sum(1)).pow(2).mean()
+    return absolute, lambda1 * offdiag_mse(q @ g.t(), s_gg), lambda2 * offdiag_mse(q @ q.t(), s_gg)
+
+
+def rop_rank_weights(s_gg: Tensor, rank_weight: float = 0.2) -> Tensor:
+    """ROP Eq. (9): ``w_a = softmax(0.2 s^g)_a · a`` for ranks a = 1..k of each row: (B, k)."""
+    ranks = torch.arange(1, s_gg.shape[1] + 1, dtype=s_gg.dtype, device=s_gg.device)
+    return F.softmax(rank_weight * s_gg, dim=1) * ranks
+
+
+def rop_loss(s_gg: Tensor, s_qg: Tensor, tau: float = 0.1, rank_weight: float = 0.2) -> Tensor:
+    """Rank order preservation (Wu et al., ICLR 2023, Eq. 8-10), on :func:`ranked_similarities` rows:
+    ``I_g[a,b] = σ((s^g_b − s^g_a)/1e-6)``, ``I_q[a,b] = σ((s^q_b − s^g_a)/τ)``,
+    loss ``mean_i Σ_{a,b} w_a (I_g − I_q)² / k``. Defaults τ = 0.1, rank weight 0.2.
+    """
+    threshold = s_gg.unsqueeze(2)  # [i, a, ·] = s^g_a: is item b above the gallery's rank-a score?
+    i_g = torch.sigmoid((s_gg.unsqueeze(1) - threshold) / 1e-6)
+    i_q = torch.sigmoid((s_qg.unsqueeze(1) - threshold) / tau)
+    weights = rop_rank_weights(s_gg, rank_weight).unsqueeze(2)
+    return ((i_g - i_q).pow(2) * weights).sum((1, 2)).mean() / s_gg.shape[1]
+
+
+def d3still_masks(d_q: Tensor, d_g: Tensor) -> tuple[Tensor, Tensor]:
+    """D3still's hard and simple pairs: ``r = D^q / D^g < 0`` (the query network orders the two items
+    against the gallery's order) and ``r > 0``; constants, no gradient.
+
+    Written as sign products so that gallery ties (D^g = 0, the diagonal among them) fall in neither
+    mask; the D3still code instead divides by 1 there, which only differs on exact ties off the diagonal.
+    """
+    r_sign = (d_q * d_g).detach()
+    return r_sign < 0, r_sign > 0
+
+
+def d3still_loss(s_gg: Tensor, s_qg: Tensor, alpha: float = 50.0, beta: float = 2.0,
+                 gamma: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """D3still (CVPR 2024) on the top-K :func:`ranked_similarities` rows; its three terms:
+
+    feature ``α/B ‖s^g_(1) − s^q_(1)‖₂`` (norm over the batch); with the differentials over ranks 2..K
+    ``D[a,b] = s_(b) − s_(a)`` and ``E = (D^q − D^g)/(0.1 + |D^g|)``: hard ``β mean_i ‖M_hard⊙E_i‖₂/(K−1)``
+    and simple ``γ mean_i ‖M_simple⊙E_i‖₂/(K−1)``. Defaults K = 10, α, β, γ = 50, 2, 1.
+    """
+    feature = alpha * torch.linalg.vector_norm(s_gg[:, 0] - s_qg[:, 0]) / len(s_gg)
+    top_g, top_q = s_gg[:, 1:], s_qg[:, 1:]
+    d_g = top_g.unsqueeze(1) - top_g.unsqueeze(2)
+    d_q = top_q.unsqueeze(1) - top_q.unsqueeze(2)
+    hard, simple = d3still_masks(d_q, d_g)
+    error = (d_q - d_g) / (0.1 + d_g.abs())
+    n = top_g.shape[1]  # K − 1
+
+    def term(mask: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(error * mask, dim=(1, 2)).mean() / n
+
+    return feature, beta * term(hard), gamma * term(simple)
+
+
+# ---- §4: ACD ---------------------------------------------------------------------------------------
+
+def logit_kd(target_logits: Tensor, logits: Tensor, tau: float) -> Tensor:
+    """Hinton KD: ``τ² mean_i KL(σ(z_target/τ) ‖ σ(z/τ))``."""
+    return tau ** 2 * kl_elements(target_logits / tau, logits / tau).sum(1).mean()
+
+
+def acd_loss(z_q: Tensor, z_g: Tensor, z_c: Tensor, alpha: float = 3.0, beta: float = 2.0,
+             tau: float = 2.0) -> tuple[Tensor, Tensor]:
+    """ACD Eq. (3), its two terms: ``α τ² KL(σ(z^g/τ) ‖ σ(z^q/τ))`` and
+    ``β (τ/2)² KL(σ(z^c/(τ/2)) ‖ σ(z^q/(τ/2)))``, mean over the batch.
+
+    P comes from the gallery side (z^g, z^c) and carries the gradient; the frozen query network's z^q is
+    a constant. This is the direction of methods.md and of the ACD code (``vanillakd_loss(z^q, z^g)``:
+    ``F.kl_div(log_softmax(z^q/τ), softmax(z^g/τ))``). Defaults α = 3, β = 2, τ = 2 (τ = 4 for Swin).
+    """
+    z_q = z_q.detach()
+    return alpha * logit_kd(z_g, z_q, tau), beta * logit_kd(z_c, z_q, tau / 2)
+
+
+# ---- §5: carried over from local-feature distillation -------------------------------------------------
+
+def mqd_loss(query: Tensor, gallery: Tensor, temperature: float = 2.0, tau: float = 0.1,
+             focal: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Tensor:
+    """Mutual query divergence (3DG-STFM Eq. 4-5) on the batch similarity matrices.
+
+    Logits ``S/τ`` (τ = 0.1, the paper's dual-softmax temperature) for ``S^qg`` and ``S^gg``; each row
+    and each column is one query distribution; loss ``T² mean over the 2B distributions of
+    KL(p_gallery ‖ p_query)`` at KD temperature T = 2 (reference code), gallery side without gradient.
+    ``focal`` weights each element by Eq. 2, ``α (1 − p̂)^γ`` with p the query side's confidence at
+    T = 1 and p̂ = p on the true match (the diagonal: the same image), 1 − p elsewhere (α = 0.25, γ = 2).
+    """
+    q, g = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    logits_q, logits_g = q @ g.t() / tau, (g @ g.t()).detach() / tau
+    match = torch.eye(len(q), dtype=torch.bool, device=q.device)
+    per_direction = []
+    for dim in (1, 0):  # rows: query i searches the gallery; columns: gallery j searches the queries
+        kl = kl_elements(logits_g / temperature, logits_q / temperature, dim)
+        if focal:
+            p = F.softmax(logits_q, dim)
+            kl = kl * focal_alpha * (1 - torch.where(match, p, 1 - p)).pow(focal_gamma)
+        per_direction.append(kl.sum(dim).mean())
+    return temperature ** 2 * (per_direction[0] + per_direction[1]) / 2
+
+
+def simdistill_loss(query: Tensor, gallery: Tensor, w_q: Tensor | None = None, w_g: Tensor | None = None,
+                    tau_s: float = 0.5, tau_t: float = 0.5) -> Tensor:
+    """Confidence-weighted joint similarity distillation (seed 000, Eq. 10):
+    ``S̄^qg_ij = (w^q_i/τ_s) S^qg_ij (w^g_j/τ_t)``, ``S̄^gg_ij = (w^g_i/τ_t) S^gg_ij (w^g_j/τ_t)``,
+    loss ``mean_i KL(softmax(S̄^gg_i) ‖ softmax(S̄^qg_i))``, the gallery row without gradient.
+
+    Confidences w default to 1. Defaults τ_s = τ_t = 0.5 (Table 3).
+    """
+    q, g = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    ones = q.new_ones(len(q))
+    a_q = (ones if w_q is None else w_q) / tau_s
+    a_g = (ones if w_g is None else w_g) / tau_t
+    s_qg = a_q.unsqueeze(1) * (q @ g.t()) * a_g.unsqueeze(0)
+    s_gg = a_g.unsqueeze(1) * (g @ g.t()) * a_g.unsqueeze(0)
+    return kl_elements(s_gg.detach(), s_qg).sum(1).mean()
+
+
+def attentive_loss(query: Tensor, gallery: Tensor, variance: Tensor, eps: float = 1e-3) -> Tensor:
+    """Attentive regression (3DG-STFM Eq. 7): ``mean_i ‖q_i − μ_t,i‖² / (2 σ²_t,i)``.
+
+    σ²_t is the gallery network's uncertainty for the image, without gradient (else the loss falls by
+    raising it), floored at ``eps`` (our choice, not the paper's) so that one near-certain item cannot
+    take over the batch.
+    """
+    return ((query - gallery).pow(2).sum(1) / (2 * variance.detach().clamp_min(eps))).mean()
+
+
+# ---- registered losses -------------------------------------------------------------------------------
+
+def _parts(**terms: Tensor) -> dict[str, Tensor]:
+    return {name: t.detach() for name, t in terms.items()}
+
+
+@register_loss("fitnet", family="reid", source=f"Romero et al., FitNets, ICLR 2015; {D3STILL}, Table 1",
+               summary="MSE between the query and gallery retrieval features (a Linear projector when "
+                       "their dimensions differ)",
+               equation="w · MSE(P q_i, g_i)", needs=("query", "gallery"))
+class FitNetLoss(nn.Module):
+    """``weight`` 2 (5 for a MobileNet query network). ``in_dim``/``out_dim`` add a learned
+    ``Linear(in_dim, out_dim)`` on the query side; the trainer must optimise its parameters too."""
+
+    def __init__(self, weight: float = 2.0, in_dim: int | None = None, out_dim: int | None = None):
+        super().__init__()
+        self.weight = weight
+        self.projector = nn.Linear(in_dim, out_dim) if in_dim and out_dim and in_dim != out_dim else nn.Identity()
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        query = self.projector(query)
+        if query.shape != gallery.shape:
+            raise InputError(f"fitnet compares query features of shape {tuple(query.shape)} with gallery "
+                             f"features of shape {tuple(gallery.shape)}; set in_dim and out_dim to add a "
+                             "projector")
+        mse = fitnet_loss(query, gallery)
+        return LossOutput(self.weight * mse, _parts(mse=mse))
+
+
+@register_loss("cc", family="reid", source=f"Peng et al., Correlation congruence, ICCV 2019; {D3STILL}, Table 1",
+               summary="correlation congruence: consecutive items' query-gallery residuals should not "
+                       "correlate",
+               equation="w · mean_i ⟨δ_i, δ_{i+1}⟩,  δ_i = |q̂_i − ĝ_i|", needs=("query", "gallery"))
+class CCLoss(nn.Module):
+    """``weight`` 5 (10 for a MobileNet query network)."""
+
+    def __init__(self, weight: float = 5.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        cc = cc_loss(query, gallery)
+        return LossOutput(self.weight * cc, _parts(cc=cc))
+
+
+@register_loss("csd", family="reid", source=f"Wu et al., Contextual similarity distillation, CVPR 2023; "
+                                             f"{D3STILL}, Table 1",
+               summary="KL between the gallery's and the query's softmax over each anchor's top-k "
+                       "gallery-ranked list",
+               equation="w · Σ_i KL(softmax(S^gg_{i,k}/τ_g) ‖ softmax(S^qg_{i,k}/τ_q)) / B",
+               needs=("query", "gallery"))
+class CSDLoss(nn.Module):
+    """``weight`` 10 (20 for a MobileNet query network); ``k`` None = the whole batch."""
+
+    def __init__(self, weight: float = 10.0, k: int | None = None, tau_q: float = 1.0, tau_g: float = 0.01):
+        super().__init__()
+        self.weight, self.k, self.tau_q, self.tau_g = weight, k, tau_q, tau_g
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        kl = csd_loss(*ranked_similarities(query, gallery, self.k), self.tau_q, self.tau_g)
+        return LossOutput(self.weight * kl, _parts(kl=kl))
+
+
+@register_loss("raml", family="reid", source=f"Suma et al., Large-to-small image resolution asymmetry in "
+                                              f"deep metric learning, WACV 2023; {D3STILL}, Table 1",
+               summary="RAML: absolute cosine alignment plus second-order (similarity-matrix) matching",
+               equation="w · [mean_i (1 − q̂_iᵀĝ_i)² + λ1 MSE_off(S^qg, S^gg) + λ2 MSE_off(S^qq, S^gg)]",
+               needs=("query", "gallery"))
+class RAMLLoss(nn.Module):
+    """``weight`` 10. ``compat=True`` reproduces the D3still code, which passes λ1 for both terms."""
+
+    def __init__(self, weight: float = 10.0, lambda1: float = 0.7482, lambda2: float = 0.6778,
+                 compat: bool = False):
+        super().__init__()
+        self.weight, self.lambda1 = weight, lambda1
+        self.lambda2 = lambda1 if compat else lambda2
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        absolute, rel_qg, rel_qq = raml_loss(query, gallery, self.lambda1, self.lambda2)
+        total = self.weight * (absolute + rel_qg + rel_qq)
+        return LossOutput(total, _parts(absolute=absolute, rel_qg=rel_qg, rel_qq=rel_qq))
+
+
+@register_loss("rop", family="reid", source=f"Wu et al., A general rank preserving framework for asymmetric "
+                                             f"image retrieval, ICLR 2023; {D3STILL}, Table 1",
+               summary="rank order preservation: the query network's scores should rank the gallery's "
+                       "top-k list in the gallery's order, rank-weighted",
+               equation="w · mean_i Σ_{a,b} w_a (σ((s^g_b − s^g_a)/1e-6) − σ((s^q_b − s^g_a)/τ))² / k",
+               needs=("query", "gallery"))
+class ROPLoss(nn.Module):
+    """``weight`` 1 (2 for a MobileNet query network); ``k`` None = the whole batch."""
+
+    def __init__(self, weight: float = 1.0, k: int | None = None, tau: float = 0.1, rank_weight: float = 0.2):
+        super().__init__()
+        self.weight, self.k, self.tau, self.rank_weight = weight, k, tau, rank_weight
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        rop = rop_loss(*ranked_similarities(query, gallery, self.k), self.tau, self.rank_weight)
+        return LossOutput(self.weight * rop, _parts(rop=rop))
+
+
+@register_loss("d3still", family="reid", source=f"{D3STILL}, Table 1",
+               summary="decoupled differential distillation: top-1 similarity plus the pairwise "
+                       "differentials of the top-K list, hard and simple pairs weighted apart",
+               equation="w · [α/B ‖s^g_(1) − s^q_(1)‖ + β mean_i ‖M_hard⊙E_i‖/(K−1) "
+                        "+ γ mean_i ‖M_simple⊙E_i‖/(K−1)]",
+               needs=("query", "gallery"))
+class D3stillLoss(nn.Module):
+    """K = 10, α, β, γ = 50, 2, 1 (ResNet18 query network: 100, 5, 1; MobileNetV3: 200, 10, 2).
+    K is capped at the batch size."""
+
+    def __init__(self, weight: float = 1.0, k: int = 10, alpha: float = 50.0, beta: float = 2.0,
+                 gamma: float = 1.0):
+        super().__init__()
+        self.weight, self.k, self.alpha, self.beta, self.gamma = weight, k, alpha, beta, gamma
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        feature, hard, simple = d3still_loss(*ranked_similarities(query, gallery, self.k),
+                                             self.alpha, self.beta, self.gamma)
+        total = self.weight * (feature + hard + simple)
+        return LossOutput(total, _parts(feature=feature, hard=hard, simple=simple))
+
+
+@register_loss("acd", family="acd", source=f"{ACD}, Eq. (3)",
+               summary="asymmetric collaborative distillation: the co-trained gallery network's logits "
+                       "and the collaborative logits follow the frozen query network's",
+               equation="α τ² KL(σ(z^g/τ) ‖ σ(z^q/τ)) + β (τ/2)² KL(σ(z^c/(τ/2)) ‖ σ(z^q/(τ/2)))",
+               needs=("query_logits", "gallery_logits", "collab_logits"))
+class ACDLoss(nn.Module):
+    """α = 3, β = 2, τ = 2 (τ = 4 for a Swin gallery network). z^q is frozen and gets no gradient."""
+
+    def __init__(self, alpha: float = 3.0, beta: float = 2.0, tau: float = 2.0):
+        super().__init__()
+        self.alpha, self.beta, self.tau = alpha, beta, tau
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        z_q, z_g, z_c = require(batch, self.loss_name, "query_logits", "gallery_logits", "collab_logits")
+        gallery_kl, collab_kl = acd_loss(z_q, z_g, z_c, self.alpha, self.beta, self.tau)
+        return LossOutput(gallery_kl + collab_kl, _parts(gallery_kl=gallery_kl, collab_kl=collab_kl))
+
+
+@register_loss("mqd", family="local", source=f"{STFM}, Eq. (4)-(5)",
+               summary="mutual query divergence: every row and column of S^qg follows the same one of "
+                       "S^gg as a query distribution, optionally focal-weighted",
+               equation="w · T² mean_{2B distributions} KL(softmax(S^gg/τT) ‖ softmax(S^qg/τT))",
+               needs=("query", "gallery"))
+class MQDLoss(nn.Module):
+    """``weight`` 1 (the paper's outdoor weight; 4 indoor)."""
+
+    def __init__(self, weight: float = 1.0, temperature: float = 2.0, tau: float = 0.1, focal: bool = False,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        self.weight, self.temperature, self.tau = weight, temperature, tau
+        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        mqd = mqd_loss(query, gallery, self.temperature, self.tau, self.focal, self.focal_alpha, self.focal_gamma)
+        return LossOutput(self.weight * mqd, _parts(mqd=mqd))
+
+
+@register_loss("simdistill", family="local", source=SIMDISTILL,
+               summary="confidence-weighted joint similarity distillation: row-softmax KL between the "
+                       "weighted S^gg and S^qg",
+               equation="w · mean_i KL(softmax(S̄^gg_i) ‖ softmax(S̄^qg_i)),  "
+                        "S̄_ij = (w_i/τ) S_ij (w_j/τ)",
+               needs=("query", "gallery"))
+class SimDistillLoss(nn.Module):
+    """``weight`` 2 (λ_KD, Table 4). Reads ``query_confidence``/``gallery_confidence`` when present."""
+
+    def __init__(self, weight: float = 2.0, tau_s: float = 0.5, tau_t: float = 0.5):
+        super().__init__()
+        self.weight, self.tau_s, self.tau_t = weight, tau_s, tau_t
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        kl = simdistill_loss(query, gallery, batch.query_confidence, batch.gallery_confidence,
+                             self.tau_s, self.tau_t)
+        return LossOutput(self.weight * kl, _parts(kl=kl))
+
+
+@register_loss("attentive", family="local", source=f"{STFM}, Eq. (7)",
+               summary="attentive regression: regress onto the gallery embedding, weighted by the "
+                       "gallery network's certainty for the image",
+               equation="w · mean_i ‖q_i − μ_t,i‖² / (2 max(σ²_t,i, eps))",
+               needs=("query", "gallery", "uncertainty"))
+class AttentiveLoss(nn.Module):
+    def __init__(self, weight: float = 1.0, eps: float = 1e-3):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        query, gallery, variance = require(batch, self.loss_name, "query", "gallery", "uncertainty")
+        att = attentive_loss(query, gallery, variance, self.eps)
+        return LossOutput(self.weight * att, _parts(attentive=att))
