@@ -58,3 +58,10 @@ class ForbiddenError(AsymretError):
 
     code = "forbidden"
     http_status = 403
+
+
+class TrainingError(AsymretError):
+    """Training cannot go on (the loss diverged, a resume does not fit the run)."""
+
+    code = "training_failed"
+    http_status = 409

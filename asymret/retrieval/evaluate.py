@@ -149,3 +149,101 @@ def public(result: dict) -> dict:
     if out.get("exact", True):
         out.pop("exact", None)
     return out
+
+
+# ----------------------------------------------------------------------------------- trained pairs
+
+REVISITED_BENCHMARKS = ("roxford5k", "rparis6k", "mini-roxford")
+REID_BENCHMARKS = ("veri776", "mini-veri")
+ROWS = ("gallery", "symmetric", "asymmetric")
+ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symmetric (φq / φq)",
+              "asymmetric": "asymmetric (φq / φg)", "sir": "SIR: co-trained gallery (φg' / φg')"}
+
+
+def open_benchmark(benchmark: str, root, distractors=None):
+    """The test split of a benchmark: (queries, database, scorer(queries, database) -> metrics)."""
+    from asymret.retrieval.datasets import RevisitedDataset, VeRi776
+
+    if benchmark in REVISITED_BENCHMARKS:
+        data = RevisitedDataset(root, distractors=distractors)
+
+        def score(q, db):
+            return metrics.evaluate_revisited(data.gnd, queries=q, database=db)
+
+        return data.queries, data.database, score
+    if benchmark in REID_BENCHMARKS:
+        if distractors:
+            raise InputError("--distractors applies to revisited benchmarks (R1M), not re-ID")
+        data = VeRi776(root)
+        pos, junk = data.groundtruth()
+
+        def score(q, db):
+            return metrics.evaluate_reid(pos, junk, queries=q, database=db)
+
+        return data.query, data.gallery, score
+    raise InputError(f"unknown benchmark {benchmark!r}; choose one of "
+                     f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS)}")
+
+
+def _with_scales(encoder, scales):
+    """A view of ``encoder`` extracting at ``scales`` (same weights)."""
+    import copy
+
+    view = copy.copy(encoder)
+    view.spec = encoder.spec.model_copy(update={"input": encoder.spec.input.model_copy(update={"scales": scales})})
+    return view
+
+
+def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
+                  multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
+                  device=None, cache_dir=None, progress: bool = False) -> dict:
+    """Encode a benchmark with both networks and score the rows of the seed tables.
+
+    ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
+    on both sides; ``asymmetric``: query network for queries, gallery network for the database (the
+    point of asymret); ``sir``: pass the co-trained gallery as ``gallery_net`` and ask for "gallery".
+    Each side uses its own input spec. The gallery network's whitening, when given, whitens both
+    sides of the gallery and asymmetric rows (as AML does). The frozen gallery network's database
+    embeddings come from the embedding cache when ``cache_dir`` is set.
+    """
+    from asymret.retrieval.cache import EmbeddingCache
+    from asymret.retrieval.encode import encode_records
+    from asymret.retrieval.specs import MULTISCALE
+
+    queries, database, score = open_benchmark(benchmark, root, distractors)
+    if multiscale:
+        query_net, gallery_net = _with_scales(query_net, MULTISCALE), _with_scales(gallery_net, MULTISCALE)
+    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+
+    def encode(net, records, cacheable=False):
+        if cacheable and cache_dir:
+            return np.asarray(EmbeddingCache(cache_dir).get(net, records, **kw))
+        return encode_records(net, records, **kw)
+
+    need_q = {r for r in rows if r in ("symmetric", "asymmetric")}
+    need_g = {r for r in rows if r in ("gallery", "asymmetric")}
+    g_db = encode(gallery_net, database, cacheable=True) if need_g else None
+    g_q = encode(gallery_net, queries) if "gallery" in rows else None
+    q_q = encode(query_net, queries) if need_q else None
+    q_db = encode(query_net, database) if "symmetric" in rows else None
+    white = whitening if whitening is not None else (lambda x: x)
+    pairs = {"gallery": (white, g_q, g_db), "symmetric": (lambda x: x, q_q, q_db),
+             "asymmetric": (white, q_q, g_db)}
+    return {row: score(pairs[row][0](pairs[row][1]), pairs[row][0](pairs[row][2])) for row in rows}
+
+
+def format_pair_table(results: dict, benchmark: str) -> str:
+    """One table: a row per test setting, Medium/Hard mAP and mP@10 (revisited) or re-ID metrics."""
+    if benchmark in REVISITED_BENCHMARKS:
+        head = f"{'':<38}{'M mAP':>8}{'M mP@10':>9}{'H mAP':>8}{'H mP@10':>9}"
+        lines = [head]
+        for row, r in results.items():
+            lines.append(f"{ROW_TITLES.get(row, row):<38}{100 * r['medium']['mAP']:>8.2f}"
+                         f"{100 * r['medium']['mP@10']:>9.2f}{100 * r['hard']['mAP']:>8.2f}"
+                         f"{100 * r['hard']['mP@10']:>9.2f}")
+    else:
+        lines = [f"{'':<38}" + "".join(f"{c:>13}" for c in ("mAP", "mAP_official", "R1", "mINP"))]
+        for row, r in results.items():
+            lines.append(f"{ROW_TITLES.get(row, row):<38}" + "".join(
+                f"{100 * r[c]:>13.2f}" for c in ("mAP", "mAP_official", "R1", "mINP")))
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ they never encode images.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -63,10 +63,39 @@ def as_features(x, name: str, dim: int | None = None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- positions
 
 
+def count_above(candidates: np.ndarray, s: np.ndarray, sort_below: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``#{c > s_i}`` and ``#{c == s_i}`` over ``candidates`` (all >= min(s)) for each ``s_i``.
+
+    Small sets are sorted. Large ones are histogrammed into uniform bins (a monotone map of the
+    value), so only the candidates sharing a bin with some ``s_i`` need sorting: a few passes over
+    the data instead of a full sort.
+    """
+    if candidates.size <= sort_below:
+        c = np.sort(candidates)
+        right = np.searchsorted(c, s, side="right")
+        return c.size - right, right - np.searchsorted(c, s, side="left")
+    lo, hi = s.min(), candidates.max()
+    bins = min(1 << 16, candidates.size // 16)
+    scale = (bins - 1) / float(hi - lo) if hi > lo else 0.0
+
+    def bin_of(x):
+        return ((x - lo) * scale).astype(np.int32)  # the same arithmetic for every value: monotone
+
+    cb, sb = bin_of(candidates), bin_of(s)
+    hist = np.bincount(cb, minlength=bins + 1)
+    in_higher_bins = np.cumsum(hist[::-1])[::-1][1:]  # [b] = #candidates in bins > b
+    item_bin = np.zeros(hist.size, dtype=bool)
+    item_bin[sb] = True
+    near = np.sort(candidates[item_bin[cb]])  # candidates sharing a bin with an item, sorted
+    right = np.searchsorted(near, s, side="right")
+    bin_end = np.searchsorted(bin_of(near), sb, side="right")
+    return in_higher_bins[sb] + (bin_end - right), right - np.searchsorted(near, s, side="left")
+
+
 def positions_from_scores(scores: np.ndarray, items: Sequence[np.ndarray]) -> list[np.ndarray]:
     """0-based positions of ``items[q]`` in row ``q``'s descending ranking (ties: lower index first).
 
-    Only the entries scoring at least the row's lowest item score are sorted, so the cost follows
+    Only the entries scoring at least the row's lowest item score are counted, so the cost follows
     the depth of the deepest relevant item, not the database size.
     """
     scores = np.asarray(scores)
@@ -80,12 +109,9 @@ def positions_from_scores(scores: np.ndarray, items: Sequence[np.ndarray]) -> li
             out.append(idx)
             continue
         s = row[idx]
-        above = row[row >= s.min()]
-        above.sort()
-        right = np.searchsorted(above, s, side="right")
-        pos = (above.size - right).astype(np.int64)
-        tied = np.flatnonzero(right - np.searchsorted(above, s, side="left") > 1)
-        for t in tied:  # equal scores: items earlier in the database rank first
+        greater, equal = count_above(row[row >= s.min()], s)
+        pos = greater.astype(np.int64)
+        for t in np.flatnonzero(equal > 1):  # equal scores: items earlier in the database rank first
             pos[t] += np.count_nonzero(row[: idx[t]] == s[t])
         out.append(pos)
     return out

@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from asymret.errors import InputError
 from asymret.retrieval import metrics as M
-
 from tests.conftest import SHARED as _SHARED
 
 SHARED = _SHARED / "data"
@@ -234,6 +232,20 @@ def test_ties_follow_database_order_like_a_stable_sort():
         order = np.argsort(-row, kind="stable")
         expected = np.argsort(order)[idx]
         assert np.array_equal(pos, expected)
+
+
+@pytest.mark.parametrize("levels", [None, 50, 3])
+def test_large_candidate_sets_use_exact_histogram_counting(levels):
+    """Past the sort threshold, binned counting must still equal a stable argsort, ties included."""
+    rng = np.random.default_rng(levels or 0)
+    n = 120_000
+    row = rng.standard_normal(n).astype(np.float32)
+    if levels:
+        row = np.round(row * levels) / levels  # many exact ties, some spanning several bins
+    idx = np.concatenate([rng.choice(n, 40, replace=False), np.argsort(row)[:3]])  # deepest items too
+    got = M.positions_from_scores(row[None], [idx])[0]
+    expected = np.argsort(np.argsort(-row, kind="stable"), kind="stable")[idx]
+    assert np.array_equal(got, expected)
 
 
 def test_positions_from_ranking_marks_missing():

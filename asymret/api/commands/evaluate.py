@@ -31,7 +31,19 @@ def register(subparsers) -> None:
                        help="re-ID: keep same-identity same-camera gallery images as positives")
     feats.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
     feats.set_defaults(func=run_features)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    parser.add_argument("--pair", metavar="PAIR.pt", help="a pair file written by asymret train")
+    parser.add_argument("--benchmark", choices=["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri"])
+    parser.add_argument("--root", help="the benchmark's folder (jpg/ + gnd_*.pkl, or VeRi's image_*/ + name_*.txt)")
+    parser.add_argument("--distractors", metavar="LIST", help="revisitop1m.txt list of R1M distractor images")
+    parser.add_argument("--multiscale", action="store_true", help="extract at scales 1, 1/sqrt(2), 1/2")
+    parser.add_argument("--rows", default="gallery,symmetric,asymmetric",
+                        help="comma-separated: gallery, symmetric, asymmetric")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache-dir", help="reuse the gallery network's database embeddings across runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
+    parser.set_defaults(func=run_pair)
 
 
 def _need(args, *names):
@@ -65,4 +77,33 @@ def run_features(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(json.dumps(ev.public(result)) if args.json else text)
+    return 0
+
+
+def run_pair(args: argparse.Namespace) -> int:
+    if not args.pair or not args.benchmark:
+        raise InputError("give --pair PAIR.pt and --benchmark NAME (or use 'asymret evaluate features')")
+    if not args.root:
+        raise InputError(f"--benchmark {args.benchmark} needs --root, the folder that holds it")
+    from asymret.retrieval import evaluate as ev
+    from asymret.retrieval.pair import load_pair
+    from asymret.training.trainer import resolve_device
+
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    unknown = set(rows) - set(ev.ROWS)
+    if unknown:
+        raise InputError(f"unknown row(s) {', '.join(sorted(unknown))}; choose from {', '.join(ev.ROWS)}")
+    device = resolve_device(args.device)
+    pair = load_pair(args.pair, device=device)
+    result = ev.evaluate_pair(pair.query_net, pair.gallery_net, args.benchmark, args.root,
+                              whitening=pair.whitening, distractors=args.distractors,
+                              multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
+                              num_workers=args.workers, device=device, cache_dir=args.cache_dir,
+                              progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({row: ev.public(r) for row, r in result.items()}))
+    else:
+        print(f"{args.benchmark}: query network {pair.query_net.spec.backbone}, "
+              f"gallery network {pair.gallery_net.spec.backbone}")
+        print(ev.format_pair_table(result, args.benchmark))
     return 0

@@ -1,0 +1,88 @@
+"""Embeddings computed once per (network weights, images, input spec) and memory-mapped from disk.
+
+A frozen gallery network never runs twice on the same image (DESIGN.md performance rules): the
+trainer mines and computes losses against these rows, and evaluation reuses them for the database.
+The key covers the weights (content hash), the input spec (resolution, normalisation, scales) and
+the image list (paths and query boxes); change any of them and a new entry is computed. Entries are
+written to a temporary name and renamed when complete, so an interrupted run never leaves a
+half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from asymret.retrieval.encode import encode_records
+from asymret.retrieval.encoders import Encoder
+from asymret.retrieval.pair import weights_hash
+from asymret.retrieval.records import ImageRecord
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def records_fingerprint(records: Sequence[ImageRecord]) -> str:
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(f"{r.path}|{r.bbx}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(encoder: Encoder, records: Sequence[ImageRecord]) -> str:
+    parts = {
+        "version": CACHE_VERSION,
+        "weights": weights_hash(encoder),
+        "input": encoder.spec.input.model_dump(mode="json"),
+        "records": records_fingerprint(records),
+        "count": len(records),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class EmbeddingCache:
+    """``cache.get(encoder, records)`` -> read-only ``(N, dim)`` float32 memmap, computed at most once."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def path(self, key: str) -> Path:
+        return self.root / key / "embeddings.npy"
+
+    def get(self, encoder: Encoder, records: Sequence[ImageRecord], *, batch_size: int = 32,
+            num_workers: int = 2, device=None, progress: bool = True, key: str | None = None) -> np.ndarray:
+        key = key or cache_key(encoder, records)
+        path = self.path(key)
+        if path.is_file():
+            log.debug("embedding cache hit %s", path)
+            return np.load(path, mmap_mode="r")
+        embeddings = encode_records(encoder, records, batch_size=batch_size, num_workers=num_workers,
+                                    device=device, progress=progress)
+        self._write(path, embeddings, {"backbone": encoder.spec.backbone, "count": len(records),
+                                       "dim": int(embeddings.shape[1])})
+        return np.load(path, mmap_mode="r")
+
+    @staticmethod
+    def _write(path: Path, embeddings: np.ndarray, meta: dict) -> None:
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.parent.name}.", dir=path.parent.parent))
+        try:
+            np.save(tmp / path.name, embeddings)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            with open(tmp / path.name, "rb") as f:
+                os.fsync(f.fileno())
+            try:
+                os.rename(tmp, path.parent)
+            except OSError:  # another process finished the same entry first: keep theirs
+                if not path.is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,317 @@
+"""Retrieval encoders: timm backbone -> [1x1 projection] -> pooling -> [re-ID head] -> L2.
+
+``create_encoder(spec)`` builds one from an :class:`EncoderSpec` (methods.md §1; AML, cirtorch,
+D3still/ACD). The encoder carries its spec and its preprocessing, so the query and the gallery side
+may run at different resolutions without calling code knowing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from asymret.errors import ConfigError
+from asymret.retrieval.specs import EncoderSpec
+from asymret.retrieval.transforms import build_transform
+
+BNNECK_DIM = 512
+# Top-level module names that hold classifiers in timm and torchvision checkpoints; the backbone is
+# built without them, so their keys in a backbone state dict are dropped, not reported.
+HEAD_MODULES = ("fc", "classifier", "head", "head_dist", "pre_logits")
+# What torch.load(weights_only=True) raises for foreign, truncated or pickled-object files.
+UNREADABLE_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError)
+
+
+def gem(x: Tensor, p: Tensor | float, eps: float = 1e-6) -> Tensor:
+    """Generalized-mean pooling ``(mean_hw x^p)^(1/p)`` over a ``(B, C, H, W)`` map (Radenović et al.).
+
+    Computed in at least float32: under bf16 autocast, x^3 of small activations would underflow.
+    """
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+class GeM(nn.Module):
+    """GeM pooling with exponent ``p`` (initialised at 3; learnable unless ``trainable=False``)."""
+
+    def __init__(self, p: float = 3.0, trainable: bool = True, eps: float = 1e-6):
+        super().__init__()
+        p = torch.tensor(float(p))
+        if trainable:
+            self.p = nn.Parameter(p)
+        else:
+            self.register_buffer("p", p)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gem(x, self.p, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.4f}, trainable={isinstance(self.p, nn.Parameter)}"
+
+
+def create_pool(spec: EncoderSpec) -> nn.Module:
+    """``(B, C, H, W) -> (B, C)`` by ``spec.pooling``: gem, avg or max."""
+    if spec.pooling == "gem":
+        return GeM(spec.gem_p, spec.gem_trainable)
+    pool = nn.AdaptiveAvgPool2d(1) if spec.pooling == "avg" else nn.AdaptiveMaxPool2d(1)
+    return nn.Sequential(pool, nn.Flatten(1))
+
+
+class BNNeck(nn.Module):
+    """Re-ID head of D3still/ACD (methods.md §1).
+
+    ``BN1d -> ReLU -> Linear(C -> 512, no bias) -> BN1d`` gives the retrieval feature; a bias-free
+    ``Linear(512 -> num_classes)`` on it gives the identity logits used by CE and ACD.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int | None = None, dim: int = BNNECK_DIM):
+        super().__init__()
+        self.neck = nn.Sequential(
+            nn.BatchNorm1d(in_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(in_dim, dim, bias=False),
+            nn.BatchNorm1d(dim),
+        )
+        self.classifier = nn.Linear(dim, num_classes, bias=False) if num_classes else None
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor | None]:
+        feature = self.neck(pooled)
+        return feature, self.classifier(feature) if self.classifier is not None else None
+
+
+class TrainOutput(NamedTuple):
+    """What training needs from one forward pass."""
+
+    feature: Tensor  # (B, dim), L2-normalised: the retrieval embedding
+    raw: Tensor  # (B, dim), the same before L2 (pooled feature, or the re-ID head's BN output)
+    logits: Tensor | None  # (B, num_classes) with a bnneck head that has a classifier
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """Run ``module`` in eval mode and restore its previous mode after (BN must not update)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class Encoder(nn.Module):
+    """A retrieval encoder. ``forward`` gives L2-normalised ``(B, dim)`` embeddings.
+
+    Attributes: ``spec`` (the :class:`EncoderSpec` that rebuilds it), ``dim`` (embedding size),
+    ``transform`` (PIL image -> tensor, from ``spec.input``).
+    """
+
+    def __init__(self, spec: EncoderSpec, backbone: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone
+        self._output_fmt = getattr(backbone, "output_fmt", "NCHW")
+        channels = backbone.num_features
+        if spec.dim:
+            self.projection = nn.Sequential(
+                nn.Conv2d(channels, spec.dim, 1, bias=False), nn.ReLU(inplace=True)
+            )
+            channels = spec.dim
+        else:
+            self.projection = nn.Identity()
+        self.pool = create_pool(spec)
+        self.head = BNNeck(channels, spec.num_classes) if spec.head == "bnneck" else None
+        self.dim = BNNECK_DIM if self.head is not None else channels
+        self.transform = build_transform(spec.input)
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The ``(B, C, H, W)`` map that is pooled: backbone features, projected if ``spec.dim``."""
+        x = self.backbone.forward_features(images)
+        if x.ndim == 3:  # token sequence (ViT): pool over the tokens
+            x = x.transpose(1, 2).unsqueeze(-1)
+        elif self._output_fmt == "NHWC":  # Swin and friends
+            x = x.permute(0, 3, 1, 2)
+        return self.projection(x)
+
+    def forward_train(self, images: Tensor) -> TrainOutput:
+        raw = self.pool(self.feature_map(images))
+        logits = None
+        if self.head is not None:
+            raw, logits = self.head(raw)
+        return TrainOutput(F.normalize(raw, dim=-1), raw, logits)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_train(images).feature
+
+    @property
+    def multiscale_power(self) -> float:
+        """Exponent of the power mean over scales: GeM's p (cirtorch ``msp``), else 1.
+
+        With a bnneck head features can be negative, and a fractional power of them is undefined.
+        """
+        if self.spec.pooling == "gem" and self.head is None:
+            return self.pool.p.item()
+        return 1.0
+
+    @torch.no_grad()
+    def encode_batch(self, images: Tensor) -> Tensor:
+        """Eval-mode embeddings of a preprocessed ``(B, 3, H, W)`` batch at every ``spec.input.scales``.
+
+        Several scales are combined as the power mean ``(mean_s f_s^p)^(1/p)``, then L2
+        (methods.md §1; cirtorch ``extract_ms``: each scale by bilinear resizing of the tensor).
+        """
+        scales = self.spec.input.scales
+        with eval_mode(self):
+            feats = [self(rescale(images, s, self.spec.input.interpolation)) for s in scales]
+        if len(feats) == 1:
+            return feats[0]
+        p = self.multiscale_power
+        return F.normalize(torch.stack(feats).pow(p).mean(0).pow(1.0 / p), dim=-1)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups as AML trains them: GeM's p at 10x ``lr`` and without weight decay.
+
+        Other parameters take the optimizer's own weight decay. Frozen parameters are left out.
+        """
+        pool_params = [p for p in self.pool.parameters() if p.requires_grad]
+        pool_ids = {id(p) for p in pool_params}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pool_ids]
+        groups = [{"params": rest, "lr": lr}, {"params": pool_params, "lr": 10 * lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+
+def rescale(images: Tensor, scale: float, mode: str = "bilinear") -> Tensor:
+    """A batch resized by ``scale`` as cirtorch's multi-scale extraction does (no antialiasing)."""
+    if scale == 1:
+        return images
+    return F.interpolate(images, scale_factor=scale, mode=mode, align_corners=False)
+
+
+def create_encoder(spec: EncoderSpec | dict, *, load_weights: bool = True) -> Encoder:
+    """Build the encoder ``spec`` describes.
+
+    ``load_weights=False`` builds the architecture only, randomly initialised, without downloading
+    (``pretrained``) or reading ``weights``: for callers that bring their own state dict (pair files).
+    """
+    spec = EncoderSpec.model_validate(spec)
+    backbone = create_backbone(spec, pretrained=spec.pretrained and load_weights)
+    encoder = Encoder(spec, backbone)
+    if load_weights and spec.weights:
+        load_weights_file(encoder, spec.weights)
+    return encoder
+
+
+def create_backbone(spec: EncoderSpec, pretrained: bool) -> nn.Module:
+    """The timm model named by ``spec.backbone``, without its classifier."""
+    if not timm.is_model(spec.backbone):
+        close = difflib.get_close_matches(spec.backbone, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown timm backbone '{spec.backbone}'{hint}; pick a name from timm.list_models()"
+        )
+    try:
+        backbone = timm.create_model(
+            spec.backbone, pretrained=pretrained, num_classes=0, global_pool="", **spec.backbone_kwargs
+        )
+    except TypeError as exc:
+        raise ConfigError(f"backbone_kwargs do not fit {spec.backbone}: {exc}; fix backbone_kwargs") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"could not fetch pretrained weights for {spec.backbone} ({exc}); "
+            "set pretrained: false and give weights: a local file"
+        ) from None
+    if hasattr(backbone, "pre_logits") and next(backbone.pre_logits.parameters(), None) is not None:
+        # timm's VGG keeps fc6/fc7 as a conv head; the retrieval descriptor (cirtorch) is the conv map
+        backbone.pre_logits = nn.Identity()
+    if spec.last_stride == 1:
+        set_last_stride_1(backbone, spec.backbone)
+    return backbone
+
+
+def set_last_stride_1(backbone: nn.Module, name: str = "backbone") -> None:
+    """Re-ID convention (Luo et al. "bag of tricks"): layer4 keeps the resolution of layer3.
+
+    Only the first block of layer4 downsamples: its strided conv and its downsample path (a strided
+    1x1 conv, or an average pool in ResNet-D) become stride 1, doubling the final map's size.
+    """
+    layer4 = getattr(backbone, "layer4", None)
+    if not isinstance(layer4, nn.Sequential):
+        raise ConfigError(f"last_stride: 1 needs a ResNet-style backbone with layer4; remove it for {name}")
+    for module in layer4[0].modules():
+        if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+            module.stride = (1, 1)
+        elif isinstance(module, nn.AvgPool2d) and module.stride in (2, (2, 2)):
+            module.kernel_size, module.stride = 1, 1
+
+
+def encoder_checkpoint(encoder: Encoder) -> dict:
+    """``{"spec", "state_dict"}``: what rebuilds ``encoder`` (pair files; ``weights:`` files)."""
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    return {"spec": encoder.spec.model_dump(mode="json"), "state_dict": state}
+
+
+def load_weights_file(encoder: Encoder, path: str | Path) -> None:
+    """Load a local checkpoint into ``encoder``: a whole asymret encoder or only its backbone.
+
+    Accepted: an :func:`encoder_checkpoint` or an encoder state dict (keys ``backbone.*``), or a
+    timm/torchvision backbone state dict (classifier keys are dropped), optionally wrapped under
+    ``state_dict`` or ``model`` and with DDP's ``module.`` prefix. Keys must match exactly.
+    """
+    state = read_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):
+        target, what = encoder, "asymret encoder"
+    else:
+        target, what = encoder.backbone, f"{encoder.spec.backbone} backbone"
+        own = target.state_dict()
+        state = {k: v for k, v in state.items() if k in own or k.split(".", 1)[0] not in HEAD_MODULES}
+    if problem := key_mismatch(target, state):
+        raise ConfigError(
+            f"weights file {path} does not fit the {what}: {problem}; check that backbone, dim and head match it"
+        )
+    target.load_state_dict(state, strict=True)
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file, unwrapped; :class:`ConfigError` for anything else."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"weights file not found: {path}; fix weights: in the encoder config")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE_CHECKPOINT as exc:
+        raise ConfigError(
+            f"weights file {path} is not a tensor checkpoint ({type(exc).__name__}); "
+            "save a state dict with torch.save(model.state_dict(), path)"
+        ) from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
+        obj = obj.get("state_dict", obj.get("model"))
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConfigError(f"weights file {path} holds no state dict of tensors; save model.state_dict()")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def key_mismatch(module: nn.Module, state: dict[str, Tensor]) -> str | None:
+    """Why ``state`` does not fit ``module`` exactly (counts and an example of each), or None."""
+    own = module.state_dict()
+    # BatchNorm fills a missing num_batches_tracked itself (checkpoints from before torch 0.4.1 lack it)
+    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    parts = [
+        f"{len(keys)} {label} (e.g. {keys[0]})"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
+    return ", ".join(parts) or None

@@ -1,0 +1,421 @@
+"""Train a query network into the space of a frozen gallery network (AML), or alone (symmetric).
+
+A run folder (DESIGN.md)::
+
+    runs/<name>/config.yaml         the resolved config
+    runs/<name>/metrics.jsonl       one JSON line per epoch: loss and its parts, lr, validation
+    runs/<name>/checkpoints/last.pt model, optimiser, scheduler, RNG and epoch: exact resume
+    runs/<name>/checkpoints/best.pt the query network with the best validation mAP
+    runs/<name>/query_net.pt        the final query network (an encoder checkpoint, usable as weights:)
+    runs/<name>/pair.pt             both encoders' specs and weights: all ``asymret serve`` needs
+
+Every epoch's randomness (pair sampling, mining pool, data order) is drawn from ``(seed, epoch)``,
+so a resumed run repeats exactly the epochs an uninterrupted run would have.
+Data parallel through ``torchrun``: each rank trains on its share of the epoch's tuples and the
+gradients are averaged across ranks before every optimiser step (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from asymret.config import dump_config
+from asymret.errors import ConfigError, TrainingError
+from asymret.retrieval.cache import EmbeddingCache
+from asymret.retrieval.encode import encode_records
+from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint
+from asymret.retrieval.evaluate import evaluate_pair
+from asymret.retrieval.pair import save_pair
+from asymret.retrieval.records import load_image
+from asymret.training.config import DataConfig, ExperimentConfig
+from asymret.training.losses import LOSSES, LossBatch, create_loss
+from asymret.training.mining import Tuples, mine_negatives, sample_pairs
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def open_training_set(cfg: DataConfig):
+    """The labelled training images a config names (records, labels, optional SfM pairs)."""
+    from asymret.retrieval import datasets as D
+
+    if cfg.format == "sfm120k":
+        return D.SfM120k(cfg.pkl, image_root=cfg.root or None)
+    if cfg.format == "csv":
+        return D.CsvDataset(cfg.csv, root=cfg.root or None)
+    if cfg.format == "veri776":
+        return D.LabelledSet(D.VeRi776(cfg.root).train)
+    return D.LabelledFolder(cfg.root)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
+    return device
+
+
+class _Images(Dataset):
+    def __init__(self, records, transform):
+        self.records, self.transform = records, transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.records[i]))
+
+
+def forward_images(net: Encoder, images: list[torch.Tensor], device) -> torch.Tensor:
+    """Training-mode embeddings of preprocessed images that may differ in size (grouped by shape)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    parts, order = [], []
+    for rows in groups.values():
+        parts.append(net(torch.stack([images[i] for i in rows]).to(device, non_blocking=True)))
+        order.extend(rows)
+    out = torch.cat(parts)
+    return out[torch.argsort(torch.as_tensor(order, device=out.device))]
+
+
+def set_bn_eval(net: nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def lr_factor(epoch: int, cfg) -> float:
+    """Learning-rate multiplier at ``epoch``: linear warm-up from 0.1x, then the schedule."""
+    o = cfg.optim
+    if epoch < o.warmup_epochs:
+        return 0.1 + 0.9 * epoch / o.warmup_epochs
+    if o.schedule == "exponential":
+        return o.gamma ** epoch
+    if o.schedule == "cosine":
+        span = max(1, cfg.epochs - o.warmup_epochs)
+        floor = o.min_lr / o.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
+    return 1.0
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = resolve_device(cfg.train.device)
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+        self.progress = progress and self.main
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self._seed(cfg.seed)
+
+        self.data = open_training_set(cfg.data)
+        self.records = self.data.records
+        self.labels = np.asarray(self.data.labels)
+        if cfg.loss.name not in LOSSES:
+            create_loss(cfg.loss.name)  # raises the ConfigError that lists the known names
+        self.info = LOSSES[cfg.loss.name]
+        self.tuple_mode = "negative" in self.info.needs or "positive" in self.info.needs
+        self.symmetric = cfg.loss.mode == "symmetric"
+        if self.symmetric and not self.tuple_mode:
+            raise ConfigError(f"loss '{cfg.loss.name}' distils from a gallery network; it has no symmetric "
+                              "mode (set loss.mode: asymmetric)")
+
+        self.query_net = create_encoder(cfg.query_net).to(self.device)
+        self.loss_fn = create_loss(cfg.loss.name, **cfg.loss.params).to(self.device)
+        self.gallery_net = None
+        self.gallery_emb = None
+        if not self.symmetric:
+            self.gallery_net = create_encoder(cfg.gallery_net).to(self.device).eval()
+            self.gallery_net.requires_grad_(False)
+            if self.query_net.dim != self.gallery_net.dim and not list(self.loss_fn.parameters()):
+                raise ConfigError(f"query_net gives {self.query_net.dim}-d embeddings but gallery_net gives "
+                                  f"{self.gallery_net.dim}-d; set query_net.dim: {self.gallery_net.dim}")
+            self.gallery_emb = self._gallery_embeddings()
+
+        params = self.query_net.param_groups(cfg.train.optim.lr)
+        for g in params:
+            if g.get("weight_decay") == 0.0:  # GeM p
+                g["lr"] = cfg.train.optim.lr * cfg.train.optim.gem_lr_mult
+        if list(self.loss_fn.parameters()):
+            params.append({"params": list(self.loss_fn.parameters()), "lr": cfg.train.optim.lr})
+        o = cfg.train.optim
+        if o.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        elif o.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg.train))
+        self.epoch = 0
+        self.best = -math.inf
+
+    # -------------------------------------------------------------------------------------- setup
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _gallery_embeddings(self) -> torch.Tensor:
+        """The frozen gallery network's embedding of every training image, computed once (rank 0)."""
+        cache = EmbeddingCache(Path(self.cfg.output_dir) / ".cache")
+        kw = dict(batch_size=32, num_workers=self.cfg.data.num_workers, device=self.device,
+                  progress=self.progress)
+        if self.main:
+            emb = cache.get(self.gallery_net, self.records, **kw)
+        if self.world > 1:
+            dist.barrier()
+        if not self.main:
+            emb = cache.get(self.gallery_net, self.records, **kw)
+        return torch.from_numpy(np.array(emb, dtype=np.float32)).to(self.device)
+
+    # ------------------------------------------------------------------------------------- epochs
+
+    def _loader(self, indices: np.ndarray, step_sizes: list[int]) -> DataLoader:
+        """Query-side images of ``indices`` in order, one list per step."""
+        bounds = np.cumsum([0] + step_sizes)
+        batches = [list(range(bounds[i], bounds[i + 1])) for i in range(len(step_sizes))]
+        records = [self.records[i] for i in indices]
+        return DataLoader(_Images(records, self.query_net.transform), batch_sampler=batches,
+                          num_workers=self.cfg.data.num_workers, collate_fn=list,
+                          pin_memory=self.device.type == "cuda")
+
+    def _embed_for_mining(self, indices: np.ndarray) -> np.ndarray:
+        return encode_records(self.query_net, [self.records[i] for i in indices], batch_size=32,
+                              num_workers=self.cfg.data.num_workers, device=self.device, progress=False)
+
+    def make_tuples(self, rng: np.random.Generator) -> Tuples:
+        m = self.cfg.train.mining
+        qidxs = getattr(self.data, "qidxs", None)
+        pidxs = getattr(self.data, "pidxs", None)
+        anchors, positives = sample_pairs(self.labels, m.tuples_per_epoch, rng, qidxs, pidxs)
+        pool = rng.choice(len(self.records), size=min(m.pool_size, len(self.records)), replace=False)
+        if m.num_negatives == 0:
+            return Tuples(anchors, positives, np.empty((len(anchors), 0), np.int64))
+        anchor_emb = self._embed_for_mining(anchors)
+        pool_emb = (self._embed_for_mining(pool) if self.symmetric
+                    else self.gallery_emb[torch.as_tensor(pool, device=self.device)].cpu().numpy())
+        negatives = mine_negatives(anchor_emb, self.labels[anchors], pool, pool_emb, self.labels[pool],
+                                   m.num_negatives)
+        return Tuples(anchors, positives, negatives)
+
+    def _steps(self, rng: np.random.Generator):
+        """(image indices per step, builder of the LossBatch from their query-side embeddings)."""
+        t = self.cfg.train
+        if self.tuple_mode:
+            tuples = self.make_tuples(rng)
+            mine = np.arange(self.rank, len(tuples), self.world)
+            steps = [mine[i:i + t.batch_size] for i in range(0, len(mine), t.batch_size)]
+            plans = []
+            for s in steps:
+                a, p, n = tuples.anchors[s], tuples.positives[s], tuples.negatives[s]
+                images = np.concatenate([a, p, n.ravel()]) if self.symmetric else a
+                plans.append((images, (a, p, n)))
+            return plans
+        per_step = t.batch_size * (2 + t.mining.num_negatives)
+        n_steps = math.ceil(t.mining.tuples_per_epoch / t.batch_size)
+        n = len(self.records)
+        needed = per_step * n_steps * self.world
+        order = np.concatenate([rng.permutation(n) for _ in range(-(-needed // n))])
+        picks = [order[(i * self.world + self.rank) * per_step:][:per_step] for i in range(n_steps)]
+        return [(p, None) for p in picks if len(p) > 1]
+
+    def _batch(self, images: list[torch.Tensor], indices: np.ndarray, tup) -> LossBatch:
+        q = forward_images(self.query_net, images, self.device)
+        if tup is None:  # relational / regression: the B images on both sides
+            return LossBatch(query=q, gallery=self.gallery_emb[torch.as_tensor(indices, device=self.device)],
+                             labels=torch.as_tensor(self.labels[indices], device=self.device))
+        a, p, n = tup
+        b, k = len(a), n.shape[1]
+        if self.symmetric:
+            q_a, q_p, q_n = q[:b], q[b:2 * b], q[2 * b:].reshape(b, k, -1)
+            return LossBatch(query=q_a, gallery=q_a, positive=q_p[:, None], negative=q_n)
+        g = self.gallery_emb
+
+        def take(ix):
+            return g[torch.as_tensor(ix, device=self.device)]
+
+        return LossBatch(query=q, gallery=take(a), positive=take(p)[:, None],
+                         negative=take(n.reshape(-1)).reshape(b, k, -1))
+
+    def train_epoch(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        rng = np.random.default_rng([cfg.seed, self.epoch])
+        torch.manual_seed(cfg.seed * 100_003 + self.epoch)
+        plans = self._steps(rng)
+        self.query_net.train()
+        if t.bn_eval:
+            set_bn_eval(self.query_net)
+        loader = self._loader(np.concatenate([p[0] for p in plans]), [len(p[0]) for p in plans])
+        totals: dict[str, float] = {}
+        count = 0
+        bar = tqdm(zip(loader, plans), total=len(plans), desc=f"epoch {self.epoch + 1}/{t.epochs}",
+                   disable=not self.progress, unit="step", leave=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, (images, (indices, tup)) in enumerate(bar):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = self.loss_fn(self._batch(images, indices, tup))
+            loss = out.total.float()
+            if not torch.isfinite(loss):
+                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
+                raise TrainingError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"
+                                    f"{' (' + parts + ')' if parts else ''}; lower train.optim.lr or check "
+                                    "the data; the last good checkpoint is kept")
+            (loss / t.accumulate).backward()
+            if (step + 1) % t.accumulate == 0 or step + 1 == len(plans):
+                self._average_gradients()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            count += 1
+            totals["loss"] = totals.get("loss", 0.0) + loss.item()
+            for k, v in out.parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+        self.scheduler.step()
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    def _average_gradients(self) -> None:
+        if self.world == 1:
+            return
+        for p in self.query_net.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    # ------------------------------------------------------------------------------ validation
+
+    def validate(self) -> dict | None:
+        e = self.cfg.eval
+        if e.benchmark == "none" or not self.main:
+            return None
+        gallery = self.query_net if self.symmetric else self.gallery_net
+        row = "symmetric" if self.symmetric else "asymmetric"
+        result = evaluate_pair(self.query_net, gallery, e.benchmark, e.root, distractors=e.distractors,
+                               multiscale=e.multiscale, rows=(row,), device=self.device,
+                               num_workers=self.cfg.data.num_workers,
+                               cache_dir=Path(self.cfg.output_dir) / ".cache")[row]
+        score = result["medium"]["mAP"] if "medium" in result else result["mAP"]
+        return {"row": row, "score": score, **result}
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch, "best": self.best,
+            "query_net": self.query_net.state_dict(), "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()},
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def load_state(self, path: Path) -> None:
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.query_net.load_state_dict(ckpt["query_net"])
+        self.loss_fn.load_state_dict(ckpt["loss"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.best = ckpt["epoch"], ckpt["best"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+
+    # --------------------------------------------------------------------------------------- run
+
+    def fit(self, resume: bool = False) -> Path:
+        cfg = self.cfg
+        last = self.ckpt_dir / "last.pt"
+        if self.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if resume and last.is_file():
+            self.load_state(last)
+            log.info("resumed %s after epoch %d", self.run_dir, self.epoch)
+        elif self.main and (self.run_dir / "metrics.jsonl").exists() and not resume:
+            (self.run_dir / "metrics.jsonl").unlink()
+        start = time.perf_counter()
+        while self.epoch < cfg.train.epochs:
+            t0 = time.perf_counter()
+            stats = self.train_epoch()
+            self.epoch += 1
+            record = {"epoch": self.epoch, **stats, "lr": self.optimizer.param_groups[0]["lr"]}
+            every = cfg.train.validate_every
+            if every and (self.epoch % every == 0 or self.epoch == cfg.train.epochs):
+                val = self.validate()
+                if val is not None:
+                    record["val"] = val
+                    if val["score"] > self.best:
+                        self.best = val["score"]
+                        if self.main:
+                            _atomic_save(encoder_checkpoint(self.query_net), self.ckpt_dir / "best.pt")
+            record["time_s"] = round(time.perf_counter() - t0, 3)
+            if self.main:
+                _atomic_save(self.state(), last)
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                msg = f"epoch {self.epoch}/{cfg.train.epochs} loss {stats.get('loss', float('nan')):.4f}"
+                if "val" in record:
+                    msg += f" val mAP {100 * record['val']['score']:.2f}"
+                log.info("%s (%.1fs)", msg, record["time_s"])
+            if self.world > 1:
+                dist.barrier()
+        if self.main:
+            self.export()
+            log.info("done in %.1fs: %s", time.perf_counter() - start, self.run_dir)
+        return self.run_dir
+
+    def export(self) -> Path:
+        """``query_net.pt`` and ``pair.pt`` from the best checkpoint (or the last without validation)."""
+        best = self.ckpt_dir / "best.pt"
+        net = self.query_net
+        if best.is_file():
+            net = create_encoder(self.cfg.query_net, load_weights=False)
+            net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        _atomic_save(encoder_checkpoint(net), self.run_dir / "query_net.pt")
+        gallery = net if self.symmetric else self.gallery_net
+        return save_pair(self.run_dir / "pair.pt", net, gallery, meta={"run": self.cfg.name,
+                                                                      "loss": self.cfg.loss.name,
+                                                                      "mode": self.cfg.loss.mode})
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> Path:
+    return Trainer(cfg, progress=progress).fit(resume=resume)

@@ -1,0 +1,129 @@
+"""Pair files: one call round-trips both encoders, whitening and metadata; versions are guarded."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from asymret import __version__
+from asymret.errors import DataError, InputError, NotFoundError
+from asymret.retrieval.encoders import create_encoder, encoder_checkpoint
+from asymret.retrieval.pair import FORMAT_VERSION, LOADERS, load_pair, save_pair, weights_hash
+from asymret.retrieval.specs import EncoderSpec, InputSpec
+from asymret.retrieval.whitening import Whitening
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """A low-resolution query network and a re-ID style gallery network, trained a little (moved BN)."""
+    query_net = create_encoder(EncoderSpec(backbone="resnet10t", dim=32, gem_p=2.2, input=InputSpec(size=40)))
+    gallery_net = create_encoder(
+        EncoderSpec(
+            backbone="resnet18", last_stride=1, head="bnneck", num_classes=5, input=InputSpec(size=(48, 24))
+        )
+    )
+    with torch.no_grad():  # non-default running statistics must survive the round trip too
+        query_net.train()(torch.randn(4, 3, 40, 32))
+        gallery_net.train()(torch.randn(4, 3, 48, 24))
+    return query_net.eval(), gallery_net.eval()
+
+
+@pytest.fixture(scope="module")
+def whitening():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 512))
+    return Whitening.learn_pca(X, dim=16)
+
+
+def test_round_trip_gives_identical_outputs_specs_and_hashes(tmp_path, nets, whitening):
+    query_net, gallery_net = nets
+    path = save_pair(
+        tmp_path / "runs" / "x" / "pair.pt", query_net, gallery_net, whitening, meta={"run": "x"}
+    )
+    pair = load_pair(path)
+    assert pair.query_net.spec == query_net.spec and pair.gallery_net.spec == gallery_net.spec
+    assert not pair.query_net.training and not pair.gallery_net.training
+    for before, after, shape in (
+        (query_net, pair.query_net, (2, 3, 40, 32)),
+        (gallery_net, pair.gallery_net, (2, 3, 48, 24)),
+    ):
+        x = torch.randn(*shape)
+        assert torch.equal(after.encode_batch(x), before.encode_batch(x))
+        assert weights_hash(after) == weights_hash(before)
+    assert torch.equal(pair.whitening.P, whitening.P) and pair.whitening.kind == "pca"
+    assert pair.meta["run"] == "x" and pair.meta["asymret_version"] == __version__ and "created" in pair.meta
+    assert [p.name for p in path.parent.iterdir()] == ["pair.pt"]  # the temporary file was renamed
+
+
+def test_saving_over_an_existing_pair_replaces_it(tmp_path, nets):
+    query_net, gallery_net = nets
+    save_pair(tmp_path / "pair.pt", query_net, gallery_net, meta={"run": "first"})
+    save_pair(tmp_path / "pair.pt", query_net, gallery_net, meta={"run": "second"})
+    pair = load_pair(tmp_path / "pair.pt")
+    assert pair.meta["run"] == "second" and pair.whitening is None
+
+
+def test_weights_hash_tracks_weights_and_buffers_only(nets):
+    query_net, _ = nets
+    twin = copy.deepcopy(query_net)
+    assert weights_hash(twin) == weights_hash(query_net)
+    with torch.no_grad():
+        twin.projection[0].weight[0, 0] += 1e-3
+    assert weights_hash(twin) != weights_hash(query_net)
+    twin = copy.deepcopy(query_net)
+    twin.pool.p.data.fill_(3.0)
+    assert weights_hash(twin) != weights_hash(query_net)
+
+
+def test_a_hand_written_version_1_file_keeps_loading(tmp_path, nets):
+    """The v1 layout as documented, written without save_pair: old files must load forever."""
+    query_net, gallery_net = nets
+    payload = {
+        "format": "asymret.pair",
+        "format_version": 1,
+        "query_net": encoder_checkpoint(query_net),
+        "gallery_net": encoder_checkpoint(gallery_net),
+        "whitening": None,
+        "meta": {"created": "2024-01-01T00:00:00+00:00", "asymret_version": "0.0.1"},
+    }
+    torch.save(payload, tmp_path / "old.pt")
+    pair = load_pair(tmp_path / "old.pt")
+    assert 1 in LOADERS and pair.meta["asymret_version"] == "0.0.1"
+    x = torch.randn(1, 3, 40, 40)
+    assert torch.equal(pair.query_net.encode_batch(x), query_net.encode_batch(x))
+
+
+def test_newer_unknown_and_foreign_files_are_refused(tmp_path, nets):
+    query_net, gallery_net = nets
+    path = save_pair(tmp_path / "pair.pt", query_net, gallery_net)
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(DataError, match="upgrade asymret"):
+        load_pair(tmp_path / "newer.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    for name in ("foreign.pt", "text.pt"):
+        with pytest.raises(DataError, match="pair file"):
+            load_pair(tmp_path / name)
+    with pytest.raises(NotFoundError):
+        load_pair(tmp_path / "absent.pt")
+
+
+def test_weights_that_do_not_fit_their_spec_are_a_data_error(tmp_path, nets):
+    query_net, gallery_net = nets
+    path = save_pair(tmp_path / "pair.pt", query_net, gallery_net)
+    payload = torch.load(path, weights_only=True)
+    payload["query_net"]["spec"]["dim"] = 64
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(DataError, match="shape mismatches"):
+        load_pair(tmp_path / "bad.pt")
+
+
+def test_metadata_must_be_json_like(tmp_path, nets):
+    with pytest.raises(InputError, match="JSON"):
+        save_pair(tmp_path / "pair.pt", *nets, meta={"tensor": torch.ones(1)})
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,141 @@
+"""The trainer: exact resume after a kill, a clear stop on NaN, data parallel on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from asymret.api.cli import main
+from asymret.errors import ConfigError, TrainingError
+from asymret.retrieval.pair import load_pair
+from asymret.training.config import ExperimentConfig
+from asymret.training.trainer import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Six classes of four noisy views of a random 8x8 colour pattern."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        base = rng.integers(0, 255, (8, 8, 3))
+        for i in range(4):
+            img = np.kron(base, np.ones((4, 4, 1))) + rng.normal(0, 20, (32, 32, 3))
+            (root / f"class{c}").mkdir(exist_ok=True)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"class{c}" / f"{i}.jpg")
+    return root
+
+
+def config(folder: Path, out: Path, **over) -> dict:
+    cfg = {
+        "name": "run", "seed": 3, "output_dir": str(out),
+        "query_net": {"backbone": "mobilenetv2_035", "dim": 32, "input": {"size": 32}},
+        "gallery_net": {"backbone": "resnet18", "dim": 32, "input": {"size": 32}},
+        "data": {"format": "folder", "root": str(folder), "num_workers": 0},
+        "loss": {"name": "contr_plus"},
+        "train": {"epochs": 3, "batch_size": 2, "optim": {"lr": 1e-3},
+                  "mining": {"tuples_per_epoch": 8, "num_negatives": 2, "pool_size": 16}},
+    }
+    for key, value in over.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def same(a: dict, b: dict, atol=0.0) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0) for k in a)
+
+
+def test_run_folder_and_pair(folder, tmp_path):
+    run = train(ExperimentConfig.model_validate(config(folder, tmp_path, **{"train.epochs": 2})), progress=False)
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "pair.pt", "query_net.pt"}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and all(np.isfinite(x["loss"]) for x in lines)
+    assert lines[1]["lr"] == pytest.approx(1e-3 * 0.99004983 ** 2)  # AML's exponential decay per epoch
+    pair = load_pair(run / "pair.pt")
+    assert pair.query_net.spec.backbone == "mobilenetv2_035" and pair.gallery_net.spec.backbone == "resnet18"
+    assert same(pair.query_net.state_dict(), weights(run / "query_net.pt"))
+    # the gallery embeddings were cached once and are reused by the next run
+    entries = list((tmp_path / ".cache").iterdir())
+    assert len(entries) == 1
+    train(ExperimentConfig.model_validate(config(folder, tmp_path, name="again", **{"train.epochs": 1})),
+          progress=False)
+    assert list((tmp_path / ".cache").iterdir()) == entries
+
+
+def test_killed_run_resumes_to_the_same_weights(folder, tmp_path):
+    full = train(ExperimentConfig.model_validate(config(folder, tmp_path / "a")), progress=False)
+    cfg_path = tmp_path / "b.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(folder, tmp_path / "b")))
+    proc = subprocess.Popen([sys.executable, "-m", "asymret", "train", str(cfg_path), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # somewhere in epoch 2 (or later): resume must not care
+    proc.wait()
+    assert main(["train", str(cfg_path), "--resume", "--no-progress"]) == 0
+    resumed = tmp_path / "b" / "run"
+    assert same(weights(full / "query_net.pt"), weights(resumed / "query_net.pt"))
+    epochs = [json.loads(x)["epoch"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[-1] == 3
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(folder, tmp_path):
+    cfg = config(folder, tmp_path, **{"train.optim": {"optimizer": "sgd", "lr": 1e12}, "train.epochs": 4})
+    with pytest.raises(TrainingError, match="lower train.optim.lr"):
+        train(ExperimentConfig.model_validate(cfg), progress=False)
+
+
+def test_config_errors(folder, tmp_path):
+    with pytest.raises(ConfigError, match="unknown loss 'contrplus'"):
+        Trainer(ExperimentConfig.model_validate(config(folder, tmp_path, **{"loss.name": "contrplus"})))
+    with pytest.raises(ConfigError, match="set query_net.dim: 32"):
+        Trainer(ExperimentConfig.model_validate(config(folder, tmp_path, **{"query_net.dim": 16})))
+    with pytest.raises(ConfigError, match="no symmetric mode"):
+        Trainer(ExperimentConfig.model_validate(config(folder, tmp_path, loss={"name": "rkd", "mode": "symmetric"})))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one_process_with_the_global_batch(folder, tmp_path):
+    """Each rank takes every other tuple; averaged gradients equal one process on both halves.
+
+    SGD, because Adam turns float-rounding noise on near-zero gradients into full lr-sized steps.
+    """
+    sgd = {"optimizer": "sgd", "lr": 0.05}
+    single = config(folder, tmp_path / "single", **{"train.batch_size": 4, "train.epochs": 2, "train.optim": sgd})
+    train(ExperimentConfig.model_validate(single), progress=False)
+    ddp = config(folder, tmp_path / "ddp", **{"train.batch_size": 2, "train.epochs": 2, "train.optim": sgd})
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(ddp))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000), "-m", "asymret", "train",
+                           str(cfg_path), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert same(weights(tmp_path / "single" / "run" / "query_net.pt"),
+                weights(tmp_path / "ddp" / "run" / "query_net.pt"), atol=1e-5)
