@@ -61,7 +61,7 @@ def encode_tensors(encoder: Encoder, images: Sequence[Tensor], device: torch.dev
 
     Images of one shape form one batch through :meth:`Encoder.encode_batch`; rows keep input order.
     """
-    out = torch.empty(len(images), encoder.dim, device=device)
+    out = torch.empty(len(images), encoder.dim, device=device, dtype=torch.float32)
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)

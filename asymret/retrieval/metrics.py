@@ -18,7 +18,9 @@ they never encode images.
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -92,29 +94,34 @@ def count_above(candidates: np.ndarray, s: np.ndarray, sort_below: int = 32768) 
     return in_higher_bins[sb] + (bin_end - right), right - np.searchsorted(near, s, side="left")
 
 
-def positions_from_scores(scores: np.ndarray, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _row_positions(row: np.ndarray, idx) -> np.ndarray:
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.size == 0:
+        return idx
+    s = row[idx]
+    greater, equal = count_above(row[row >= s.min()], s)
+    pos = greater.astype(np.int64)
+    for t in np.flatnonzero(equal > 1):  # equal scores: items earlier in the database rank first
+        pos[t] += np.count_nonzero(row[: idx[t]] == s[t])
+    return pos
+
+
+def positions_from_scores(scores: np.ndarray, items: Sequence[np.ndarray], threads: int | None = None) -> list[np.ndarray]:
     """0-based positions of ``items[q]`` in row ``q``'s descending ranking (ties: lower index first).
 
     Only the entries scoring at least the row's lowest item score are counted, so the cost follows
-    the depth of the deepest relevant item, not the database size.
+    the depth of the deepest relevant item, not the database size. Rows run in ``threads`` threads
+    (default: one per core; numpy releases the GIL in every step that matters).
     """
     scores = np.asarray(scores)
     if scores.ndim != 2 or len(items) != scores.shape[0]:
         raise InputError(f"scores must be (queries x database) with one item list per query; got "
                          f"shape {scores.shape} and {len(items)} item lists")
-    out = []
-    for row, idx in zip(scores, items):
-        idx = np.asarray(idx, dtype=np.int64)
-        if idx.size == 0:
-            out.append(idx)
-            continue
-        s = row[idx]
-        greater, equal = count_above(row[row >= s.min()], s)
-        pos = greater.astype(np.int64)
-        for t in np.flatnonzero(equal > 1):  # equal scores: items earlier in the database rank first
-            pos[t] += np.count_nonzero(row[: idx[t]] == s[t])
-        out.append(pos)
-    return out
+    threads = threads or os.cpu_count() or 1
+    if threads == 1 or scores.shape[0] == 1 or scores.size < 1 << 20:
+        return [_row_positions(row, idx) for row, idx in zip(scores, items)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(_row_positions, scores, items))
 
 
 def positions_from_ranking(ranking: np.ndarray, items: Sequence[np.ndarray]) -> list[np.ndarray]:

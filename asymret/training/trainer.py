@@ -29,17 +29,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from asymret.config import dump_config
-from asymret.errors import ConfigError, TrainingError
+from asymret.errors import AsymretError, ConfigError, TrainingError
 from asymret.retrieval.cache import EmbeddingCache
-from asymret.retrieval.encode import encode_records
+from asymret.retrieval.encode import RecordImages, encode_records
 from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint
 from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
-from asymret.retrieval.records import load_image
 from asymret.training.config import DataConfig, ExperimentConfig
 from asymret.training.losses import LOSSES, LossBatch, create_loss
 from asymret.training.mining import Tuples, mine_negatives, sample_pairs
@@ -70,17 +69,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
     return device
-
-
-class _Images(Dataset):
-    def __init__(self, records, transform):
-        self.records, self.transform = records, transform
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        return self.transform(load_image(self.records[i]))
 
 
 def forward_images(net: Encoder, images: list[torch.Tensor], device) -> torch.Tensor:
@@ -211,7 +199,7 @@ class Trainer:
         bounds = np.cumsum([0] + step_sizes)
         batches = [list(range(bounds[i], bounds[i + 1])) for i in range(len(step_sizes))]
         records = [self.records[i] for i in indices]
-        return DataLoader(_Images(records, self.query_net.transform), batch_sampler=batches,
+        return DataLoader(RecordImages(records, self.query_net.transform), batch_sampler=batches,
                           num_workers=self.cfg.data.num_workers, collate_fn=list,
                           pin_memory=self.device.type == "cuda")
 
@@ -288,6 +276,9 @@ class Trainer:
                    disable=not self.progress, unit="step", leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         for step, (images, (indices, tup)) in enumerate(bar):
+            for item in images:  # a broken image comes back as its error, not a worker traceback
+                if isinstance(item, AsymretError):
+                    raise item
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = self.loss_fn(self._batch(images, indices, tup))
             loss = out.total.float()

@@ -23,7 +23,6 @@ from asymret.retrieval.datasets import (
     read_gnd,
 )
 from asymret.retrieval.records import load_image
-
 from tests.conftest import SHARED as _SHARED
 
 SHARED = _SHARED / "data"  # always present beside the repository; a missing copy must fail, not skip

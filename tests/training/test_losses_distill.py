@@ -22,8 +22,16 @@ from asymret.training.losses.distill import (
     rop_rank_weights,
 )
 
-torch.set_default_dtype(torch.float64)
 TOL = {"rtol": 1e-9, "atol": 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 for 1e-9 agreement, restored after each test so other modules keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def leaf(*shape, seed=0, scale=1.0):

@@ -1,0 +1,55 @@
+"""``asymret data mini OUT [--seed N] [--size small|medium] [--force]``: render the bundled mini benchmark.
+
+Builds ``OUT/mini-roxford`` (revisited-Oxford layout, with revisitop1m-style distractors),
+``OUT/mini-sfm`` (retrieval-SfM-120k layout, for training) and ``OUT/mini-veri`` (VeRi-776 layout)
+from the photographs inside scikit-image; an existing complete build of the same seed and size is
+kept unless ``--force``. See ``docs/mini-benchmark.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from asymret.retrieval.mini import build_mini, ensure_mini
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="prepare datasets (the bundled mini benchmark)",
+                                   description="Prepare datasets.")
+    commands = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    mini = commands.add_parser("mini", help="render the mini benchmark (mini-roxford, mini-sfm, mini-veri) into OUT",
+                               description=__doc__.splitlines()[0])
+    mini.add_argument("out", type=Path, metavar="OUT", help="folder to write the datasets into")
+    mini.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    mini.add_argument("--size", choices=("small", "medium"), default="small",
+                      help="small: about 1,700 images, under a minute; medium: about 6,000 images")
+    mini.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build")
+    mini.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
+    mini.set_defaults(func=run_mini)
+
+
+def run_mini(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    build = build_mini if args.force else ensure_mini
+    info = build(args.out, seed=args.seed, size=args.size, workers=args.workers)
+    print(format_summary(info, time.perf_counter() - start))
+    return 0
+
+
+def format_summary(info: dict, seconds: float) -> str:
+    rox, sfm, veri = info["roxford_counts"], info["sfm_counts"], info["veri_counts"]
+    roxford = (f"{rox['queries']} queries on {rox['landmarks']} landmarks, {rox['database']} database images "
+               f"(positives: {rox['easy']} easy, {rox['hard']} hard; {rox['junk']} junk)")
+    vehicles = (f"{veri['train_ids']} train vehicles ({veri['train']} images), {veri['test_ids']} test vehicles "
+                f"({veri['test']} images, {veri['query']} queries), {veri['cameras']} cameras")
+    training = (f"training clusters {sfm['train']['clusters']} ({sfm['train']['images']} images, "
+                f"{sfm['train']['pairs']} pairs), val {sfm['val']['clusters']} ({sfm['val']['images']} images)")
+    return "\n".join([
+        f"mini benchmark ({info['size']}, seed {info['seed']}) in {info['root']}  [{seconds:.1f} s]",
+        f"  {info['roxford']}: {roxford}",
+        f"  {info['distractors']}: {rox['distractors']} distractors",
+        f"  {info['train_pkl']}: {training}",
+        f"  {info['veri']}: {vehicles}",
+    ])
