@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asymret.errors import ConfigError
+from asymret.retrieval import backbones  # noqa: F401  (registers the ResNet-IBN-a models in timm)
 from asymret.retrieval.specs import EncoderSpec
 from asymret.retrieval.transforms import build_transform
 
