@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked is noise
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

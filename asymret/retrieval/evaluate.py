@@ -33,8 +33,12 @@ def _check_rows(array: np.ndarray, expected: int, what: str, listed_in: str) -> 
                          "rows must be the images in list order")
 
 
-def evaluate_features_revisited(gnd_path, queries, database, distractors=None, kappas=(1, 5, 10)) -> dict:
-    """Revisited Oxford/Paris (+ R1M distractors appended after the database)."""
+def evaluate_features_revisited(gnd_path, queries, database, distractors=None, kappas=(1, 5, 10),
+                                topk: int | None = None) -> dict:
+    """Revisited Oxford/Paris (+ R1M distractors appended after the database).
+
+    ``topk``: rank by an index's top-k search (:func:`index_ranking`) instead of exactly.
+    """
     from asymret.retrieval.datasets import read_gnd
 
     data = read_gnd(gnd_path)
@@ -45,7 +49,7 @@ def evaluate_features_revisited(gnd_path, queries, database, distractors=None, k
     db = metrics.as_features(database, "database", dim=q.shape[1])
     if distractors is not None:
         db = np.concatenate([db, metrics.as_features(distractors, "distractors", dim=q.shape[1])])
-    return metrics.evaluate_revisited(data["gnd"], queries=q, database=db, kappas=kappas)
+    return metrics.evaluate_revisited(data["gnd"], kappas=kappas, **ranking_source(q, db, topk))
 
 
 def read_names(path, what: str) -> list[str]:
@@ -114,6 +118,36 @@ def _reid(pos, junk, queries, database) -> dict:
     return metrics.evaluate_reid(pos, junk, queries=q, database=db)
 
 
+# ------------------------------------------------------------------------------- index-backed ranking
+
+INDEX_ADD_BATCH = 100_000  # database rows copied into the index at a time (bounds the extra memory)
+
+
+def index_ranking(queries, database, k: int, factory: str = "Flat", device: str = "cpu") -> np.ndarray:
+    """The top-``k`` database rows per query (best first) from a FAISS index of ``database``.
+
+    The R1M path: 1M x queries is never scored densely, only searched. Pass the result to
+    ``metrics.evaluate_revisited(gnd, ranking=...)``, which reports ``exact: False`` when a positive
+    fell outside the ``k`` (mAP is then a lower bound). ``Flat`` is exact; other factory strings
+    measure what an approximate index costs in mAP (trained on the first block of rows).
+    """
+    from asymret.index import VectorIndex
+
+    database = np.asarray(database)
+    index = VectorIndex(database.shape[1], factory, device=device)
+    for start in range(0, len(database), INDEX_ADD_BATCH):
+        block = database[start:start + INDEX_ADD_BATCH]
+        index.add(block, np.arange(start, start + len(block)))
+    return index.search(queries, k)[1]
+
+
+def ranking_source(queries, database, topk: int | None) -> dict:
+    """Keyword arguments for the metrics: exact features, or an index's top-``topk`` ranking."""
+    if topk is None:
+        return {"queries": queries, "database": database}
+    return {"ranking": index_ranking(queries, database, topk)}
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 
@@ -161,14 +195,14 @@ ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symm
 
 
 def open_benchmark(benchmark: str, root, distractors=None):
-    """The test split of a benchmark: (queries, database, scorer(queries, database) -> metrics)."""
+    """The test split of a benchmark: (queries, database, scorer(**ranking source) -> metrics)."""
     from asymret.retrieval.datasets import RevisitedDataset, VeRi776
 
     if benchmark in REVISITED_BENCHMARKS:
         data = RevisitedDataset(root, distractors=distractors)
 
-        def score(q, db):
-            return metrics.evaluate_revisited(data.gnd, queries=q, database=db)
+        def score(**source):
+            return metrics.evaluate_revisited(data.gnd, **source)
 
         return data.queries, data.database, score
     if benchmark in REID_BENCHMARKS:
@@ -177,8 +211,8 @@ def open_benchmark(benchmark: str, root, distractors=None):
         data = VeRi776(root)
         pos, junk = data.groundtruth()
 
-        def score(q, db):
-            return metrics.evaluate_reid(pos, junk, queries=q, database=db)
+        def score(**source):
+            return metrics.evaluate_reid(pos, junk, **source)
 
         return data.query, data.gallery, score
     raise InputError(f"unknown benchmark {benchmark!r}; choose one of "
@@ -196,7 +230,7 @@ def _with_scales(encoder, scales):
 
 def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
-                  device=None, cache_dir=None, progress: bool = False) -> dict:
+                  device=None, cache_dir=None, progress: bool = False, topk: int | None = None) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
@@ -204,7 +238,8 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     point of asymret); ``sir``: pass the co-trained gallery as ``gallery_net`` and ask for "gallery".
     Each side uses its own input spec. The gallery network's whitening, when given, whitens both
     sides of the gallery and asymmetric rows (as AML does). The frozen gallery network's database
-    embeddings come from the embedding cache when ``cache_dir`` is set.
+    embeddings come from the embedding cache when ``cache_dir`` is set. ``topk``: rank by an
+    index's top-k search (:func:`index_ranking`; R1M scale) instead of the exact full ranking.
     """
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
@@ -229,7 +264,8 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     white = whitening if whitening is not None else (lambda x: x)
     pairs = {"gallery": (white, g_q, g_db), "symmetric": (lambda x: x, q_q, q_db),
              "asymmetric": (white, q_q, g_db)}
-    return {row: score(pairs[row][0](pairs[row][1]), pairs[row][0](pairs[row][2])) for row in rows}
+    return {row: score(**ranking_source(pairs[row][0](pairs[row][1]), pairs[row][0](pairs[row][2]), topk))
+            for row in rows}
 
 
 def format_pair_table(results: dict, benchmark: str) -> str:

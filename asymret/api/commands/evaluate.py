@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     parser.add_argument("--multiscale", action="store_true", help="extract at scales 1, 1/sqrt(2), 1/2")
     parser.add_argument("--rows", default="gallery,symmetric,asymmetric",
                         help="comma-separated: gallery, symmetric, asymmetric")
+    parser.add_argument("--topk", type=int, metavar="K",
+                        help="rank through an index's top-K search (R1M scale); the report says when a "
+                        "positive fell outside the K")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
@@ -99,6 +102,7 @@ def run_pair(args: argparse.Namespace) -> int:
                               whitening=pair.whitening, distractors=args.distractors,
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
+                              topk=args.topk,
                               progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps({row: ev.public(r) for row, r in result.items()}))

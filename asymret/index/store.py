@@ -1,0 +1,609 @@
+"""Galleries: a FAISS index (vectors) and SQL metadata (items), kept consistent through crashes.
+
+Layout: ``<root_dir>/<name>/`` holds ``vectors.faiss`` (+ ``.json`` sidecar), ``journal.bin`` and two
+lock files; the database (SQLite ``<root_dir>/galleries.db`` by default, any SQLAlchemy URL such as
+PostgreSQL otherwise) holds the tables ``galleries`` and ``items``.
+
+Protocol for an add or a remove (one writer per gallery, an exclusive ``flock``):
+
+1. the batch (ids and normalised vectors) is appended to the journal under the next sequence
+   number and fsynced: the write-ahead record;
+2. one database transaction inserts (deletes) the item rows and sets ``galleries.last_seq`` to that
+   number: the commit point;
+3. the in-memory index applies the batch; the call returns (the batch is acknowledged).
+
+A checkpoint (once the journal outgrows ``checkpoint_bytes`` and half the index file, so rewriting
+the index costs O(1) per added vector; and on close) saves the index atomically with its sequence
+number in the sidecar, then empties the journal. Opening a gallery replays the journal
+records numbered after the checkpoint and up to ``last_seq`` (roll forward) and drops those after it
+(roll back: never committed, never acknowledged). Replay is idempotent (an add skips ids present, a
+remove ignores ids absent), so a crash between saving the index and emptying the journal is
+harmless. A writable open then checks that index ids equal database ids, and refuses to go on
+(``ConflictError``) if they do not rather than dropping anything.
+
+Metadata filters (``label``, ``camera``, ``path``, ``attributes``) are applied in two ways: a filter
+matching at most ``selector_limit`` items restricts the FAISS search itself to those ids (an
+``IDSelectorBatch``: exact, however selective); a broader one over-fetches (4k, 16k, ... hits) and
+keeps the first ``k`` that match.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
+from asymret.index.files import read_json
+from asymret.index.journal import ADD, REMOVE, Journal
+from asymret.index.vectors import VectorIndex, as_ids, sidecar_path
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+galleries = sa.Table(
+    "galleries", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("factory", sa.String(128), nullable=False),
+    sa.Column("metric", sa.String(8), nullable=False),
+    sa.Column("network_spec", sa.JSON),
+    sa.Column("network_hash", sa.String(64)),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),  # last committed journal record
+    sa.Column("next_id", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+items = sa.Table(
+    "items", metadata,
+    sa.Column("gallery_id", sa.Integer, sa.ForeignKey("galleries.id"), primary_key=True),
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("path", sa.Text),
+    sa.Column("label", sa.String(255)),
+    sa.Column("camera", sa.String(64)),
+    sa.Column("attributes", sa.JSON),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_items_label", "gallery_id", "label"),
+    sa.Index("ix_items_camera", "gallery_id", "camera"),
+)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ROW_KEYS = ("path", "label", "camera", "attributes")
+SQL_CHUNK = 10_000  # ids per IN (...) list: under SQLite's and PostgreSQL's parameter limits
+
+
+@dataclass(frozen=True)
+class Item:
+    """One gallery item's metadata."""
+
+    id: int
+    path: str | None
+    label: str | None
+    camera: str | None
+    attributes: dict
+    created_at: datetime
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "created_at": self.created_at.isoformat()}
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the item and its cosine similarity to the query."""
+
+    id: int
+    score: float
+    item: Item
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "score": self.score, **self.item.to_dict()}
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def spec_hash(network_spec: Mapping | None) -> str | None:
+    """SHA-256 of the canonical JSON of a gallery network's spec: equal specs, equal hashes."""
+    if network_spec is None:
+        return None
+    canonical = json.dumps(network_spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _as_json(value, what: str) -> dict | None:
+    """A JSON mapping (a pydantic model is dumped first), as the database will store it."""
+    if value is not None and hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    if value is not None and not isinstance(value, Mapping):
+        raise InputError(f"{what} must be a mapping of JSON values, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(value)) if value is not None else None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} must hold only JSON values ({exc})") from None
+
+
+def _rows(rows, n: int) -> list[dict]:
+    rows = [{}] * n if rows is None else list(rows)
+    if len(rows) != n:
+        raise InputError(f"got {n} vectors but {len(rows)} metadata rows; give one row per vector")
+    out = []
+    for row in rows:
+        if not isinstance(row, Mapping) or set(row) - set(ROW_KEYS):
+            extra = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, Mapping) else type(row).__name__
+            raise InputError(f"metadata rows are mappings with keys {', '.join(ROW_KEYS)}; got {extra} "
+                             "(put anything else under 'attributes')")
+        out.append({"path": _text(row.get("path")), "label": _text(row.get("label")),
+                    "camera": _text(row.get("camera")),
+                    "attributes": _as_json(row.get("attributes") or {}, "a row's 'attributes'")})
+    return out
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
+
+
+# ------------------------------------------------------------------------------------- filters
+def _where(filters: Mapping) -> list:
+    """SQL conditions for ``{"label": v, "camera": [v1, v2], "attributes": {"key": v}}``.
+
+    A list means any of its values; label, camera and path compare as text, attributes by JSON type.
+    """
+    clauses = []
+    for key, value in filters.items():
+        if key in ("label", "camera", "path"):
+            clauses.append(_match(lambda v, c=items.c[key]: c == _text(v), value))
+        elif key == "attributes" and isinstance(value, Mapping):
+            for name, wanted in value.items():
+                clauses.append(_match(lambda v, n=name: _json_equals(items.c.attributes[n], v), wanted))
+        else:
+            raise InputError(f"cannot filter on '{key}'; filters take label, camera, path and "
+                             "attributes (a mapping of attribute name to value)")
+    return clauses
+
+
+def _match(equals, value):
+    values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    return sa.or_(*(equals(v) for v in values)) if values else sa.false()
+
+
+def _json_equals(element, value):
+    if isinstance(value, bool):
+        return element.as_boolean() == value
+    if isinstance(value, int):
+        return element.as_integer() == value
+    if isinstance(value, float):
+        return element.as_float() == value
+    if isinstance(value, str):
+        return element.as_string() == value
+    raise InputError(f"attribute filters compare to text, numbers or booleans, got {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------------------- locks
+def _lock_exclusive(path: Path, name: str) -> int:
+    """A file descriptor holding an exclusive ``flock`` on ``path`` (the kernel drops it if we die)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConflictError(f"gallery '{name}' is open for writing elsewhere (another process or "
+                            "object); close it there first, or open it with readonly=True") from None
+    return fd
+
+
+@contextmanager
+def _flocked(path: Path, mode: int):
+    """Held while a checkpoint rewrites the files (writer) or while a reader loads them."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, mode)
+        yield
+
+
+# ----------------------------------------------------------------------------------------- store
+class GalleryStore:
+    """All galleries under one folder and one database.
+
+    >>> store = GalleryStore("galleries")                      # SQLite galleries/galleries.db
+    >>> gallery = store.create("roxford", 512, "Flat", network_spec=spec)
+    >>> ids = gallery.add(vectors, [{"path": p, "label": l} for p, l in zip(paths, labels)])
+    >>> hits = gallery.search(queries, k=10, filters={"camera": [1, 2]})
+
+    ``schema`` puts the tables in that PostgreSQL schema (created if missing). A gallery is written by
+    one :class:`Gallery` at a time; others open it ``readonly`` (a snapshot as of opening).
+    """
+
+    def __init__(self, root_dir: str | Path, db_url: str | None = None, *, schema: str | None = None,
+                 device: str = "cpu", checkpoint_bytes: int = 64 << 20, selector_limit: int = 100_000):
+        self.root = Path(root_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_url = db_url or f"sqlite:///{self.root.resolve() / 'galleries.db'}"
+        self.device, self.checkpoint_bytes, self.selector_limit = device, checkpoint_bytes, selector_limit
+        try:
+            engine = sa.create_engine(self.db_url)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise ConfigError(f"cannot use database URL '{self.db_url}' ({exc}); give an SQLAlchemy URL "
+                              "such as sqlite:///galleries.db or postgresql+psycopg://user@host/db") from None
+        if schema is not None:
+            if engine.dialect.name != "postgresql" or not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+                raise ConfigError("schema needs a PostgreSQL URL and a lower-case SQL name, e.g. asymret")
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            engine = engine.execution_options(schema_translate_map={None: schema})
+        self.engine = engine
+        metadata.create_all(self.engine)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def folder(self, name: str) -> Path:
+        if not isinstance(name, str) or not NAME.match(name):
+            raise InputError(f"gallery name {name!r} must be 1-64 letters, digits, '_', '-' or '.', "
+                             "starting with a letter or digit")
+        return self.root / name
+
+    def _row(self, name: str):
+        self.folder(name)
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(galleries).where(galleries.c.name == name)).first()
+        if row is None:
+            known = ", ".join(g["name"] for g in self.list()) or "none yet"
+            raise NotFoundError(f"no gallery named '{name}' (galleries: {known}); create it first")
+        return row
+
+    def create(self, name: str, dim: int, factory: str = "Flat", network_spec=None, *,
+               metric: str = "ip") -> Gallery:
+        """A new, empty gallery, open for writing."""
+        folder = self.folder(name)
+        index = VectorIndex(dim, factory, metric=metric)  # checks dim, factory and metric first
+        spec = _as_json(network_spec, "network_spec")
+        now = _now()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(galleries.insert().values(
+                    name=name, dim=dim, factory=factory, metric=metric, network_spec=spec,
+                    network_hash=spec_hash(spec), last_seq=0, next_id=0, created_at=now, updated_at=now))
+        except IntegrityError:
+            raise ConflictError(f"gallery '{name}' already exists; open it, or delete it first") from None
+        if folder.exists():  # left by a delete that crashed after its database commit
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        index.save(folder / Gallery.INDEX, extra={"checkpoint_seq": 0})
+        return self.open(name)
+
+    def open(self, name: str, *, readonly: bool = False, mmap: bool = False) -> Gallery:
+        """Open a gallery: replays or drops what a crash left in its journal (see module doc).
+
+        ``readonly`` takes no lock and never writes; with ``mmap`` its index is memory-mapped.
+        """
+        return Gallery(self, self._row(name), readonly=readonly, mmap=mmap)
+
+    def list(self) -> list[dict]:
+        """Every gallery's name, dimension, factory, metric, item count, network hash and times."""
+        count = sa.select(sa.func.count()).where(items.c.gallery_id == galleries.c.id).scalar_subquery()
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(galleries, count.label("count")).order_by(galleries.c.name))
+            return [_summary(row._mapping) for row in rows]
+
+    def delete(self, name: str) -> None:
+        """Delete a gallery: its rows, then its files. Refused while it is open for writing."""
+        row = self._row(name)
+        folder = self.folder(name)
+        lock = _lock_exclusive(folder / Gallery.LOCK, name) if folder.exists() else None
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(items.delete().where(items.c.gallery_id == row.id))
+                conn.execute(galleries.delete().where(galleries.c.id == row.id))
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+
+def _summary(row: Mapping) -> dict:
+    keys = ("name", "dim", "factory", "metric", "count", "network_hash")
+    return {**{key: row[key] for key in keys}, "created_at": row["created_at"].isoformat(),
+            "updated_at": row["updated_at"].isoformat()}
+
+
+# --------------------------------------------------------------------------------------- gallery
+class Gallery:
+    """One gallery: vectors in a :class:`VectorIndex`, item rows in the database, one journal."""
+
+    INDEX, JOURNAL, LOCK, CHECKPOINT_LOCK = "vectors.faiss", "journal.bin", "writer.lock", "checkpoint.lock"
+
+    def __init__(self, store: GalleryStore, row, *, readonly: bool, mmap: bool):
+        self.store, self.name, self.readonly = store, row.name, readonly
+        self._gid = row.id
+        self.dim, self.factory, self.metric = row.dim, row.factory, row.metric
+        self.network_spec, self.network_hash = row.network_spec, row.network_hash
+        self.folder = store.folder(row.name)
+        self._lock = threading.RLock()
+        self._journal = None
+        if not readonly:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self._writer = None if readonly else _lock_exclusive(self.folder / self.LOCK, self.name)
+        try:
+            self._recover(mmap)
+        except BaseException:
+            self._release()
+            raise
+
+    # ---------------------------------------------------------------------------------- recovery
+    def _recover(self, mmap: bool) -> None:
+        index_path = self.folder / self.INDEX
+        mode = fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX
+        with _flocked(self.folder / self.CHECKPOINT_LOCK, mode):
+            row = self.store._row(self.name)  # before the journal: all it committed is in there
+            self._journal = Journal(self.folder / self.JOURNAL)
+            records, valid = self._journal.read()
+            checkpoint = 0
+            if index_path.exists():
+                meta = read_json(sidecar_path(index_path), "index sidecar")
+                checkpoint = meta.get("extra", {}).get("checkpoint_seq", 0)
+            if checkpoint > row.last_seq:
+                raise ConflictError(f"gallery '{self.name}': its index file is newer than the database "
+                                    f"(checkpoint {checkpoint} > committed {row.last_seq}); was the "
+                                    "database restored from an older backup? Restore both together")
+            replay = [r for r in records if checkpoint < r.seq <= row.last_seq]
+            if index_path.exists():
+                self.index = VectorIndex.load(index_path, dim=self.dim, metric=self.metric,
+                                              mmap=mmap and not replay, device=self.store.device)
+            else:  # created, then crashed before the first save
+                self.index = VectorIndex(self.dim, self.factory, metric=self.metric, device=self.store.device)
+        for record in replay:
+            if record.kind == ADD:
+                new = ~self.index.contains(record.ids)
+                self.index.add(record.vectors[new], record.ids[new])
+            else:
+                self.index.remove(record.ids)
+        self._seq, self._next_id = row.last_seq, row.next_id
+        dropped = [r.seq for r in records if r.seq > row.last_seq]
+        if replay or dropped or valid < self._journal.size():  # after a crash, or a reader beside a writer
+            log.log(logging.INFO if self.readonly else logging.WARNING,
+                    "gallery '%s': replayed %d journal record(s), dropped %d uncommitted (%s), "
+                    "%d torn byte(s)",
+                    self.name, len(replay), len(dropped), dropped, self._journal.size() - valid)
+        if not self.readonly:
+            self._verify()
+            if records or valid < self._journal.size():
+                self.checkpoint()
+
+    def _verify(self) -> None:
+        db_ids = self._db_ids()
+        index_ids = self.index.ids()
+        if not np.array_equal(db_ids, index_ids):
+            rows_only = np.setdiff1d(db_ids, index_ids)
+            vectors_only = np.setdiff1d(index_ids, db_ids)
+            raise ConflictError(
+                f"gallery '{self.name}' is inconsistent: {rows_only.size} item row(s) without a vector "
+                f"(e.g. {rows_only[:3].tolist()}), {vectors_only.size} vector(s) without a row (e.g. "
+                f"{vectors_only[:3].tolist()}); its files or database were changed outside asymret. "
+                "Restore both from the same backup, or rebuild the gallery")
+
+    def _db_ids(self) -> np.ndarray:
+        with self.store.engine.connect() as conn:
+            ids = conn.execute(sa.select(items.c.id).where(items.c.gallery_id == self._gid)
+                               .order_by(items.c.id)).scalars().all()
+        return np.asarray(ids, np.int64)
+
+    # ------------------------------------------------------------------------------------ writes
+    def _writable(self) -> None:
+        if self._journal is None:
+            raise ConflictError(f"gallery '{self.name}' is closed; open it again")
+        if self.readonly:
+            raise ConflictError(f"gallery '{self.name}' was opened readonly; open it with readonly=False "
+                                "to change it")
+
+    def train(self, vectors) -> None:
+        """Train the index (IVF/PQ types) on a sample; saved at once, before any vector is added."""
+        with self._lock:
+            self._writable()
+            self.index.train(vectors)
+            self.checkpoint()
+
+    def add(self, vectors, rows: Sequence[Mapping] | None = None, *, ids=None) -> np.ndarray:
+        """Add vectors with their metadata rows (keys path, label, camera, attributes).
+
+        Returns the ids (``ids`` given, or the next free ones), once both the journal record and the
+        rows are durable. An untrained IVF/PQ index is first trained on this batch.
+        """
+        with self._lock:
+            self._writable()
+            x = self.index.as_unit(vectors)
+            rows = _rows(rows, len(x))
+            if ids is None:
+                ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
+            ids = as_ids(ids)
+            if len(ids) != len(x):
+                raise InputError(f"got {len(x)} vectors but {len(ids)} ids; give one id per vector")
+            self.index.check_new_ids(ids)
+            if not len(ids):
+                return ids
+            if not self.index.is_trained:
+                self.train(x)
+            next_id = max(self._next_id, int(ids.max()) + 1)
+            now = _now()
+            records = [{"gallery_id": self._gid, "id": int(i), "created_at": now, **row}
+                       for i, row in zip(ids, rows)]
+            self._commit(ADD, ids, x, lambda conn: conn.execute(items.insert(), records), next_id=next_id)
+            self._next_id = next_id
+            self.index.add(x, ids)
+            self._maybe_checkpoint()
+            return ids
+
+    def remove(self, ids) -> int:
+        """Remove items by id (all of them must exist). Returns how many were removed."""
+        with self._lock:
+            self._writable()
+            ids = np.unique(as_ids(ids))
+            missing = ids[~self.index.contains(ids)]
+            if missing.size:
+                raise NotFoundError(f"gallery '{self.name}' has no item {missing[:5].tolist()}; "
+                                    "nothing was removed")
+            if not ids.size:
+                return 0
+
+            def delete(conn):
+                for chunk in np.array_split(ids, -(-len(ids) // SQL_CHUNK)):
+                    conn.execute(items.delete().where(items.c.gallery_id == self._gid,
+                                                      items.c.id.in_(chunk.tolist())))
+
+            self._commit(REMOVE, ids, None, delete, next_id=self._next_id)
+            self.index.remove(ids)
+            self._maybe_checkpoint()
+            return int(ids.size)
+
+    def _commit(self, kind: int, ids: np.ndarray, vectors, write_rows, *, next_id: int) -> None:
+        """Steps 1 and 2 of the protocol: journal record, then one transaction with ``last_seq``."""
+        seq = self._seq + 1
+        offset = self._journal.append(seq, kind, ids, vectors)
+        try:
+            with self.store.engine.begin() as conn:
+                write_rows(conn)
+                conn.execute(galleries.update().where(galleries.c.id == self._gid)
+                             .values(last_seq=seq, next_id=next_id, updated_at=_now()))
+        except BaseException as exc:
+            self._journal.truncate(offset)  # never committed: the record must not be replayed
+            if isinstance(exc, IntegrityError):
+                raise ConflictError(f"gallery '{self.name}': the database already holds rows with these "
+                                    "ids (written outside asymret?); nothing was added") from None
+            raise
+        self._seq = seq
+
+    def _maybe_checkpoint(self) -> None:
+        index_file = self.folder / self.INDEX
+        index_bytes = index_file.stat().st_size if index_file.exists() else 0
+        threshold = max(self.store.checkpoint_bytes, index_bytes // 2)
+        if self._journal.size() >= threshold:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Save the index with the last sequence number, then empty the journal."""
+        with self._lock:
+            self._writable()
+            with _flocked(self.folder / self.CHECKPOINT_LOCK, fcntl.LOCK_EX):
+                self.index.save(self.folder / self.INDEX, extra={"checkpoint_seq": self._seq})
+                self._journal.truncate(0)
+
+    # ------------------------------------------------------------------------------------- reads
+    def search(self, queries, k: int = 10, *, filters: Mapping | None = None, nprobe: int | None = None,
+               efSearch: int | None = None) -> list[list[Hit]]:
+        """The ``k`` best items per query, best first, with their metadata; see module doc for filters."""
+        with self._lock:
+            params = {"nprobe": nprobe, "efSearch": efSearch}
+            if not filters:
+                scores, ids = self.index.search(queries, k, **params)
+            else:
+                where = _where(filters)
+                allowed = self._matching(where, limit=self.store.selector_limit + 1)
+                if len(allowed) <= self.store.selector_limit:
+                    scores, ids = self.index.search(queries, k, allowed_ids=allowed, **params)
+                else:
+                    scores, ids = self._overfetch(queries, k, where, params)
+            found = self._items(np.unique(ids[ids >= 0]))
+        return [[Hit(int(i), float(s), found[i]) for s, i in zip(row_s, row_i) if i in found]
+                for row_s, row_i in zip(scores, ids)]
+
+    def _overfetch(self, queries, k: int, where, params):
+        """Search 4k, 16k, ... until every query has ``k`` hits that pass ``where`` (or all were seen)."""
+        fetch = 4 * k
+        while True:
+            scores, ids = self.index.search(queries, fetch, **params)
+            keep = np.isin(ids, self._matching(where, among=np.unique(ids[ids >= 0])))
+            if (keep.sum(axis=1) >= k).all() or fetch >= len(self.index):
+                break
+            fetch *= 4
+        # stable sort moves each row's passing hits to the front, in score order
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        kept = np.take_along_axis(keep, order, 1)
+        return (np.where(kept, np.take_along_axis(scores, order, 1), -np.inf),
+                np.where(kept, np.take_along_axis(ids, order, 1), -1))
+
+    def _matching(self, where, *, among=None, limit=None) -> np.ndarray:
+        base = sa.select(items.c.id).where(items.c.gallery_id == self._gid, *where)
+        chunks = [None] if among is None else np.array_split(among, max(1, -(-len(among) // SQL_CHUNK)))
+        found = []
+        with self.store.engine.connect() as conn:
+            for chunk in chunks:
+                query = base if chunk is None else base.where(items.c.id.in_(chunk.tolist()))
+                found += conn.execute(query.limit(limit) if limit else query).scalars().all()
+        return np.asarray(found, np.int64)
+
+    def _items(self, ids: np.ndarray) -> dict[int, Item]:
+        found = {}
+        with self.store.engine.connect() as conn:
+            for chunk in np.array_split(ids, max(1, -(-len(ids) // SQL_CHUNK))):
+                if chunk.size:
+                    for row in conn.execute(sa.select(items).where(items.c.gallery_id == self._gid,
+                                                                   items.c.id.in_(chunk.tolist()))):
+                        found[row.id] = Item(row.id, row.path, row.label, row.camera, row.attributes or {},
+                                             row.created_at)
+        return found
+
+    def get(self, ids) -> list[Item]:
+        """The items with these ids, in this order; an unknown id is a NotFoundError."""
+        ids = as_ids(ids)
+        found = self._items(np.unique(ids))
+        missing = [int(i) for i in ids if int(i) not in found]
+        if missing:
+            raise NotFoundError(f"gallery '{self.name}' has no item {missing[:5]}")
+        return [found[int(i)] for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def info(self) -> dict:
+        row = self.store._row(self.name)
+        index_file = self.folder / self.INDEX
+        return {**_summary({**row._mapping, "count": len(self.index)}), "network_spec": self.network_spec,
+                "index": self.index.info(), "readonly": self.readonly, "last_seq": self._seq,
+                "checkpoint_seq": self.index.extra.get("checkpoint_seq", 0),
+                "index_bytes": index_file.stat().st_size if index_file.exists() else 0,
+                "journal_bytes": self._journal.size() if self._journal is not None else 0}
+
+    # ------------------------------------------------------------------------------------- close
+    def close(self) -> None:
+        """Checkpoint (when written to since the last one) and release the writer lock."""
+        with self._lock:
+            if self._journal is not None and not self.readonly and self._journal.size():
+                self.checkpoint()
+            self._release()
+
+    def _release(self) -> None:
+        self._journal = None
+        if self._writer is not None:
+            os.close(self._writer)
+            self._writer = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

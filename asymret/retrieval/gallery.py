@@ -1,0 +1,458 @@
+"""Gallery building: images -> the gallery network -> embedding shards -> a searchable gallery.
+
+The offline half of asymmetric retrieval (DESIGN.md): the gallery network encodes a database once,
+into a :class:`~asymret.index.Gallery` (FAISS index + SQL metadata) that query networks search.
+
+* **Inputs** (:func:`read_images`): a folder (labels = sub-folder names where there are any), a list
+  file (one path per line, relative to the list's folder), a CSV ``path,label[,camera]``
+  (:class:`~asymret.retrieval.datasets.CsvDataset`), or a revisited ground truth ``gnd_*.pkl`` (its
+  ``imlist`` in order, so gallery ids are the benchmark's database indices). Each item's metadata
+  row is its absolute path, label and camera.
+* **Shards**: the records are cut into shards of ``shard_size`` images; each is encoded with
+  :func:`~asymret.retrieval.encode.encode_records` (a DataLoader with workers) and written
+  atomically to ``<root>/<name>/build/shard_00000.npy``. A shard file exists only once complete,
+  which is the whole "done" record: ranks never contend for a shared list, and a killed build rerun
+  with the same arguments encodes only the missing shards. ``build/plan.json`` fixes the job
+  (images, network, factory, first id); a rerun of a different job is refused.
+* **Processes**: under ``torchrun`` rank ``r`` of ``W`` encodes shards ``r, r + W, ...``; after a
+  barrier rank 0 adds the shards in order under ids ``first_id + row`` (row = record order),
+  skipping ids already present, so a merge killed half-way resumes too. Then ``build/`` goes.
+* **Sides**: a :class:`SideEncoder` is one side of a pair, its encoder followed by the gallery
+  network's whitening, which AML applies to both sides. A gallery stores its gallery side's
+  :meth:`SideEncoder.network_spec`; :func:`check_space` refuses a pair whose gallery side differs,
+  as its query network was trained for another embedding space.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from asymret.config import load_tree, validate
+from asymret.errors import ConflictError, DataError, InputError
+from asymret.index import Gallery, GalleryStore
+from asymret.index.files import atomic_write, read_json, write_json_atomic
+from asymret.index.store import galleries
+from asymret.retrieval.cache import records_fingerprint
+from asymret.retrieval.datasets import (
+    IMAGE_EXTENSIONS,
+    CsvDataset,
+    RevisitedDataset,
+    _check_files,
+    _read_lines,
+)
+from asymret.retrieval.encode import encode_images, encode_records
+from asymret.retrieval.encoders import Encoder, create_encoder
+from asymret.retrieval.pair import Pair, weights_hash
+from asymret.retrieval.records import ImageRecord
+from asymret.retrieval.specs import EncoderSpec
+from asymret.retrieval.whitening import Whitening
+
+log = logging.getLogger(__name__)
+
+# Images per shard: what a killed build may encode again, and what one DataLoader streams (its
+# workers start anew per shard, ~0.3 s: under 10 % of a shard even on a fast GPU).
+SHARD_SIZE = 8192
+ADD_BATCH = 65536  # vectors per acknowledged gallery add (one journal record, one transaction)
+BUILD_DIR, PLAN = "build", "plan.json"
+PROVENANCE = ("weights", "pretrained")  # where an encoder's weights came from, not what it computes
+BARRIER_TIMEOUT = timedelta(hours=24)  # ranks wait at a barrier while the slowest encodes its shards
+
+
+# ------------------------------------------------------------------------------------------ sides
+@dataclass
+class SideEncoder:
+    """One side of a pair: its encoder, then the gallery network's whitening when the pair has one."""
+
+    encoder: Encoder
+    whitening: Whitening | None = None
+
+    @classmethod
+    def gallery(cls, pair: Pair) -> SideEncoder:
+        return cls(pair.gallery_net, pair.whitening)
+
+    @classmethod
+    def query(cls, pair: Pair) -> SideEncoder:
+        return cls(pair.query_net, pair.whitening)
+
+    @property
+    def dim(self) -> int:
+        return self.whitening.dim if self.whitening is not None else self.encoder.dim
+
+    def whiten(self, x: np.ndarray) -> np.ndarray:
+        return self.whitening(x) if self.whitening is not None else x
+
+    def encode_records(self, records: Sequence[ImageRecord], **kw) -> np.ndarray:
+        return self.whiten(encode_records(self.encoder, records, **kw))
+
+    def encode_images(self, images, device=None) -> np.ndarray:
+        return self.whiten(encode_images(self.encoder, images, device=device))
+
+    def network_spec(self) -> dict:
+        """What a gallery stores about the network that encoded it: spec and content hashes."""
+        w = self.whitening
+        whitening = None
+        if w is not None:
+            digest = hashlib.sha256(w.m.cpu().numpy().tobytes() + w.P.cpu().numpy().tobytes()).hexdigest()
+            whitening = {"kind": w.kind, "dim": w.dim, "sha256": digest}
+        return {"gallery_net": self.encoder.spec.model_dump(mode="json"),
+                "weights_sha256": weights_hash(self.encoder), "whitening": whitening}
+
+
+def embedding_space(network_spec: dict) -> str:
+    """A hash of what fixes the embedding space (architecture, input spec, weights, whitening), not
+    of where the weights were read from: equal hashes, interchangeable embeddings."""
+    spec = {k: v for k, v in network_spec["gallery_net"].items() if k not in PROVENANCE}
+    return hashlib.sha256(json.dumps({**network_spec, "gallery_net": spec}, sort_keys=True).encode()).hexdigest()
+
+
+def _ours(network_spec: dict | None) -> bool:
+    """Whether ``network_spec`` was written by :meth:`SideEncoder.network_spec` (not by another tool)."""
+    return isinstance(network_spec, dict) and {"gallery_net", "weights_sha256", "whitening"} <= set(network_spec)
+
+
+def describe_network(network_spec: dict | None) -> str:
+    if not _ours(network_spec):
+        return f"unknown network ({json.dumps(network_spec)[:80] if network_spec else 'built from precomputed embeddings'})"
+    net, white = network_spec["gallery_net"], network_spec["whitening"]
+    return (f"{net['backbone']} at {net['input']['size']} px, weights {network_spec['weights_sha256'][:12]}"
+            + (f", {white['kind']} whitening to {white['dim']}-d" if white else ""))
+
+
+def check_space(gallery: Gallery, side: SideEncoder) -> None:
+    """ConflictError unless ``side`` (a pair's gallery side) encodes into the space ``gallery`` holds."""
+    if not _ours(gallery.network_spec):
+        log.warning("gallery '%s' records no gallery network; cannot check that the pair fits it", gallery.name)
+        return
+    ours = side.network_spec()
+    if embedding_space(gallery.network_spec) != embedding_space(ours):
+        raise ConflictError(f"gallery '{gallery.name}' was encoded by {describe_network(gallery.network_spec)}, "
+                            f"but this pair's gallery network is {describe_network(ours)}; use the pair "
+                            "whose gallery network built the gallery, or rebuild it")
+
+
+def gallery_encoder(spec_path, weights=None) -> Encoder:
+    """An encoder from a YAML spec (an encoder spec, or any config with a ``gallery_net`` section);
+    ``weights`` (a local checkpoint) overrides the spec's ``weights``."""
+    tree, _ = load_tree(spec_path)
+    tree = tree.get("gallery_net", tree)
+    if weights is not None:
+        tree = {**tree, "weights": str(Path(weights).expanduser())}
+    return create_encoder(validate(tree, EncoderSpec, source=str(spec_path))).eval()
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def read_images(source) -> list[ImageRecord]:
+    """Records of a folder, a list file, a CSV ``path,label[,camera]`` or a ``gnd_*.pkl`` (see module doc)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _folder(path)
+    if not path.is_file():
+        raise DataError(f"images not found: {path}; give a folder, a list file (one path per line), "
+                        "a CSV path,label[,camera] or a gnd_*.pkl")
+    if path.suffix.lower() == ".csv":
+        return list(CsvDataset(path))
+    if path.suffix == ".pkl":
+        return list(RevisitedDataset(path.parent, name=path.stem.removeprefix("gnd_")).database)
+    lines = [line for line in _read_lines(path, "image list (one path per line)") if line and not line.startswith("#")]
+    paths = [path.parent / line for line in lines]
+    if not paths:
+        raise DataError(f"{path} lists no images; write one image path per line")
+    _check_files(paths, path, f"relative paths are read from {path.parent}")
+    return [ImageRecord(p) for p in paths]
+
+
+def _folder(root: Path) -> list[ImageRecord]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"no images in {root} ({', '.join(IMAGE_EXTENSIONS)}); point --images at the image folder")
+    return [ImageRecord(p, identity=p.relative_to(root).parts[0] if p.parent != root else None) for p in files]
+
+
+def item_rows(records: Sequence[ImageRecord]) -> list[dict]:
+    """The metadata row of each record: absolute path, label (the dataset's own), camera."""
+    return [{"path": os.path.abspath(r.path), "label": r.identity, "camera": r.camera} for r in records]
+
+
+def read_item_rows(path) -> list[dict]:
+    """Rows of a metadata CSV whose header names any of ``path,label,camera`` (other columns become
+    the item's attributes), for a gallery built from precomputed embeddings."""
+    path = Path(path).expanduser()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise DataError(f"{path} is empty; its first line must be a header such as path,label,camera")
+            rows = [{k.strip(): (v.strip() if isinstance(v, str) and v.strip() else None)
+                     for k, v in row.items() if k} for row in reader]
+    except (FileNotFoundError, IsADirectoryError):
+        raise DataError(f"metadata CSV not found: {path}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; save the CSV as UTF-8") from None
+    keys = ("path", "label", "camera")
+    return [{**{k: row.pop(k, None) for k in keys}, "attributes": {k: v for k, v in row.items() if v is not None}}
+            for row in rows]
+
+
+# -------------------------------------------------------------------------------------- building
+def build_gallery(store: GalleryStore, name: str, side: SideEncoder, records: Sequence[ImageRecord], *,
+                  factory: str = "Flat", shard_size: int = SHARD_SIZE, progress: bool = True, **encode) -> dict:
+    """Create gallery ``name`` and fill it with ``records`` encoded by the gallery side ``side``.
+
+    Resumable and torchrun-aware (module doc); ids are record positions. ``encode``: keyword
+    arguments of :func:`encode_records` (``batch_size``, ``num_workers``, ``device``, ``amp``).
+    """
+    spec = side.network_spec()
+    plan = {"kind": "build", "factory": factory, **_images_plan(spec, side.dim, records, shard_size)}
+    return _encode_job(store, name, side, records, plan, progress, encode, network_spec=spec)
+
+
+def add_images(store: GalleryStore, name: str, side: SideEncoder, records: Sequence[ImageRecord], *,
+               shard_size: int = SHARD_SIZE, progress: bool = True, **encode) -> dict:
+    """Encode ``records`` into the existing gallery ``name`` under new ids (resumable, torchrun-aware).
+
+    ``side`` must be the gallery network that built it (:func:`check_space`).
+    """
+    plan = {"kind": "add", **_images_plan(side.network_spec(), side.dim, records, shard_size)}
+    return _encode_job(store, name, side, records, plan, progress, encode, existing=side)
+
+
+def build_from_embeddings(store: GalleryStore, name: str, vectors: np.ndarray, rows: Sequence[dict] | None = None,
+                          *, factory: str = "Flat", network_spec: dict | None = None, progress: bool = True) -> dict:
+    """Create gallery ``name`` from precomputed ``(n, dim)`` vectors (a memory map is fine), ids
+    ``0..n-1``, with one metadata row per vector. Rerun after a kill, it adds what is missing."""
+    start = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("building from embeddings encodes nothing to split; run it as one process, not under torchrun")
+    if vectors.ndim != 2:
+        raise InputError(f"embeddings must be a 2-D array (n, dim), got shape {vectors.shape}")
+    if rows is not None and len(rows) != len(vectors):
+        raise InputError(f"{len(vectors):,} embeddings but {len(rows):,} metadata rows; give one row per embedding")
+    rows = list(rows) if rows is not None else [{}] * len(vectors)
+    # a strided sample and the shape tell two embedding files apart without reading gigabytes
+    sample = np.ascontiguousarray(vectors[::max(1, len(vectors) // 1024)])
+    source = hashlib.sha256(sample.tobytes() + json.dumps(rows[:1024] + [len(rows)]).encode()).hexdigest()
+    plan = {"kind": "embeddings", "factory": factory, "dim": int(vectors.shape[1]), "count": len(vectors),
+            "first_id": 0, "source": source, "network": embedding_space(network_spec) if network_spec else None}
+    _begin(store, name, plan, network_spec)
+    with store.open(name) as gallery:
+        added = _fill(gallery, [vectors], rows, 0, progress)
+        count = len(gallery)
+    shutil.rmtree(store.folder(name) / BUILD_DIR)
+    return _summary(name, count, plan, encoded=0, added=added, start=start)
+
+
+def pending_build(store: GalleryStore, name: str) -> dict | None:
+    """The plan of a killed build or add into ``name`` with ``shards_done``, or None."""
+    folder = store.folder(name) / BUILD_DIR
+    if not (folder / PLAN).is_file():
+        return None
+    plan = read_json(folder / PLAN, "build plan")
+    if "shard_size" in plan:
+        plan["shards"] = _num_shards(plan)
+        plan["shards_done"] = sum(_shard_done(folder, s, _shard_rows(plan, s), plan["dim"])
+                                  for s in range(plan["shards"]))
+    return plan
+
+
+def _images_plan(network_spec: dict, dim: int, records: Sequence[ImageRecord], shard_size: int) -> dict:
+    if shard_size < 1:
+        raise InputError(f"shard size must be at least 1, got {shard_size}")
+    if not records:
+        raise InputError("no images to encode")
+    return {"dim": dim, "count": len(records), "first_id": 0, "shard_size": shard_size,
+            "records": records_fingerprint(records), "network": embedding_space(network_spec)}
+
+
+def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None = None, *,
+           existing: SideEncoder | None = None) -> dict:
+    """Before any work (rank 0): resume the killed run of this same job; else create the gallery
+    (a build), or check that ``existing`` built it and fix the first new id (an add).
+    Returns the plan in force."""
+    path = store.folder(name) / BUILD_DIR / PLAN
+    exists = any(g["name"] == name for g in store.list())
+    if exists and path.is_file():
+        old = read_json(path, "build plan")
+        differ = sorted(k for k in plan if k != "first_id" and old.get(k) != plan[k])
+        if differ:
+            raise ConflictError(f"gallery '{name}' has an unfinished {old.get('kind', 'build')} of another job "
+                                f"(its {', '.join(differ)} differ); rerun that command to finish it, or delete "
+                                f"{path.parent} to drop it")
+        log.info("resuming the unfinished %s of gallery '%s'", old["kind"], name)
+        return old
+    if existing is None:
+        if exists:
+            raise ConflictError(f"gallery '{name}' already exists; add images with 'asymret index add', "
+                                "or delete it first")
+        store.create(name, plan["dim"], plan["factory"], network_spec=network_spec).close()
+    else:
+        with store.open(name, readonly=True) as gallery:
+            check_space(gallery, existing)
+        plan = {**plan, "first_id": _next_id(store, name)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, plan)
+    return plan
+
+
+def _next_id(store: GalleryStore, name: str) -> int:
+    """The gallery's next free id (never one a removed item had)."""
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.select(galleries.c.next_id).where(galleries.c.name == name)).scalar_one())
+
+
+def _encode_job(store, name, side, records, plan: dict, progress: bool, encode: dict, **begin) -> dict:
+    start = time.perf_counter()
+    with distributed() as (rank, world):
+        if rank == 0:
+            plan = _begin(store, name, plan, **begin)
+        _barrier(world)  # the gallery folder exists before anyone writes shards into it
+        folder = store.folder(name) / BUILD_DIR
+        encoded = _encode_shards(side, records, folder, plan, rank, world, progress and rank == 0, encode)
+        _barrier(world)
+        if rank != 0:
+            return {"rank": rank, "encoded": encoded}
+        shards = [_load_shard(folder, s, _shard_rows(plan, s), plan["dim"]) for s in range(_num_shards(plan))]
+        with store.open(name) as gallery:
+            added = _fill(gallery, shards, item_rows(records), plan["first_id"], progress)
+            count = len(gallery)
+    shutil.rmtree(folder)
+    return _summary(name, count, plan, encoded=encoded, added=added, start=start)
+
+
+def _summary(name: str, count: int, plan: dict, *, encoded: int, added: int, start: float) -> dict:
+    return {"name": name, "count": count, "dim": plan["dim"], "factory": plan.get("factory"),
+            "kind": plan["kind"], "encoded": encoded, "added": added, "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------- shards
+def _num_shards(plan: dict) -> int:
+    return -(-plan["count"] // plan["shard_size"])
+
+
+def _shard_rows(plan: dict, shard: int) -> int:
+    return min(plan["shard_size"], plan["count"] - shard * plan["shard_size"])
+
+
+def _shard_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard_{shard:05d}.npy"
+
+
+def _shard_done(folder: Path, shard: int, rows: int, dim: int) -> bool:
+    try:
+        return np.load(_shard_path(folder, shard), mmap_mode="r").shape == (rows, dim)
+    except (OSError, ValueError):
+        return False
+
+
+def _load_shard(folder: Path, shard: int, rows: int, dim: int) -> np.ndarray:
+    if not _shard_done(folder, shard, rows, dim):
+        raise DataError(f"embedding shard {_shard_path(folder, shard)} is missing or incomplete; rerun "
+                        "the same command to encode it")
+    return np.load(_shard_path(folder, shard), mmap_mode="r")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+        np.save(f, array)
+
+
+def _encode_shards(side: SideEncoder, records, folder: Path, plan: dict, rank: int, world: int,
+                   progress: bool, encode: dict) -> int:
+    """Encode this rank's missing shards (``rank, rank + world, ...``); returns the images encoded."""
+    shard_size = plan["shard_size"]
+    mine = range(rank, _num_shards(plan), world)
+    todo = [s for s in mine if not _shard_done(folder, s, _shard_rows(plan, s), side.dim)]
+    total = sum(_shard_rows(plan, s) for s in mine)
+    remaining = sum(_shard_rows(plan, s) for s in todo)
+    log.info("rank %d/%d: %d shard(s) of %d image(s) to encode, %d already done", rank, world, len(todo),
+             remaining, len(mine) - len(todo))
+    bar = tqdm(total=total, initial=total - remaining, unit="img", disable=not progress,
+               desc=f"encoding ({side.encoder.spec.backbone})")
+    with bar:
+        for s in todo:
+            start = s * shard_size
+            x = side.encode_records(records[start:start + shard_size], progress=False, **encode)
+            atomic_write(_shard_path(folder, s), lambda tmp, x=x: _save_npy(tmp, x))
+            bar.update(len(x))
+    return remaining
+
+
+def _fill(gallery: Gallery, chunks: Sequence[np.ndarray], rows: Sequence[dict], first_id: int, progress: bool) -> int:
+    """Add the rows of ``chunks`` (in order) under ids ``first_id + row``, skipping ids a killed run
+    already added; an IVF/PQ index is first trained on a sample of all rows. Returns how many were added."""
+    _train(gallery, chunks)
+    offset = added = 0
+    with tqdm(total=sum(map(len, chunks)), unit="vec", disable=not progress,
+              desc=f"adding to '{gallery.name}'") as bar:
+        for chunk in chunks:
+            for s in range(0, len(chunk), ADD_BATCH):
+                x = np.asarray(chunk[s:s + ADD_BATCH])
+                ids = first_id + offset + s + np.arange(len(x), dtype=np.int64)
+                new = ~gallery.index.contains(ids)
+                if new.any():
+                    gallery.add(x[new], [rows[i - first_id] for i in ids[new]], ids=ids[new])
+                    added += int(new.sum())
+                bar.update(len(x))
+            offset += len(chunk)
+    return added
+
+
+def _train(gallery: Gallery, chunks: Sequence[np.ndarray], seed: int = 0) -> None:
+    """Train on a random sample of all rows, not on the first batch (which may hold one class)."""
+    if gallery.index.is_trained:
+        return
+    sizes = [len(c) for c in chunks]
+    n = sum(sizes)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, 2 * gallery.index.training_size()[1]), replace=False))
+    bounds = np.cumsum([0, *sizes])
+    gallery.train(np.concatenate([np.asarray(c[rows[(rows >= lo) & (rows < hi)] - lo])
+                                  for c, lo, hi in zip(chunks, bounds[:-1], bounds[1:])]))
+
+
+# ------------------------------------------------------------------------------------ processes
+@contextmanager
+def distributed():
+    """``(rank, world)``: torchrun's when it launched this process (a gloo group, for barriers), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def local_device(name: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU (torchrun's ``LOCAL_RANK``) when CUDA is there, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
