@@ -1,0 +1,1 @@
+"""One router per resource: galleries, items, search; ops (health, readiness, metrics); the web page."""

@@ -1,0 +1,37 @@
+"""``/v1/galleries``: create, list, get (size, index type, gallery network), delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from asymret.api.routers.deps import GalleryName, Reader, Writer
+from asymret.api.schemas import Deleted, GalleryCreate, GalleryInfo, GalleryList
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
+
+
+def gallery_info(service, gallery) -> dict:
+    info = gallery.info()
+    index = {**info["index"], **{key: info[key] for key in ("index_bytes", "journal_bytes", "last_seq")}}
+    return {**info, "index": index, "compatible": service.compatible(gallery)}
+
+
+@router.post("", status_code=201, response_model=GalleryInfo, summary="Create a gallery for this pair's gallery network")
+def create_gallery(body: GalleryCreate, service: Writer):
+    return gallery_info(service, service.create_gallery(body.name, body.factory))
+
+
+@router.get("", response_model=GalleryList, summary="List the galleries")
+def list_galleries(service: Reader):
+    return {"galleries": service.store.list()}
+
+
+@router.get("/{name}", response_model=GalleryInfo, summary="A gallery's size, index type and gallery network")
+def get_gallery(name: GalleryName, service: Reader):
+    return gallery_info(service, service.gallery(name))
+
+
+@router.delete("/{name}", response_model=Deleted, summary="Delete a gallery, its vectors, items and uploads")
+def delete_gallery(name: GalleryName, service: Writer):
+    service.delete_gallery(name)
+    return {"deleted": name}

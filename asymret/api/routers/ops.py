@@ -1,0 +1,46 @@
+"""Operations: ``/healthz`` (the process answers), ``/readyz`` (pair and galleries loaded),
+``/metrics`` (Prometheus), ``/v1/info`` (the networks and limits this server runs with)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from asymret.api.routers.deps import Reader
+from asymret.api.schemas import Health, Info, Ready
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Ready, summary="Readiness: 503 until the pair and galleries are loaded",
+            responses={503: {"model": Ready, "description": "still loading, or loading failed"}})
+def readyz(request: Request):
+    service = request.app.state.service
+    ready = service.ready.is_set()
+    body = {"ready": ready, "galleries": len(service.galleries), "error": service.error}
+    return body if ready else JSONResponse(body, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+def metrics(request: Request):
+    return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/info", response_model=Info, tags=["info"], summary="The pair this server runs and its limits")
+def info(service: Reader):
+    config, pair = service.config, service.pair
+    return {"query_net": pair.query_net.spec.model_dump(mode="json"),
+            "gallery_net": pair.gallery_net.spec.model_dump(mode="json"), "dim": service.dim,
+            "query_net_name": service.query_net_name,
+            "whitening": pair.whitening.kind if pair.whitening is not None else None, "pair": pair.meta,
+            "limits": {"max_request_mb": config.max_request_mb, "max_image_mb": config.max_image_mb,
+                       "max_image_pixels": config.max_image_pixels, "image_formats": list(service.limits.formats),
+                       "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms},
+            "keys_for_reads": config.keys_for_reads}

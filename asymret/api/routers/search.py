@@ -1,0 +1,126 @@
+"""Search: by uploaded image (encoded by the QUERY network), by vector, by an item of the gallery.
+
+The re-ID rule "exclude same identity on same camera" (Market-1501/VeRi protocols) drops hits whose
+label and camera both equal the query's; hits are fetched in growing rounds (k, 4k, 16k, ...) until
+``k`` survive the rule or the gallery is exhausted, so the answer is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, UploadFile
+from pydantic import ValidationError
+
+from asymret.api.routers.deps import GalleryName, Reader
+from asymret.api.routers.items import per_image, read_uploads, thumbnail_url
+from asymret.api.schemas import Encoded, Filters, K, SearchOptions, SearchRequest, SearchResponse
+from asymret.errors import InputError
+
+router = APIRouter(prefix="/v1", tags=["search"])
+
+
+def item_vectors(gallery, item_ids: list[int]) -> np.ndarray:
+    """The stored vectors of existing items (a Flat gallery keeps them exactly)."""
+    try:
+        vectors, ids = gallery.index.flat_storage()
+    except InputError:
+        raise InputError(f"search by item id needs a Flat gallery (exact vectors); '{gallery.name}' is "
+                         f"{gallery.factory}: search it by vector or image instead") from None
+    return np.stack([vectors[np.flatnonzero(ids == i)[-1]] for i in item_ids])
+
+
+def run_search(service, gallery, vectors: np.ndarray, options: SearchOptions, queries: list[dict]) -> list[dict]:
+    """Hits per query; ``queries[i]`` may hold ``label``/``camera`` (re-ID rule) and ``self_id``."""
+    if options.exclude_same_camera and any(q.get("label") is None or q.get("camera") is None for q in queries):
+        raise InputError("exclude_same_camera needs each query's label and camera; give them, or drop the option")
+    filters = options.filters.as_store_filters() if options.filters else None
+    k = options.k
+    fetch = k + any(q.get("self_id") is not None for q in queries)
+    while True:
+        rows = service.search(gallery, vectors, fetch, filters)
+        kept = [[h for h in row if not _dropped(h, q, options.exclude_same_camera)] for row, q in zip(rows, queries)]
+        if all(len(hits) >= k or len(row) < fetch for hits, row in zip(kept, rows)):
+            return [_result(gallery.name, hits[:k], options.group_by_label) for hits in kept]
+        fetch *= 4
+
+
+def _dropped(hit, query: dict, same_camera_rule: bool) -> bool:
+    if hit.id == query.get("self_id"):
+        return True
+    return same_camera_rule and hit.item.label == query["label"] and hit.item.camera == query["camera"]
+
+
+def _result(gallery: str, hits, group_by_label: bool) -> dict:
+    out = [{"id": h.id, "score": h.score, "path": h.item.path, "label": h.item.label, "camera": h.item.camera,
+            "attributes": h.item.attributes, "thumbnail_url": thumbnail_url(gallery, h.id)} for h in hits]
+    if not group_by_label:
+        return {"hits": out}
+    groups: dict = {}
+    for hit in out:  # hits come best first, so each group's first hit is its best
+        groups.setdefault(hit["label"], []).append(hit)
+    return {"hits": out, "groups": [{"label": label, "score": members[0]["score"], "hits": members}
+                                    for label, members in groups.items()]}
+
+
+@router.post("/galleries/{name}/search", response_model=SearchResponse, summary="Search by vectors or item ids")
+def search(name: GalleryName, body: SearchRequest, service: Reader):
+    """A batch of queries, each a vector in the gallery network's space or an item id (the item
+    itself is left out of its own hits)."""
+    start = time.perf_counter()
+    gallery = service.gallery(name)
+    by_item = [q.item_id for q in body.queries if q.item_id is not None]
+    items = dict(zip(by_item, gallery.get(by_item))) if by_item else {}  # unknown ids: 404
+    stored = dict(zip(by_item, item_vectors(gallery, by_item))) if by_item else {}
+    queries = [{"label": q.label, "camera": q.camera} if q.item_id is None else
+               {"label": q.label or items[q.item_id].label, "camera": q.camera or items[q.item_id].camera,
+                "self_id": q.item_id} for q in body.queries]
+    vectors = [stored[q.item_id] if q.item_id is not None else q.vector for q in body.queries]
+    if len({len(v) for v in vectors}) > 1:
+        raise InputError(f"query vectors differ in length; each must have the gallery's {gallery.dim} dimensions")
+    results = run_search(service, gallery, np.asarray(vectors, np.float32), body, queries)
+    return {"gallery": name, "query_net": "vector", "took_ms": 1000 * (time.perf_counter() - start), "results": results}
+
+
+@router.post("/galleries/{name}/search/image", response_model=SearchResponse, summary="Search by uploaded images")
+def search_image(name: GalleryName, service: Reader,
+                 image: Annotated[list[UploadFile], File(description="one or more query images")],
+                 k: Annotated[K, Form()] = 10,
+                 filters: Annotated[str | None, Form(description='JSON, e.g. {"camera": ["c1", "c2"]}')] = None,
+                 exclude_same_camera: Annotated[bool, Form()] = False,
+                 group_by_label: Annotated[bool, Form()] = False,
+                 label: Annotated[list[str] | None, Form(description="each query's identity (re-ID rule)")] = None,
+                 camera: Annotated[list[str] | None, Form(description="each query's camera (re-ID rule)")] = None):
+    """The QUERY network encodes the images (batched with concurrent requests); the gallery answers."""
+    start = time.perf_counter()
+    gallery = service.gallery(name)
+    service.require_compatible(gallery)
+    _, images = read_uploads(service, image)
+    options = SearchOptions(k=k, filters=parse_filters(filters), exclude_same_camera=exclude_same_camera,
+                            group_by_label=group_by_label)
+    queries = [{"label": lb, "camera": c} for lb, c in zip(per_image(label, len(images), "label"),
+                                                         per_image(camera, len(images), "camera"))]
+    results = run_search(service, gallery, service.query_vectors(images), options, queries)
+    return {"gallery": name, "query_net": service.query_net_name,
+            "took_ms": 1000 * (time.perf_counter() - start), "results": results}
+
+
+def parse_filters(text: str | None) -> Filters | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return Filters.model_validate_json(text)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise InputError(f"'filters' must be JSON such as {{\"camera\": [\"c1\"], \"attributes\": {{\"color\": "
+                         f"\"red\"}}}}: {problem['msg']}") from None
+
+
+@router.post("/encode", response_model=Encoded, summary="Query-network embeddings of uploaded images")
+def encode(service: Reader, image: Annotated[list[UploadFile], File(description="one or more images")]):
+    """The vectors the service searches with (whitened and L2-normalised), e.g. for ``/search``."""
+    _, images = read_uploads(service, image)
+    return {"query_net": service.query_net_name, "dim": service.dim,
+            "vectors": service.query_vectors(images).tolist()}
