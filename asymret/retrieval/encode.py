@@ -9,6 +9,7 @@ pass, so nothing is padded (padding would enter the GeM mean) and rows keep reco
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -101,7 +102,7 @@ def encode_records(
     encoder: Encoder,
     records: Sequence[ImageRecord],
     batch_size: int = 32,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     device=None,
     amp: bool | None = None,
     progress: bool = True,
@@ -116,6 +117,8 @@ def encode_records(
     ``shard``/``num_shards``: encode only the contiguous slice :func:`shard_bounds` gives
     (``M`` rows), e.g. one per rank for a sharded gallery encoding.
     """
+    if num_workers is None:  # up to 4 image-opening processes, never more than the cores
+        num_workers = min(4, os.cpu_count() or 1)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     start, stop = shard_bounds(len(records), shard, num_shards)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def register(subparsers) -> None:
     encoding.add_argument("--images", metavar="DIR|LIST|CSV", help="a folder (labels = sub-folders), a list "
                           "file (one path per line), a CSV path,label[,camera], or a gnd_*.pkl (its imlist)")
     encoding.add_argument("--batch-size", type=int, default=32)
-    encoding.add_argument("--workers", type=int, default=4, help="DataLoader workers that open images")
+    encoding.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                          help="DataLoader workers that open images (default: up to 4, at most one per core)")
     encoding.add_argument("--device", default="auto", help="auto (this rank's GPU if any), cpu, cuda:0, ...")
     encoding.add_argument("--shard-size", type=int, help="images per shard (default 8192): the unit a killed "
                           "build resumes from and torchrun splits")
