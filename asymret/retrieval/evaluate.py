@@ -153,7 +153,7 @@ def ranking_source(queries, database, topk: int | None) -> dict:
 
 def format_revisited(result: dict, title: str = "") -> str:
     cols = [k for k in result[next(iter(p for p in metrics.REVISITED_PROTOCOLS if p in result))]
-            if k.startswith("mAP") or k.startswith("mP@")]
+            if k.startswith(("mAP", "mP@"))]
     lines = [title] if title else []
     lines.append(f"{'protocol':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'queries':>9}")
     for p in metrics.REVISITED_PROTOCOLS:
@@ -248,7 +248,7 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     queries, database, score = open_benchmark(benchmark, root, distractors)
     if multiscale:
         query_net, gallery_net = _with_scales(query_net, MULTISCALE), _with_scales(gallery_net, MULTISCALE)
-    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
 
     def encode(net, records, cacheable=False):
         if cacheable and cache_dir:

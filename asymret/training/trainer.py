@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from asymret.config import dump_config
 from asymret.errors import AsymretError, ConfigError, TrainingError
+from asymret.index.files import atomic_write
 from asymret.retrieval.cache import EmbeddingCache
 from asymret.retrieval.encode import RecordImages, encode_records
 from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint
@@ -105,9 +106,8 @@ def lr_factor(epoch: int, cfg) -> float:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """A checkpoint is either the old file or the new one, never torn (temp file, fsync, rename)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -182,8 +182,8 @@ class Trainer:
     def _gallery_embeddings(self) -> torch.Tensor:
         """The frozen gallery network's embedding of every training image, computed once (rank 0)."""
         cache = EmbeddingCache(Path(self.cfg.output_dir) / ".cache")
-        kw = dict(batch_size=32, num_workers=self.cfg.data.num_workers, device=self.device,
-                  progress=self.progress)
+        kw = {"batch_size": 32, "num_workers": self.cfg.data.num_workers, "device": self.device,
+                  "progress": self.progress}
         if self.main:
             emb = cache.get(self.gallery_net, self.records, **kw)
         if self.world > 1:
