@@ -9,7 +9,7 @@ from asymret.errors import InputError
 from asymret.index import topk as topk_module
 from asymret.index.topk import topk_inner_product, topk_inner_product_torch
 
-from .conftest import brute_force, unit
+from .conftest import brute_force, needs_cuda, unit
 
 
 def assert_exact(scores, ids, queries, database, k):
@@ -56,6 +56,7 @@ def test_bad_input():
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_torch_cuda_matches_numpy():
     import torch
 

@@ -13,7 +13,7 @@ from asymret.errors import ConfigError, ConflictError, DataError, InputError
 from asymret.index.synthetic import synthetic_embeddings
 from asymret.index.vectors import VectorIndex, index_memory, recommend_index, sidecar_path
 
-from .conftest import brute_force, unit
+from .conftest import brute_force, needs_cuda, unit
 
 DIM = 32
 
@@ -245,6 +245,7 @@ def test_mmap_index_is_read_only(tmp_path):
     (1_000_000, 512, 200 << 20, "IVF4096,PQ128"),
     (10_000_000, 512, 1 << 30, "OPQ64,IVF16384,PQ64"),
     (300_000, 48, 10 << 20, "IVF2048,PQ24"),
+    (1_000_000, 2048, 1 << 30, "IVF4096,PQ256"),  # no OPQ at 2048-d: its training is too slow
 ])
 def test_recommend_index(n, dim, budget, expected):
     factory, reason = recommend_index(n, dim, budget)
@@ -268,6 +269,7 @@ def test_index_memory_matches_faiss_within_a_tenth():
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_gpu_search_matches_cpu(data):
     x, q, ids = data
     for factory, params in (("Flat", {}), ("IVF32,Flat", {"nprobe": 32})):
