@@ -4,9 +4,10 @@ Two steps, kept apart so every ranking source shares one scoring code:
 
 1. **Positions.** For each query, the 0-based position in the descending ranking of each item the
    metric cares about (positives and junk), from a similarity matrix (exact, never a full argsort:
-   only items scoring at least as high as the query's lowest relevant item are sorted), from
-   features (the same, in memory-bounded query chunks of one matrix product each), or from a
-   truncated top-k ranking such as an index search returns (items outside it are ``MISSING``).
+   one read of the row, and only the entries scoring at least the query's deepest positive are
+   sorted, a cache-sized block at a time; junk below that depth is left unranked), from features
+   (the same, in memory-bounded query chunks of one matrix product each), or from a truncated
+   top-k ranking such as an index search returns (items outside it are ``MISSING``).
    Ties are broken by database order, as a stable sort would (``np.argsort(-s, kind="stable")``).
 2. **Scores** from positions, vectorised over all queries: revisitop's trapezoidal AP and capped
    mP@k after junk removal; torchreid/fast-reid mAP (mean of precisions), the official VeRi
@@ -65,63 +66,180 @@ def as_features(x, name: str, dim: int | None = None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- positions
 
 
-def count_above(candidates: np.ndarray, s: np.ndarray, sort_below: int = 32768) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``#{c > s_i}`` and ``#{c == s_i}`` over ``candidates`` (all >= min(s)) for each ``s_i``.
+_BLOCK = 1 << 16  # values sorted at a time: the block and its sort stay in a core's L2 cache
 
-    Small sets are sorted. Large ones are histogrammed into uniform bins (a monotone map of the
-    value), so only the candidates sharing a bin with some ``s_i`` need sorting: a few passes over
-    the data instead of a full sort.
+
+def _sorted_groups(values: np.ndarray, t):
+    """The values ``>= t`` in database order, as sorted groups of about ``_BLOCK`` values.
+
+    Yields ``(start, group)``: the group holds values from index ``start`` up to the next group's
+    start (NaN: compared false, left out). One read of ``values``, a block at a time: a block where
+    at most 60 % of the values reach ``t`` is cut to them (``np.compress``; cuts are pooled up to a
+    block), a fuller one is sorted whole, NaN and values below ``t`` included (cutting would cost
+    more than it saves; :func:`_rank_counts` skips NaN, the values below ``t`` count for nothing).
     """
-    if candidates.size <= sort_below:
-        c = np.sort(candidates)
-        right = np.searchsorted(c, s, side="right")
-        return c.size - right, right - np.searchsorted(c, s, side="left")
-    lo, hi = s.min(), candidates.max()
-    bins = min(1 << 16, candidates.size // 16)
-    scale = (bins - 1) / float(hi - lo) if hi > lo else 0.0
+    n = values.size
+    mask = np.empty(min(n, _BLOCK), dtype=bool)
+    buf = np.empty(min(n, _BLOCK), dtype=values.dtype)
+    pending, pending_size, pending_start = [], 0, 0
+    for a in range(0, n, _BLOCK):
+        block = values[a:a + _BLOCK]
+        m = np.greater_equal(block, t, out=mask[:block.size])
+        kept = int(np.count_nonzero(m))
+        if kept > 0.6 * block.size:
+            if pending:
+                yield pending_start, _sorted_concatenation(pending)
+                pending, pending_size = [], 0
+            group = buf[:block.size]
+            np.copyto(group, block)
+            group.sort()
+            yield a, group
+            continue
+        if not pending:
+            pending_start = a
+        pending.append(np.compress(m, block))
+        pending_size += kept
+        if pending_size >= _BLOCK:
+            yield pending_start, _sorted_concatenation(pending)
+            pending, pending_size = [], 0
+    if pending:
+        yield pending_start, _sorted_concatenation(pending)
 
-    def bin_of(x):
-        return ((x - lo) * scale).astype(np.int32)  # the same arithmetic for every value: monotone
 
-    cb, sb = bin_of(candidates), bin_of(s)
-    hist = np.bincount(cb, minlength=bins + 1)
-    in_higher_bins = np.cumsum(hist[::-1])[::-1][1:]  # [b] = #candidates in bins > b
-    item_bin = np.zeros(hist.size, dtype=bool)
-    item_bin[sb] = True
-    near = np.sort(candidates[item_bin[cb]])  # candidates sharing a bin with an item, sorted
-    right = np.searchsorted(near, s, side="right")
-    bin_end = np.searchsorted(bin_of(near), sb, side="right")
-    return in_higher_bins[sb] + (bin_end - right), right - np.searchsorted(near, s, side="left")
+def _sorted_concatenation(parts: list) -> np.ndarray:
+    group = np.concatenate(parts) if len(parts) > 1 else parts[0]  # compress made it: a fresh array
+    group.sort()
+    return group
 
 
-def _row_positions(row: np.ndarray, idx) -> np.ndarray:
+def _rank_counts(values: np.ndarray, s: np.ndarray, index: np.ndarray | None = None):
+    """Exact ``#{v > s_i}``, ``#{v == s_i}`` and, when ``index`` (the position of each ``s_i`` in
+    ``values``) is given, ``#{j < index_i: values[j] == s_i}`` (the equal values that a stable sort
+    puts first). NaN values rank below everything, where ``np.argsort(-values)`` puts them.
+
+    No sort of ``values``: only the values ``>= min(s)`` can count; they are sorted a block at a
+    time, in cache (:func:`_sorted_groups`), and every ``s_i`` is located in each sorted group by
+    binary search. For 1M values the cost is one read of them plus sorting those that reach the
+    lowest ``s_i``.
+    """
+    if s.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    t = s.min()
+    if np.isnan(t):
+        raise InputError("an item's score is NaN; similarities must be finite numbers")
+    if values.size <= _BLOCK:  # one block: cut and sort (NaN compares false: left out)
+        group = np.sort(np.compress(values >= t, values))
+        right = group.searchsorted(s, side="right")
+        greater, equal = group.size - right, right - group.searchsorted(s, side="left")
+        if index is None:
+            return greater, equal, None
+        before = np.zeros(s.size, dtype=np.int64)
+        for i in np.flatnonzero(equal > 1):
+            before[i] = np.count_nonzero(values[:index[i]] == s[i])
+        return greater, equal, before
+    order = np.argsort(s)
+    keys = s[order]  # sorted: the binary searches walk forward through the group
+    # one search per group: #{v < key} and #{v < next float after key} = #{v <= key}
+    probes = np.concatenate([keys, np.nextafter(keys, np.inf)])
+    infinite = np.isposinf(keys)  # (no next float after +inf: #{v <= inf} = every value but NaN)
+    greater = np.zeros(s.size, dtype=np.int64)
+    equal = np.zeros(s.size, dtype=np.int64)
+    starts, equal_in = [], []  # per group: first value index, #values equal to each key
+    for start, group in _sorted_groups(values, t):
+        end = group.size
+        if end and np.isnan(group[-1]):  # NaN sorts last, after +inf
+            end = int(np.searchsorted(group, np.inf, side="right"))
+        found = group.searchsorted(probes)
+        left, right = found[:s.size], found[s.size:]
+        right[infinite] = end
+        greater += end - right
+        equal += right - left
+        starts.append(start)
+        equal_in.append(right - left)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    greater, equal = greater[inverse], equal[inverse]
+    if index is None:
+        return greater, equal, None
+    before = np.zeros(s.size, dtype=np.int64)
+    tied = np.flatnonzero(equal > 1)
+    if tied.size:  # equal values in the groups before the item's, then earlier in its own group
+        equal_in = np.stack(equal_in)[:, inverse[tied]]
+        group_of = np.searchsorted(starts, index[tied], side="right") - 1
+        for j, (i, g) in enumerate(zip(tied, group_of)):
+            before[i] = equal_in[:g, j].sum() + np.count_nonzero(values[starts[g]:index[i]] == s[i])
+    return greater, equal, before
+
+
+def count_above(values: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``#{v > s_i}`` and ``#{v == s_i}`` over the 1-D ``values`` for each ``s_i``, without a
+    full sort (:func:`_rank_counts`). ``s`` is compared in the dtype of ``values``."""
+    values = np.asarray(values).ravel()
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    greater, equal, _ = _rank_counts(values, np.asarray(s, dtype=values.dtype).ravel())
+    return greater, equal
+
+
+def _row_positions(row: np.ndarray, idx, required=None) -> np.ndarray:
     idx = np.asarray(idx, dtype=np.int64)
-    if idx.size == 0:
-        return idx
+    pos = np.full(idx.size, MISSING, dtype=np.int64)
+    if idx.size == 0 or (required is not None and not np.any(required)):
+        return pos
     s = row[idx]
-    greater, equal = count_above(row[row >= s.min()], s)
-    pos = greater.astype(np.int64)
-    for t in np.flatnonzero(equal > 1):  # equal scores: items earlier in the database rank first
-        pos[t] += np.count_nonzero(row[: idx[t]] == s[t])
+    lowest = s.min() if required is None else s[required].min()  # NaN if a counted item scores NaN
+    if np.isnan(lowest):
+        raise InputError(f"the score of item {idx[np.isnan(s)][0]} is NaN; similarities must be finite numbers")
+    keep = np.flatnonzero(s >= lowest)  # (an optional item scoring NaN ranks last: MISSING)
+    greater, _, before = _rank_counts(row, s[keep], idx[keep])
+    pos[keep] = greater + before  # ties: entries earlier in the database rank first (a stable sort)
     return pos
 
 
-def positions_from_scores(scores: np.ndarray, items: Sequence[np.ndarray], threads: int | None = None) -> list[np.ndarray]:
+def positions_from_scores(scores: np.ndarray, items: Sequence[np.ndarray], required: Sequence | None = None,
+                          threads: int | None = None) -> list[np.ndarray]:
     """0-based positions of ``items[q]`` in row ``q``'s descending ranking (ties: lower index first).
 
-    Only the entries scoring at least the row's lowest item score are counted, so the cost follows
-    the depth of the deepest relevant item, not the database size. Rows run in ``threads`` threads
-    (default: one per core; numpy releases the GIL in every step that matters).
+    ``required[q]`` (boolean mask over ``items[q]``; default all) marks the items whose position is
+    always needed; any other item that scores below all of them gets ``MISSING`` instead (it ranks
+    after every required item: for junk, which only matters above a positive, that is all a
+    metric needs). Only database entries scoring at least the lowest remaining item are sorted,
+    in cache-sized blocks (:func:`_rank_counts`): no sort of the row. NaN scores rank last (as in
+    ``np.argsort``); an item scoring NaN is an error. Rows run in ``threads`` threads (default:
+    one per core; numpy releases the GIL in every step that matters).
     """
     scores = np.asarray(scores)
     if scores.ndim != 2 or len(items) != scores.shape[0]:
         raise InputError(f"scores must be (queries x database) with one item list per query; got "
                          f"shape {scores.shape} and {len(items)} item lists")
-    threads = threads or os.cpu_count() or 1
+    if required is not None and len(required) != len(items):
+        raise InputError(f"required needs one mask per query; got {len(required)} for {len(items)} queries")
+    if scores.dtype not in (np.float32, np.float64):
+        scores = scores.astype(np.float64)  # exact for integers below 2**53 and for float16
+    required = [None] * len(items) if required is None else [np.asarray(r, dtype=bool) for r in required]
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     if threads == 1 or scores.shape[0] == 1 or scores.size < 1 << 20:
-        return [_row_positions(row, idx) for row, idx in zip(scores, items)]
+        return [_row_positions(row, idx, r) for row, idx, r in zip(scores, items, required)]
+    step = 1 if scores.shape[1] > _BLOCK else max(1, len(items) // (8 * threads))  # short rows: a few per task
+
+    def rows(start):
+        return [_row_positions(scores[q], items[q], required[q]) for q in range(start, min(len(items), start + step))]
+
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(_row_positions, scores, items))
+        return [pos for chunk in pool.map(rows, range(0, len(items), step)) for pos in chunk]
+
+
+def _sorted_unique(ids: np.ndarray) -> np.ndarray:
+    """``np.unique`` for a small 1-D int array, without its per-call overhead (and its import of numpy.ma)."""
+    ids = np.sort(ids)
+    return ids[np.concatenate([[True], ids[1:] != ids[:-1]])] if ids.size else ids
+
+
+def _members(universe: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Boolean mask over the sorted unique ``universe`` of the entries in ``ids`` (a subset of it)."""
+    mask = np.zeros(universe.size, dtype=bool)
+    mask[np.searchsorted(universe, ids)] = True
+    return mask
 
 
 def positions_from_ranking(ranking: np.ndarray, items: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -147,25 +265,29 @@ def positions_from_ranking(ranking: np.ndarray, items: Sequence[np.ndarray]) -> 
 
 
 def positions_from_features(queries: np.ndarray, database: np.ndarray, items: Sequence[np.ndarray],
-                            max_block_bytes: int = 256 << 20) -> list[np.ndarray]:
-    """Exact positions from features: inner products in query chunks of bounded memory."""
+                            required: Sequence | None = None, max_block_bytes: int = 256 << 20) -> list[np.ndarray]:
+    """Exact positions from features: inner products in query chunks of bounded memory.
+
+    ``required`` as in :func:`positions_from_scores`.
+    """
     rows = max(1, int(max_block_bytes // (4 * max(1, database.shape[0]))))
     out: list[np.ndarray] = []
     for start in range(0, len(queries), rows):
         scores = queries[start:start + rows] @ database.T
-        out.extend(positions_from_scores(scores, items[start:start + rows]))
+        out.extend(positions_from_scores(scores, items[start:start + rows],
+                                         None if required is None else required[start:start + rows]))
     return out
 
 
-def _positions(items, *, scores=None, ranking=None, queries=None, database=None):
+def _positions(items, required=None, *, scores=None, ranking=None, queries=None, database=None):
     given = [x is not None for x in (scores, ranking, queries)]
     if sum(given) != 1 or (queries is None) != (database is None):
         raise InputError("give exactly one ranking source: scores=, ranking=, or queries= with database=")
     if scores is not None:
-        return positions_from_scores(scores, items)
+        return positions_from_scores(scores, items, required)
     if ranking is not None:
         return positions_from_ranking(ranking, items)
-    return positions_from_features(queries, database, items)
+    return positions_from_features(queries, database, items, required)
 
 
 # ------------------------------------------------------------------------------ scoring from positions
@@ -279,9 +401,13 @@ def evaluate_revisited(gnd: Sequence[dict], *, scores=None, ranking=None, querie
     Returns ``{protocol: {"mAP", "mP@1", "mP@5", "mP@10", "queries"}, "exact": bool}``; ``exact`` is
     False when a truncated ranking missed a positive (its AP is then a lower bound).
     """
-    relevant = [np.unique(np.concatenate([np.asarray(g.get(k, []), dtype=np.int64)
-                                          for k in ("easy", "hard", "junk")])) for g in gnd]
-    positions = _positions(relevant, scores=scores, ranking=ranking, queries=queries, database=database)
+    relevant = [_sorted_unique(np.concatenate([np.asarray(g.get(k, []), dtype=np.int64)
+                                               for k in ("easy", "hard", "junk")])) for g in gnd]
+    # junk (of every protocol) only matters above a positive: below the query's deepest easy/hard
+    # image it may stay unranked (MISSING, dropped by junk_removed)
+    required = [_members(r, np.concatenate([np.asarray(g.get(k, []), dtype=np.int64) for k in ("easy", "hard")]))
+                for r, g in zip(relevant, gnd)]
+    positions = _positions(relevant, required, scores=scores, ranking=ranking, queries=queries, database=database)
 
     def lookup(q, ids):
         return positions[q][np.searchsorted(relevant[q], ids)]
@@ -324,9 +450,10 @@ def evaluate_reid(positives: Sequence[np.ndarray], junk: Sequence[np.ndarray], *
     """
     if len(positives) != len(junk):
         raise InputError("positives and junk need one entry per query")
-    relevant = [np.unique(np.concatenate([np.asarray(p, np.int64), np.asarray(j, np.int64)]))
+    relevant = [_sorted_unique(np.concatenate([np.asarray(p, np.int64), np.asarray(j, np.int64)]))
                 for p, j in zip(positives, junk)]
-    positions = _positions(relevant, scores=scores, ranking=ranking, queries=queries, database=database)
+    required = [_members(r, np.asarray(p, np.int64)) for r, p in zip(relevant, positives)]  # junk below all: unranked
+    positions = _positions(relevant, required, scores=scores, ranking=ranking, queries=queries, database=database)
     pos = [positions[q][np.searchsorted(relevant[q], np.asarray(p, np.int64))] for q, p in enumerate(positives)]
     jpos = [positions[q][np.searchsorted(relevant[q], np.asarray(j, np.int64))] for q, j in enumerate(junk)]
     n_pos = np.array([len(p) for p in positives], dtype=np.int64)

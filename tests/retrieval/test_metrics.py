@@ -234,18 +234,106 @@ def test_ties_follow_database_order_like_a_stable_sort():
         assert np.array_equal(pos, expected)
 
 
-@pytest.mark.parametrize("levels", [None, 50, 3])
-def test_large_candidate_sets_use_exact_histogram_counting(levels):
-    """Past the sort threshold, binned counting must still equal a stable argsort, ties included."""
-    rng = np.random.default_rng(levels or 0)
-    n = 120_000
-    row = rng.standard_normal(n).astype(np.float32)
+def _stable_positions(row, idx):
+    """Reference: positions in ``np.argsort(-row, kind="stable")`` (NaN last, ties by index)."""
+    return np.argsort(np.argsort(-row, kind="stable"), kind="stable")[idx]
+
+
+def _mixed_row(rng, levels):
+    """A row spanning several blocks: dense blocks (sorted whole) between sparse ones (cut, pooled)."""
+    n = 8 * M._BLOCK + 1234
+    row = rng.standard_normal(n)
+    row[M._BLOCK:3 * M._BLOCK] += 1.0  # blocks 1-2: ~68 % above the median (sorted whole), others ~30 % (cut)
     if levels:
-        row = np.round(row * levels) / levels  # many exact ties, some spanning several bins
-    idx = np.concatenate([rng.choice(n, 40, replace=False), np.argsort(row)[:3]])  # deepest items too
+        row = np.round(row * levels) / levels  # many exact ties, across blocks and groups
+    return row.astype(np.float32)
+
+
+@pytest.mark.parametrize("levels", [None, 50, 3])
+def test_blocked_counting_equals_a_stable_argsort(levels):
+    """Whole and cut blocks, pooled groups and ties spanning them: positions of a stable argsort."""
+    rng = np.random.default_rng(levels or 0)
+    row = _mixed_row(rng, levels)
+    n = row.size
+    shallow = rng.choice(n, 40, replace=False)
+    for deepest in (np.argsort(row, kind="stable")[:3],  # a positive scoring lowest of all: every block whole
+                    np.flatnonzero(row == np.quantile(row, 0.55, method="nearest"))[:3]):
+        idx = np.concatenate([shallow, deepest])
+        got = M.positions_from_scores(row[None], [idx])[0]
+        assert np.array_equal(got, _stable_positions(row, idx))
+        greater, equal = M.count_above(row, row[idx])
+        assert np.array_equal(greater, (row[None, :] > row[idx, None]).sum(1))
+        assert np.array_equal(equal, (row[None, :] == row[idx, None]).sum(1))
+
+
+def test_many_ties_at_the_threshold_keep_database_order():
+    row = np.zeros(3 * M._BLOCK, dtype=np.float32)  # every value tied with the deepest item
+    row[::7] = 1.0
+    idx = np.array([5, 7, M._BLOCK + 3, 2 * M._BLOCK + 11, 3 * M._BLOCK - 1, 14])
     got = M.positions_from_scores(row[None], [idx])[0]
-    expected = np.argsort(np.argsort(-row, kind="stable"), kind="stable")[idx]
-    assert np.array_equal(got, expected)
+    assert np.array_equal(got, _stable_positions(row, idx))
+
+
+def test_optional_items_below_every_required_one_are_missing():
+    rng = np.random.default_rng(5)
+    row = np.round(rng.standard_normal(2 * M._BLOCK + 77) * 20).astype(np.float64) / 20  # ties
+    order = np.argsort(-row, kind="stable")
+    required_items = order[[3, 400, 90_000]]
+    tied_lower = np.flatnonzero(row == row[order[90_000]])
+    junk = np.array([order[10], tied_lower[0], tied_lower[-1], order[90_001], order[-1]])
+    idx = np.concatenate([required_items, junk])
+    required = np.r_[np.ones(3, bool), np.zeros(junk.size, bool)]
+    got = M.positions_from_scores(row[None], [idx], [required])[0]
+    expected = _stable_positions(row, idx)
+    below = row[idx] < row[required_items].min()  # scoring below every required item: MISSING
+    assert np.array_equal(got, np.where(below, M.MISSING, expected))
+    assert got[4] < expected[2] < got[5] and got[-1] == M.MISSING  # ties at the threshold stay ranked
+    none_required = M.positions_from_scores(row[None], [idx], [np.zeros(idx.size, bool)])[0]
+    assert (none_required == M.MISSING).all()
+
+
+def test_nan_and_infinite_scores_rank_like_argsort_and_nan_items_are_refused():
+    rng = np.random.default_rng(9)
+    for n in (2 * M._BLOCK, 1000):  # several blocks, and the single-block path
+        row = rng.standard_normal(n)
+        row[rng.choice(n, 50, replace=False)] = np.nan
+        row[[5, 6, n - 7]] = [np.inf, -np.inf, np.inf]
+        finite = np.flatnonzero(np.isfinite(row))
+        idx = np.concatenate([rng.choice(finite, 20, replace=False), [5, 6, n - 7]])
+        for dtype in (np.float64, np.float32):
+            r = row.astype(dtype)
+            assert np.array_equal(M.positions_from_scores(r[None], [idx])[0], _stable_positions(r, idx))
+        nan_item = np.flatnonzero(np.isnan(row))[:1]
+        with pytest.raises(InputError, match="NaN"):
+            M.positions_from_scores(row[None], [nan_item])
+        optional_nan = M.positions_from_scores(row[None], [np.r_[idx[:1], nan_item]], [np.array([True, False])])[0]
+        assert optional_nan[1] == M.MISSING  # junk scoring NaN ranks last: below every positive
+
+
+def test_integer_and_half_precision_scores_are_ranked_exactly():
+    rng = np.random.default_rng(2)
+    ints = rng.integers(-50, 50, size=(3, 400))
+    halves = rng.standard_normal((3, 400)).astype(np.float16)
+    for scores in (ints, halves):
+        items = [rng.choice(400, 9, replace=False) for _ in range(3)]
+        for row, idx, pos in zip(scores, items, M.positions_from_scores(scores, items)):
+            assert np.array_equal(pos, _stable_positions(row.astype(np.float64), idx))
+
+
+def test_revisited_on_rows_of_several_blocks_matches_revisitop():
+    """Rows longer than one block (both the whole-block and the cut path) against revisitop's loop."""
+    data = _load_gnd("roxford5k")
+    gnd = data["gnd"][:12]
+    rng = np.random.default_rng(11)
+    q, db = _features_for(gnd, len(data["imlist"]) + 2 * M._BLOCK, rng, d=16, signal=2.0)
+    sim = db @ q.T
+    ranks = np.argsort(-sim, axis=0, kind="stable")
+    ours = M.evaluate_revisited(gnd, scores=sim.T)
+    for protocol in M.REVISITED_PROTOCOLS:
+        ref_map, ref_pr, n = _revisitop_map(ranks, _protocol_gnd(gnd, protocol))
+        assert ours[protocol]["mAP"] == pytest.approx(ref_map, abs=1e-12)
+        assert [ours[protocol][f"mP@{k}"] for k in (1, 5, 10)] == pytest.approx(list(ref_pr), abs=1e-12)
+        assert ours[protocol]["queries"] == n
 
 
 def test_positions_from_ranking_marks_missing():
