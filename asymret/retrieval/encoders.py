@@ -95,6 +95,7 @@ class TrainOutput(NamedTuple):
     feature: Tensor  # (B, dim), L2-normalised: the retrieval embedding
     raw: Tensor  # (B, dim), the same before L2 (pooled feature, or the re-ID head's BN output)
     logits: Tensor | None  # (B, num_classes) with a bnneck head that has a classifier
+    pooled: Tensor | None = None  # (B, C) the pooled map before the head: batch-hard triplet's input (re-ID)
 
 
 @contextmanager
@@ -143,11 +144,11 @@ class Encoder(nn.Module):
         return self.projection(x)
 
     def forward_train(self, images: Tensor) -> TrainOutput:
-        raw = self.pool(self.feature_map(images))
+        pooled = raw = self.pool(self.feature_map(images))
         logits = None
         if self.head is not None:
-            raw, logits = self.head(raw)
-        return TrainOutput(F.normalize(raw, dim=-1), raw, logits)
+            raw, logits = self.head(pooled)
+        return TrainOutput(F.normalize(raw, dim=-1), raw, logits, pooled)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_train(images).feature
@@ -238,14 +239,24 @@ def create_backbone(spec: EncoderSpec, pretrained: bool) -> nn.Module:
 
 
 def set_last_stride_1(backbone: nn.Module, name: str = "backbone") -> None:
-    """Re-ID convention (Luo et al. "bag of tricks"): layer4 keeps the resolution of layer3.
+    """Re-ID convention (Luo et al. "bag of tricks"): layer4 keeps the resolution of layer3 (ResNets; for
+    MobileNet/EfficientNet the last downsampling conv, as the ACD supplementary does for MobileNetV3-Small).
 
     Only the first block of layer4 downsamples: its strided conv and its downsample path (a strided
     1x1 conv, or an average pool in ResNet-D) become stride 1, doubling the final map's size.
     """
     layer4 = getattr(backbone, "layer4", None)
     if not isinstance(layer4, nn.Sequential):
-        raise ConfigError(f"last_stride: 1 needs a ResNet-style backbone with layer4; remove it for {name}")
+        # MobileNet / EfficientNet (timm ``blocks``): the last downsampling conv, a depthwise one; timm pads
+        # those convs symmetrically by (k - 1) // 2, which keeps the size at stride 1.
+        blocks = getattr(backbone, "blocks", None)
+        strided = [m for m in blocks.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)] \
+            if isinstance(blocks, nn.Sequential) else []
+        if not strided:
+            raise ConfigError(f"last_stride: 1 needs a ResNet (layer4) or a MobileNet/EfficientNet (blocks) "
+                              f"backbone; remove it for {name}")
+        strided[-1].stride = (1, 1)
+        return
     for module in layer4[0].modules():
         if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
             module.stride = (1, 1)

@@ -193,6 +193,7 @@ def public(result: dict) -> dict:
 REVISITED_BENCHMARKS = ("roxford5k", "rparis6k", "mini-roxford")
 REID_BENCHMARKS = ("veri776", "mini-veri")
 ROWS = ("gallery", "symmetric", "asymmetric")
+ALL_ROWS = ROWS + ("sir",)
 ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symmetric (φq / φq)",
               "asymmetric": "asymmetric (φq / φg)", "sir": "SIR: co-trained gallery (φg' / φg')"}
 
@@ -233,12 +234,15 @@ def _with_scales(encoder, scales):
 
 def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
-                  device=None, cache_dir=None, progress: bool = False, topk: int | None = None) -> dict:
+                  device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
+                  reference_gallery=None) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
     on both sides; ``asymmetric``: query network for queries, gallery network for the database (the
-    point of asymret); ``sir``: pass the co-trained gallery as ``gallery_net`` and ask for "gallery".
+    point of asymret); ``sir``: the gallery network with itself when it was co-trained (ACD): pass the
+    co-trained network as ``gallery_net`` and the original as ``reference_gallery``, which then gives
+    the ``gallery`` row (without a reference, ``sir`` equals ``gallery``).
     Each side uses its own input spec. The gallery network's whitening, when given, whitens both
     sides of the gallery and asymmetric rows (as AML does). The frozen gallery network's database
     embeddings come from the embedding cache when ``cache_dir`` is set. ``topk``: rank by an
@@ -249,8 +253,14 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     from asymret.retrieval.specs import MULTISCALE
 
     queries, database, score = open_benchmark(benchmark, root, distractors)
+    unknown = set(rows) - set(ALL_ROWS)
+    if unknown:
+        raise InputError(f"unknown row(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_ROWS)}")
+    reference = reference_gallery if reference_gallery is not None else gallery_net
+    co_trained = reference is not gallery_net
     if multiscale:
         query_net, gallery_net = _with_scales(query_net, MULTISCALE), _with_scales(gallery_net, MULTISCALE)
+        reference = _with_scales(reference, MULTISCALE)
     kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
 
     def encode(net, records, cacheable=False):
@@ -259,14 +269,17 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
         return encode_records(net, records, **kw)
 
     need_q = {r for r in rows if r in ("symmetric", "asymmetric")}
-    need_g = {r for r in rows if r in ("gallery", "asymmetric")}
-    g_db = encode(gallery_net, database, cacheable=True) if need_g else None
-    g_q = encode(gallery_net, queries) if "gallery" in rows else None
+    own_rows = {"sir"} | (set() if co_trained else {"gallery"})  # rows of gallery_net with itself
+    g_db = encode(gallery_net, database, cacheable=True) if ({"asymmetric"} | own_rows) & set(rows) else None
+    g_q = encode(gallery_net, queries) if own_rows & set(rows) else None
+    r_db, r_q = g_db, g_q
+    if co_trained and "gallery" in rows:
+        r_db, r_q = encode(reference, database, cacheable=True), encode(reference, queries)
     q_q = encode(query_net, queries) if need_q else None
     q_db = encode(query_net, database) if "symmetric" in rows else None
     white = whitening if whitening is not None else (lambda x: x)
-    pairs = {"gallery": (white, g_q, g_db), "symmetric": (lambda x: x, q_q, q_db),
-             "asymmetric": (white, q_q, g_db)}
+    pairs = {"gallery": (white, r_q, r_db), "symmetric": (lambda x: x, q_q, q_db),
+             "asymmetric": (white, q_q, g_db), "sir": (white, g_q, g_db)}
     return {row: score(**ranking_source(pairs[row][0](pairs[row][1]), pairs[row][0](pairs[row][2]), topk))
             for row in rows}
 

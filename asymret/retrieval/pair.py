@@ -5,11 +5,16 @@ applied to both sides in asymmetric testing) and metadata (created, asymret vers
 ``format_version`` is an int; each version keeps its own loader so old files keep loading, and a
 file from a newer asymret is refused with a clear message.
 
-Layout of format 1 (a ``torch.save`` dict of plain data and tensors, read with ``weights_only``)::
+Layout of format 2 (a ``torch.save`` dict of plain data and tensors, read with ``weights_only``)::
 
     {"format": "asymret.pair", "format_version": 1,
      "query_net": {"spec": {...}, "state_dict": {...}}, "gallery_net": {...},
-     "whitening": None | {"kind", "m", "P"}, "meta": {"created", "asymret_version", ...}}
+     "whitening": None | {"kind", "m", "P"}, "meta": {"created", "asymret_version", ...},
+     "reference_gallery_net": None | {"spec", "state_dict"}}
+
+``reference_gallery_net`` (new in format 2) is the gallery network as it was before ACD co-training:
+the gallery-alone row of ``asymret evaluate``, next to SIR (the co-trained gallery with itself).
+Format 1 is format 2 without that key.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from asymret.retrieval.encoders import (
 from asymret.retrieval.whitening import Whitening
 
 FORMAT = "asymret.pair"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -48,6 +53,11 @@ class Pair:
     gallery_net: Encoder
     whitening: Whitening | None = None
     meta: dict = field(default_factory=dict)
+    reference_gallery: Encoder | None = None  # the gallery before co-training (ACD), else None
+
+    @property
+    def co_trained(self) -> bool:
+        return self.reference_gallery is not None
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -70,6 +80,7 @@ def save_pair(
     gallery_net: Encoder,
     whitening: Whitening | None = None,
     meta: dict | None = None,
+    reference_gallery: Encoder | None = None,
 ) -> Path:
     """Write a pair file atomically (temporary file, then rename). ``meta``: JSON-like extras, e.g. ``{"run": name}``."""
     meta = {
@@ -88,6 +99,7 @@ def save_pair(
         "gallery_net": encoder_checkpoint(gallery_net),
         "whitening": whitening.state_dict() if whitening is not None else None,
         "meta": meta,
+        "reference_gallery_net": encoder_checkpoint(reference_gallery) if reference_gallery is not None else None,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +129,8 @@ def load_pair(path: str | Path, device="cpu") -> Pair:
     pair = LOADERS[version](payload, path)
     pair.query_net.to(device).eval()
     pair.gallery_net.to(device).eval()
+    if pair.reference_gallery is not None:
+        pair.reference_gallery.to(device).eval()
     if pair.whitening is not None:
         pair.whitening.to(device)
     return pair
@@ -147,5 +161,13 @@ def _load_v1(payload: dict, path: Path) -> Pair:
     )
 
 
+def _load_v2(payload: dict, path: Path) -> Pair:
+    pair = _load_v1(payload, path)
+    reference = payload.get("reference_gallery_net")
+    if reference is not None:
+        pair.reference_gallery = _encoder_v1(reference, path, "reference_gallery_net")
+    return pair
+
+
 # One loader per format version ever written; add one (never edit an old one) when the layout changes.
-LOADERS = {1: _load_v1}
+LOADERS = {1: _load_v1, 2: _load_v2}

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from asymret.retrieval.specs import EncoderSpec, Strict
+from asymret.retrieval.transforms import AugmentSpec
 
 
 class DataConfig(Strict):
@@ -21,6 +22,8 @@ class DataConfig(Strict):
     pkl: str | None = Field(None, description="sfm120k: the retrieval-SfM-120k training pickle")
     csv: str | None = Field(None, description="csv: path,label[,camera] file")
     num_workers: int = Field(2, ge=0)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec,
+                                 description="training-time augmentation of query-side images (off: AML)")
 
     @model_validator(mode="after")
     def _format_fields(self):
@@ -58,7 +61,43 @@ class OptimConfig(Strict):
     gem_lr_mult: float = Field(10.0, gt=0, description="AML trains GeM p with 10x lr, no weight decay")
 
 
+class ReIDConfig(Strict):
+    """The re-ID recipe of D3still/ACD (methods.md §3): a P×K batch for the trained network's own loss
+    (CE with label smoothing + batch-hard triplet) and a random distillation batch per step."""
+
+    ids_per_batch: int = Field(16, ge=1, description="P identities per P×K batch")
+    images_per_id: int = Field(6, ge=1, description="K images of each identity")
+    distill_batch_size: int = Field(256, ge=0, description="images per distillation batch; 0 = no distillation "
+                                    "stream (the network's own loss only)")
+    supervised: dict = Field(default_factory=dict, description="overrides of reid_supervised's defaults "
+                             "(ce_weight, triplet_weight, epsilon, margin)")
+    flip: bool = Field(True, description="P×K batch augmentation: random horizontal flip (probability 0.5)")
+    pad: int = Field(10, ge=0, description="P×K batch augmentation: random crop after zero-padding by this many pixels")
+    erasing: float = Field(0.5, ge=0, le=1, description="P×K batch augmentation: random erasing probability")
+    uncertainty_views: int = Field(4, ge=2, description="attentive loss: gallery views per image for its variance")
+
+
+class ACDConfig(Strict):
+    """ACD co-training (methods.md §4), active when ``gallery_frozen: false``: the query network is frozen,
+    the gallery network and its classifier are trained with the base method's loss plus ``L_ACD``."""
+
+    pair: str | None = Field(None, description="an earlier run's pair.pt: its frozen query network and the "
+                             "gallery network to co-train (else query_net/gallery_net with weights:)")
+    alpha: float = Field(3.0, ge=0)
+    beta: float = Field(2.0, ge=0)
+    tau: float = Field(2.0, gt=0, description="4 for a Swin gallery network")
+    base_weight: float = Field(1.0, ge=0, description="w of the base method's loss, whose gradient now reaches "
+                               "the gallery")
+    raho: bool = Field(True, description="resolution-aware learning-rate tiers (Eq. 12-13)")
+    raho_p: float = Field(0.3, gt=0, le=1)
+    raho_gamma: float = Field(0.05, gt=0, le=1)
+    raho_batches: int = Field(4, ge=1, description="distillation batches RAHO measures block importance on")
+
+
 class TrainConfig(Strict):
+    recipe: Literal["auto", "aml", "reid"] = Field(
+        "auto", description="aml: tuples/relational batches (retrieval); reid: P×K + distillation batches; "
+        "auto: reid for the re-ID, local-feature and ACD losses, else aml")
     epochs: int = Field(100, gt=0)
     batch_size: int = Field(5, gt=0, description="tuples (AML) or images per step")
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
@@ -68,6 +107,7 @@ class TrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
     validate_every: int = Field(1, ge=0, description="epochs between validations; 0 = never")
+    reid: ReIDConfig = Field(default_factory=ReIDConfig)
 
 
 class EvalConfig(Strict):
@@ -88,3 +128,14 @@ class ExperimentConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    acd: ACDConfig = Field(default_factory=ACDConfig)
+
+    @model_validator(mode="after")
+    def _co_training(self):
+        if not self.gallery_frozen and self.loss.mode == "symmetric":
+            raise ValueError("gallery_frozen: false co-trains the gallery network against a frozen query network "
+                             "(ACD); it cannot be combined with loss.mode: symmetric")
+        if not self.gallery_frozen and self.train.recipe == "aml":
+            raise ValueError("ACD co-training (gallery_frozen: false) uses the re-ID recipe; set train.recipe: "
+                             "reid or auto")
+        return self

@@ -17,6 +17,7 @@ gradients are averaged across ranks before every optimiser step (gloo on CPU, nc
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -40,9 +41,11 @@ from asymret.retrieval.encode import RecordImages, encode_records
 from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint
 from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
+from asymret.retrieval.transforms import build_train_transform
 from asymret.training.config import DataConfig, ExperimentConfig
 from asymret.training.losses import LOSSES, LossBatch, create_loss
 from asymret.training.mining import Tuples, mine_negatives, sample_pairs
+from asymret.training.reid import uses_reid_recipe
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,15 @@ def forward_images(net: Encoder, images: list[torch.Tensor], device) -> torch.Te
         order.extend(rows)
     out = torch.cat(parts)
     return out[torch.argsort(torch.as_tensor(order, device=out.device))]
+
+
+def stack_by_shape(images: list[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor from equally sized images (the re-ID recipe's fixed ``[H, W]`` inputs)."""
+    shapes = {tuple(i.shape) for i in images}
+    if len(shapes) > 1:
+        raise ConfigError("the re-ID recipe needs fixed-size inputs; set input.size: [height, width] on the "
+                          f"networks (got images of {len(shapes)} shapes)")
+    return torch.stack(images)
 
 
 def set_bn_eval(net: nn.Module) -> None:
@@ -138,6 +150,11 @@ class Trainer:
         self.info = LOSSES[cfg.loss.name]
         self.tuple_mode = "negative" in self.info.needs or "positive" in self.info.needs
         self.symmetric = cfg.loss.mode == "symmetric"
+        self.gallery_emb = None
+        self.recipe = None
+        if uses_reid_recipe(cfg):
+            self._init_reid()
+            return
         if self.symmetric and not self.tuple_mode:
             raise ConfigError(f"loss '{cfg.loss.name}' distils from a gallery network; it has no symmetric "
                               "mode (set loss.mode: asymmetric)")
@@ -145,7 +162,7 @@ class Trainer:
         self.query_net = create_encoder(cfg.query_net).to(self.device)
         self.loss_fn = create_loss(cfg.loss.name, **cfg.loss.params).to(self.device)
         self.gallery_net = None
-        self.gallery_emb = None
+        self.trained, self.net = "query_net", self.query_net
         if not self.symmetric:
             self.gallery_net = create_encoder(cfg.gallery_net).to(self.device).eval()
             self.gallery_net.requires_grad_(False)
@@ -160,6 +177,19 @@ class Trainer:
                 g["lr"] = cfg.train.optim.lr * cfg.train.optim.gem_lr_mult
         if list(self.loss_fn.parameters()):
             params.append({"params": list(self.loss_fn.parameters()), "lr": cfg.train.optim.lr})
+        self._init_optimizer(params)
+
+    def _init_reid(self) -> None:
+        """The re-ID recipe (:mod:`asymret.training.reid`) builds the networks and losses."""
+        from asymret.training.reid import ReIDRecipe
+
+        self.recipe = ReIDRecipe(self)
+        self.symmetric = self.recipe.alone
+        self.trained, self.net = self.recipe.trained, self.recipe.trained_net
+        self._init_optimizer(self.recipe.param_groups(self.cfg.train.optim.lr))
+
+    def _init_optimizer(self, params: list[dict]) -> None:
+        cfg = self.cfg
         o = cfg.train.optim
         if o.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -199,7 +229,8 @@ class Trainer:
         bounds = np.cumsum([0] + step_sizes)
         batches = [list(range(bounds[i], bounds[i + 1])) for i in range(len(step_sizes))]
         records = [self.records[i] for i in indices]
-        return DataLoader(RecordImages(records, self.query_net.transform), batch_sampler=batches,
+        transform = build_train_transform(self.query_net.spec.input, self.cfg.data.augment)
+        return DataLoader(RecordImages(records, transform), batch_sampler=batches,
                           num_workers=self.cfg.data.num_workers, collate_fn=list,
                           pin_memory=self.device.type == "cuda")
 
@@ -261,26 +292,45 @@ class Trainer:
         return LossBatch(query=q, gallery=take(a), positive=take(p)[:, None],
                          negative=take(n.reshape(-1)).reshape(b, k, -1))
 
-    def train_epoch(self) -> dict:
+    def _epoch_steps(self):
+        """This epoch's steps as ``(count, iterator of zero-argument loss computations)``."""
         cfg, t = self.cfg, self.cfg.train
+        if self.recipe is not None:
+            pk_loader, pk, d_loader, ds = self.recipe.loaders(self.epoch)
+            self.recipe.train_mode()
+            if d_loader is None:
+                steps = ((lambda im=im, ix=ix: self.recipe.step(im, ix, None, None)) for im, ix in zip(pk_loader, pk))
+            else:
+                steps = ((lambda im=im, ix=ix, d=d, dx=dx: self.recipe.step(im, ix, d, dx))
+                         for im, ix, d, dx in zip(pk_loader, pk, d_loader, ds))
+            return len(pk), steps
         rng = np.random.default_rng([cfg.seed, self.epoch])
-        torch.manual_seed(cfg.seed * 100_003 + self.epoch)
         plans = self._steps(rng)
         self.query_net.train()
         if t.bn_eval:
             set_bn_eval(self.query_net)
         loader = self._loader(np.concatenate([p[0] for p in plans]), [len(p[0]) for p in plans])
-        totals: dict[str, float] = {}
-        count = 0
-        bar = tqdm(zip(loader, plans), total=len(plans), desc=f"epoch {self.epoch + 1}/{t.epochs}",
-                   disable=not self.progress, unit="step", leave=False)
-        self.optimizer.zero_grad(set_to_none=True)
-        for step, (images, (indices, tup)) in enumerate(bar):
+
+        def compute(images, indices, tup):
             for item in images:  # a broken image comes back as its error, not a worker traceback
                 if isinstance(item, AsymretError):
                     raise item
+            return self.loss_fn(self._batch(images, indices, tup))
+
+        return len(plans), ((lambda im=im, ix=ix, tp=tp: compute(im, ix, tp)) for im, (ix, tp) in zip(loader, plans))
+
+    def train_epoch(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(cfg.seed * 100_003 + self.epoch)
+        n_steps, steps = self._epoch_steps()
+        totals: dict[str, float] = {}
+        count = 0
+        bar = tqdm(steps, total=n_steps, desc=f"epoch {self.epoch + 1}/{t.epochs}",
+                   disable=not self.progress, unit="step", leave=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, compute in enumerate(bar):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = self.loss_fn(self._batch(images, indices, tup))
+                out = compute()
             loss = out.total.float()
             if not torch.isfinite(loss):
                 parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
@@ -288,7 +338,7 @@ class Trainer:
                                     f"{' (' + parts + ')' if parts else ''}; lower train.optim.lr or check "
                                     "the data; the last good checkpoint is kept")
             (loss / t.accumulate).backward()
-            if (step + 1) % t.accumulate == 0 or step + 1 == len(plans):
+            if (step + 1) % t.accumulate == 0 or step + 1 == n_steps:
                 self._average_gradients()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -303,7 +353,7 @@ class Trainer:
     def _average_gradients(self) -> None:
         if self.world == 1:
             return
-        for p in self.query_net.parameters():
+        for p in self.net.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
@@ -316,10 +366,11 @@ class Trainer:
             return None
         gallery = self.query_net if self.symmetric else self.gallery_net
         row = "symmetric" if self.symmetric else "asymmetric"
+        co_trained = self.trained == "gallery_net"  # ACD: the gallery changes, so its embeddings are not cached
         result = evaluate_pair(self.query_net, gallery, e.benchmark, e.root, distractors=e.distractors,
                                multiscale=e.multiscale, rows=(row,), device=self.device,
                                num_workers=self.cfg.data.num_workers,
-                               cache_dir=Path(self.cfg.output_dir) / ".cache")[row]
+                               cache_dir=None if co_trained else Path(self.cfg.output_dir) / ".cache")[row]
         score = result["medium"]["mAP"] if "medium" in result else result["mAP"]
         return {"row": row, "score": score, **result}
 
@@ -332,7 +383,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "epoch": self.epoch, "best": self.best,
-            "query_net": self.query_net.state_dict(), "loss": self.loss_fn.state_dict(),
+            "trained": self.trained, self.trained: self.net.state_dict(), "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state()},
@@ -341,7 +392,11 @@ class Trainer:
 
     def load_state(self, path: Path) -> None:
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        self.query_net.load_state_dict(ckpt["query_net"])
+        trained = ckpt.get("trained", "query_net")
+        if trained != self.trained:
+            raise ConfigError(f"{path} trained the {trained} but this config trains the {self.trained}; "
+                              "resume with the config that started the run")
+        self.net.load_state_dict(ckpt[trained])
         self.loss_fn.load_state_dict(ckpt["loss"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -377,7 +432,7 @@ class Trainer:
                     if val["score"] > self.best:
                         self.best = val["score"]
                         if self.main:
-                            _atomic_save(encoder_checkpoint(self.query_net), self.ckpt_dir / "best.pt")
+                            _atomic_save(encoder_checkpoint(self.net), self.ckpt_dir / "best.pt")
             record["time_s"] = round(time.perf_counter() - t0, 3)
             if self.main:
                 _atomic_save(self.state(), last)
@@ -395,17 +450,23 @@ class Trainer:
         return self.run_dir
 
     def export(self) -> Path:
-        """``query_net.pt`` and ``pair.pt`` from the best checkpoint (or the last without validation)."""
+        """``<trained>.pt`` (``query_net.pt``, or ``gallery_net.pt`` for ACD) and ``pair.pt`` from the best
+        checkpoint (or the last without validation). An ACD pair also holds the gallery network as it was
+        before co-training, for the gallery-alone and SIR rows of ``asymret evaluate``."""
         best = self.ckpt_dir / "best.pt"
-        net = self.query_net
+        net = self.net
         if best.is_file():
-            net = create_encoder(self.cfg.query_net, load_weights=False)
+            net = copy.deepcopy(self.net).cpu()
             net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-        _atomic_save(encoder_checkpoint(net), self.run_dir / "query_net.pt")
+        _atomic_save(encoder_checkpoint(net), self.run_dir / f"{self.trained}.pt")
+        meta = {"run": self.cfg.name, "loss": self.cfg.loss.name, "mode": self.cfg.loss.mode,
+                "recipe": "reid" if self.recipe is not None else "aml"}
+        if self.trained == "gallery_net":
+            meta["acd"] = True
+            return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta,
+                             reference_gallery=self.recipe.reference_gallery)
         gallery = net if self.symmetric else self.gallery_net
-        return save_pair(self.run_dir / "pair.pt", net, gallery, meta={"run": self.cfg.name,
-                                                                      "loss": self.cfg.loss.name,
-                                                                      "mode": self.cfg.loss.mode})
+        return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta)
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> Path:

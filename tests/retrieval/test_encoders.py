@@ -91,7 +91,8 @@ def test_param_groups_give_gem_p_ten_times_lr_and_no_weight_decay():
     assert sorted(grouped) == sorted(id(p) for p in encoder.parameters())
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet10t"])  # strided-conv and avg-pool downsample
+# strided-conv and avg-pool downsample (ResNets); the last strided depthwise conv (MobileNetV3, EfficientNet)
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet10t", "mobilenetv3_small_050", "efficientnet_b0"])
 def test_last_stride_1_doubles_the_final_map(backbone):
     images = torch.randn(1, 3, 64, 96)
     normal = create_encoder(spec(backbone=backbone))
@@ -101,9 +102,9 @@ def test_last_stride_1_doubles_the_final_map(backbone):
         assert reid.feature_map(images).shape[-2:] == (4, 6)
 
 
-def test_last_stride_1_on_a_non_resnet_is_a_config_error():
+def test_last_stride_1_without_a_known_downsampling_is_a_config_error():
     with pytest.raises(ConfigError, match="ResNet"):
-        create_encoder(spec(backbone="mobilenetv2_035", last_stride=1))
+        create_encoder(spec(backbone="vit_tiny_patch16_224", last_stride=1, input={"size": [224, 224]}))
 
 
 def test_bnneck_head_shapes_bias_free_and_logits_from_the_feature(images):

@@ -127,3 +127,19 @@ def test_metadata_must_be_json_like(tmp_path, nets):
     with pytest.raises(InputError, match="JSON"):
         save_pair(tmp_path / "pair.pt", *nets, meta={"tensor": torch.ones(1)})
     assert not any(tmp_path.iterdir())
+
+
+def test_format_2_keeps_the_gallery_before_co_training(tmp_path, nets):
+    """ACD pairs: the co-trained gallery and, for the gallery-alone/SIR rows, the original one."""
+    query_net, gallery_net = nets
+    original = create_encoder(gallery_net.spec)
+    original.load_state_dict(gallery_net.state_dict())
+    with torch.no_grad():
+        original.head.classifier.weight.add_(1.0)
+    pair = load_pair(save_pair(tmp_path / "acd.pt", query_net, gallery_net, reference_gallery=original))
+    assert pair.co_trained and not pair.reference_gallery.training
+    assert weights_hash(pair.reference_gallery) == weights_hash(original) != weights_hash(pair.gallery_net)
+    plain = load_pair(save_pair(tmp_path / "plain.pt", query_net, gallery_net))
+    assert not plain.co_trained and plain.reference_gallery is None
+    payload = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert payload["format_version"] == 2 and payload["reference_gallery_net"] is None

@@ -135,7 +135,7 @@ def test_two_process_gloo_equals_one_process_with_the_global_batch(folder, tmp_p
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(29500 + os.getpid() % 1000), "-m", "asymret", "train",
                            str(cfg_path), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert same(weights(tmp_path / "single" / "run" / "query_net.pt"),
                 weights(tmp_path / "ddp" / "run" / "query_net.pt"), atol=1e-5)

@@ -36,8 +36,9 @@ def register(subparsers) -> None:
     parser.add_argument("--root", help="the benchmark's folder (jpg/ + gnd_*.pkl, or VeRi's image_*/ + name_*.txt)")
     parser.add_argument("--distractors", metavar="LIST", help="revisitop1m.txt list of R1M distractor images")
     parser.add_argument("--multiscale", action="store_true", help="extract at scales 1, 1/sqrt(2), 1/2")
-    parser.add_argument("--rows", default="gallery,symmetric,asymmetric",
-                        help="comma-separated: gallery, symmetric, asymmetric")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated: gallery, symmetric, asymmetric, sir (default: the first three, "
+                        "plus sir for a pair whose gallery network was co-trained with ACD)")
     parser.add_argument("--topk", type=int, metavar="K",
                         help="rank through an index's top-K search (R1M scale); the report says when a "
                         "positive fell outside the K")
@@ -92,17 +93,19 @@ def run_pair(args: argparse.Namespace) -> int:
     from asymret.retrieval.pair import load_pair
     from asymret.training.trainer import resolve_device
 
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    unknown = set(rows) - set(ev.ROWS)
+    rows = tuple(r.strip() for r in (args.rows or "").split(",") if r.strip())
+    unknown = set(rows) - set(ev.ALL_ROWS)
     if unknown:
-        raise InputError(f"unknown row(s) {', '.join(sorted(unknown))}; choose from {', '.join(ev.ROWS)}")
+        raise InputError(f"unknown row(s) {', '.join(sorted(unknown))}; choose from {', '.join(ev.ALL_ROWS)}")
     device = resolve_device(args.device)
     pair = load_pair(args.pair, device=device)
+    if not rows:
+        rows = ev.ALL_ROWS if pair.co_trained else ev.ROWS
     result = ev.evaluate_pair(pair.query_net, pair.gallery_net, args.benchmark, args.root,
                               whitening=pair.whitening, distractors=args.distractors,
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
-                              topk=args.topk,
+                              topk=args.topk, reference_gallery=pair.reference_gallery,
                               progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps({row: ev.public(r) for row, r in result.items()}))

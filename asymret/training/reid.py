@@ -1,0 +1,312 @@
+"""The re-ID training recipe (D3still and its baselines, ACD co-training; methods.md §3-4).
+
+Every step holds two batches (the "two-stream batch" of the D3still/ACD code):
+
+* a **P×K batch** (:class:`~asymret.training.samplers.IdentitySampler`, 16 × 6 by default) through the
+  *trained* network, for its own supervised loss: CE with label smoothing on the classifier logits plus
+  batch-hard triplet on the pooled feature (``reid_supervised``);
+* a **distillation batch** (:class:`~asymret.training.samplers.DistillationSampler`, random images) seen
+  at query resolution by the query network and at gallery resolution by the gallery network, for the
+  distillation loss named by ``loss.name`` (``fitnet``, ``cc``, ``csd``, ``raml``, ``rop``, ``d3still``,
+  ``mqd``, ``simdistill``, ``attentive``, or an AML loss that reads only ``query``/``gallery``).
+
+Three modes, chosen by the config:
+
+* **frozen gallery** (default): the query network is trained. Its P×K batch is at query resolution;
+  the gallery side of the distillation batch comes from the embedding cache (the frozen gallery network
+  encodes every training image once, at gallery resolution).
+* **alone** (``loss.mode: symmetric`` or a supervised loss such as ``reid_supervised``): no gallery
+  network, no distillation stream: how a gallery network itself is trained, and the "no teacher" row.
+* **ACD** (``gallery_frozen: false``): the query network is frozen (eval mode, from an earlier run's
+  pair file); the gallery network and its classifier are trained. The P×K batch is at gallery
+  resolution; on the distillation batch the total is ``w · L_base(q, g) + L_ACD(z^q, z^g, z^c)``
+  with ``z^c = W_g(½(g + q))`` on the un-normalised head features (methods.md §4, Eq. 3). Before the
+  first epoch RAHO measures block importance on a few distillation batches and sets the learning-rate
+  tiers; its choice is written to ``raho.json`` in the run folder and reused on resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from asymret.errors import AsymretError, ConfigError
+from asymret.retrieval.cache import EmbeddingCache, cache_key
+from asymret.retrieval.encode import RecordImages
+from asymret.retrieval.encoders import Encoder, create_encoder, eval_mode
+from asymret.training.losses import LOSSES, LossBatch, LossOutput, create_loss
+from asymret.training.samplers import DistillationSampler, IdentitySampler
+
+log = logging.getLogger(__name__)
+
+SUPERVISED = ("reid_supervised", "ce_ls", "triplet_bh")  # a network's own loss: nothing to distil
+
+
+def uses_reid_recipe(cfg) -> bool:
+    """``train.recipe: auto`` picks the re-ID recipe for re-ID, local-feature and ACD losses."""
+    if cfg.train.recipe != "auto":
+        return cfg.train.recipe == "reid"
+    info = LOSSES.get(cfg.loss.name)
+    return not cfg.gallery_frozen or (info is not None and info.family in ("reid", "local", "acd"))
+
+
+def view_transforms(base, n: int) -> list:
+    """``n`` deterministic views of an image for the gallery's uncertainty (attentive regression): the
+    image, its mirror, and centre crops of 90 % / 80 % ... (alternately mirrored), each then ``base``."""
+    views = [base, T.Compose([T.RandomHorizontalFlip(1.0), base])]
+    for i in range(n - 2):
+        frac = 0.9 - 0.1 * (i // 2)
+        crop = T.Lambda(lambda im, f=frac: T.functional.center_crop(im, [max(1, round(im.height * f)),
+                                                                         max(1, round(im.width * f))]))
+        views.append(T.Compose([crop] + ([T.RandomHorizontalFlip(1.0)] if i % 2 else []) + [base]))
+    return views[:n]
+
+
+def reid_train_transform(spec, flip: bool = True, pad: int = 10, erasing: float = 0.5):
+    """The re-ID training augmentation (ACD supplementary A.1 (2), fast-reid): resize to the fixed
+    ``[H, W]``, random horizontal flip, random crop after zero-padding, z-score, random erasing."""
+    from torchvision.transforms import InterpolationMode
+
+    if isinstance(spec.size, int):
+        raise ConfigError("the re-ID recipe needs fixed-size inputs; set input.size: [height, width] on the networks")
+    size = tuple(spec.size)
+    ops = [T.Resize(size, interpolation=InterpolationMode(spec.interpolation), antialias=True)]
+    ops += [T.RandomHorizontalFlip()] if flip else []
+    ops += [T.Pad(pad), T.RandomCrop(size)] if pad else []
+    ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    ops += [T.RandomErasing(p=erasing, value=0)] if erasing else []
+    return T.Compose(ops)
+
+
+def _raise_errors(items) -> None:
+    for item in items:  # a broken image comes back as its error, not a worker traceback
+        if isinstance(item, AsymretError):
+            raise item
+
+
+class ReIDRecipe:
+    """Builds the networks and losses of a re-ID run and computes one step's loss (see the module doc).
+
+    ``trainer`` is the :class:`~asymret.training.trainer.Trainer` (config, data, device, cache folder);
+    the recipe sets ``trainer.query_net``, ``trainer.gallery_net``, ``trainer.loss_fn`` and names the
+    trained network (``trained``: ``"query_net"`` or ``"gallery_net"``).
+    """
+
+    def __init__(self, trainer):
+        self.t = trainer
+        cfg = trainer.cfg
+        self.cfg, self.rc, self.device = cfg, cfg.train.reid, trainer.device
+        self.co_train = not cfg.gallery_frozen
+        self.alone = cfg.loss.mode == "symmetric" or cfg.loss.name in SUPERVISED
+        self.reference_gallery: Encoder | None = None
+        self.supervised = create_loss("reid_supervised", **{**self.rc.supervised, **(
+            cfg.loss.params if cfg.loss.name == "reid_supervised" else {})}).to(self.device)
+        if cfg.loss.name in SUPERVISED and cfg.loss.name != "reid_supervised":
+            raise ConfigError(f"in the re-ID recipe the network's own loss is always reid_supervised (CE + "
+                              f"batch-hard triplet); use loss.name: reid_supervised (with params) instead of "
+                              f"'{cfg.loss.name}'")
+        self.loss_fn = None if self.alone else create_loss(cfg.loss.name, **cfg.loss.params).to(self.device)
+        self.acd = (create_loss("acd", alpha=cfg.acd.alpha, beta=cfg.acd.beta, tau=cfg.acd.tau).to(self.device)
+                    if self.co_train else None)
+        if self.co_train and cfg.loss.mode == "symmetric":
+            raise ConfigError("ACD co-training needs a base distillation method (loss.name), not loss.mode: symmetric")
+        self._build_networks()
+        labels = trainer.labels
+        self.num_ids = len(np.unique(labels))
+        self._check_classifier(self.trained_net, "gallery_net" if self.co_train else "query_net")
+        if self.co_train:
+            self._check_classifier(trainer.query_net, "the frozen query network")
+        self.uncertainty = None
+        if not self.alone and not self.co_train:
+            trainer.gallery_emb = trainer._gallery_embeddings()
+        if self.loss_fn is not None and "uncertainty" in LOSSES[cfg.loss.name].needs:
+            self.uncertainty = self._gallery_uncertainty()
+        if self.loss_fn is not None:
+            extra = set(LOSSES[cfg.loss.name].needs) - {"query", "gallery", "labels", "uncertainty",
+                                                         "query_raw", "gallery_raw"}
+            if extra:
+                raise ConfigError(f"loss '{cfg.loss.name}' needs {', '.join(sorted(extra))}, which the re-ID "
+                                  "recipe does not provide; use a distillation loss (asymret losses)")
+        trainer.loss_fn = self.loss_fn if self.loss_fn is not None else self.supervised
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def _build_networks(self) -> None:
+        t, cfg = self.t, self.cfg
+        if self.co_train and cfg.acd.pair:
+            from asymret.retrieval.pair import load_pair
+
+            pair = load_pair(cfg.acd.pair, device=self.device)
+            t.query_net, t.gallery_net = pair.query_net, pair.gallery_net
+        else:
+            t.query_net = create_encoder(cfg.query_net).to(self.device)
+            t.gallery_net = None if self.alone else create_encoder(cfg.gallery_net).to(self.device)
+        if self.co_train:
+            t.query_net.eval().requires_grad_(False)
+            self.reference_gallery = copy.deepcopy(t.gallery_net).eval().requires_grad_(False)
+            self.trained, self.trained_net = "gallery_net", t.gallery_net
+        else:
+            if t.gallery_net is not None:
+                t.gallery_net.eval().requires_grad_(False)
+            self.trained, self.trained_net = "query_net", t.query_net
+        q, g = t.query_net, t.gallery_net
+        if g is not None and q.dim != g.dim and self.loss_fn is not None and not list(self.loss_fn.parameters()):
+            raise ConfigError(f"query network gives {q.dim}-d embeddings but the gallery network gives {g.dim}-d; "
+                              "give both the same dim (head: bnneck gives 512-d on both sides)")
+
+    def _check_classifier(self, net: Encoder, what: str) -> None:
+        head = net.head
+        if head is None or head.classifier is None:
+            raise ConfigError(f"the re-ID recipe needs an identity classifier on {what}: set head: bnneck and "
+                              f"num_classes: {self.num_ids} (the training set's identities)")
+        if head.classifier.out_features != self.num_ids:
+            raise ConfigError(f"{what} has num_classes: {head.classifier.out_features} but the training set "
+                              f"has {self.num_ids} identities; set num_classes: {self.num_ids}")
+
+    def _gallery_uncertainty(self) -> torch.Tensor:
+        """Per-image variance of the gallery embedding over a few views (attentive regression, methods.md §5),
+        computed once; each view's embeddings are cached like the training embeddings."""
+        t, g = self.t, self.reference_gallery or self.t.gallery_net
+        cache = EmbeddingCache(Path(self.cfg.output_dir) / ".cache")
+        views = []
+        for v, transform in enumerate(view_transforms(g.transform, self.rc.uncertainty_views)):
+            view = copy.copy(g)
+            view.transform = transform
+            views.append(np.asarray(cache.get(view, t.records, key=f"{cache_key(g, t.records)}-view{v}of"
+                                              f"{self.rc.uncertainty_views}", batch_size=32,
+                                              num_workers=self.cfg.data.num_workers, device=self.device,
+                                              progress=t.progress)))
+        # σ²_i = E_v ‖g_v,i − ḡ_i‖² (the trace of the views' covariance): a sum over dimensions, like the
+        # ‖q_i − μ_i‖² it divides, so the loss keeps the scale of a plain regression.
+        variance = np.stack(views).var(axis=0).sum(axis=1)
+        # Our choice, not the paper's: relative to the training set's mean and floored at a tenth of it, so the
+        # loss keeps the scale of a plain regression and no near-certain image weighs more than 10x the average.
+        variance = np.maximum(variance / max(float(variance.mean()), 1e-12), 0.1)
+        return torch.from_numpy(variance.astype(np.float32)).to(self.device)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimiser's groups: the trained network's (AML's GeM rule) or, for ACD with ``raho``, RAHO's tiers."""
+        net = self.trained_net
+        if self.co_train and self.cfg.acd.raho:
+            return self._raho_groups(lr)
+        groups = net.param_groups(lr)
+        for g in groups:
+            if g.get("weight_decay") == 0.0:  # GeM p
+                g["lr"] = lr * self.cfg.train.optim.gem_lr_mult
+        params = [p for m in (self.loss_fn,) if m is not None for p in m.parameters()]
+        if params:
+            groups.append({"params": params, "lr": lr})
+        return groups
+
+    def _raho_groups(self, lr: float) -> list[dict]:
+        from asymret.training.raho import TIER_NAMES, raho, raho_param_groups, residual_blocks
+
+        a = self.cfg.acd
+        path = self.t.run_dir / "raho.json"
+        if path.is_file():  # resume: the tiers chosen on the original weights
+            report = json.loads(path.read_text())
+            tiers = {b["name"]: TIER_NAMES.index(b["tier"]) for b in report["blocks"]}
+            return raho_param_groups(self.trained_net, residual_blocks(self.trained_net.backbone), tiers, lr,
+                                     report["gamma"])
+        sampler = DistillationSampler(len(self.t.records), self._distill_size(), num_batches=a.raho_batches,
+                                      seed=self.cfg.seed + 7919)
+        loader = DataLoader(self._distill_images(), batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+                            collate_fn=list)
+
+        def batches():
+            for items, idx in zip(loader, sampler):
+                _raise_errors(items)
+                gal = torch.stack([g for _, g in items])
+                low = torch.stack([q for q, _ in items])
+                yield gal, low, torch.as_tensor(self.t.labels[idx])
+
+        groups, report = raho(self.trained_net, batches(), lr, query_net=self.t.query_net, p=a.raho_p,
+                              gamma=a.raho_gamma)
+        if self.t.main:
+            self.t.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1))
+        log.info("RAHO: %d of %d blocks at full lr (U_hr ∩ U_cr), written to %s",
+                 sum(b["tier"] == "eta" for b in report["blocks"]), len(report["blocks"]), path)
+        return groups
+
+    # ------------------------------------------------------------------------------------ epochs
+
+    def _distill_size(self) -> int:
+        return min(self.rc.distill_batch_size, len(self.t.records))
+
+    def _distill_images(self) -> RecordImages:
+        """Distillation images: query resolution (and gallery resolution too when the gallery is trained)."""
+        q = self.t.query_net.transform
+        if self.co_train:
+            g = self.trained_net.transform
+            return RecordImages(self.t.records, lambda im: (q(im), g(im)))
+        return RecordImages(self.t.records, q)
+
+    def loaders(self, epoch: int):
+        """The epoch's steps: ``(pk_loader, pk_sampler, distill_loader | None, distill_sampler | None)``."""
+        t, rc = self.t, self.rc
+        ids = min(rc.ids_per_batch, self.num_ids)
+        pk = IdentitySampler(t.labels, ids, rc.images_per_id, seed=self.cfg.seed, rank=t.rank, world_size=t.world)
+        pk.set_epoch(epoch)
+        transform = reid_train_transform(self.trained_net.spec.input, rc.flip, rc.pad, rc.erasing)
+        kw = {"num_workers": self.cfg.data.num_workers, "collate_fn": list,
+              "pin_memory": self.device.type == "cuda"}
+        pk_loader = DataLoader(RecordImages(t.records, transform), batch_sampler=pk, **kw)
+        if self.alone or rc.distill_batch_size == 0:
+            return pk_loader, pk, None, None
+        ds = DistillationSampler(len(t.records), self._distill_size(), num_batches=len(pk), seed=self.cfg.seed,
+                                 rank=t.rank, world_size=t.world)
+        ds.set_epoch(epoch)
+        return pk_loader, pk, DataLoader(self._distill_images(), batch_sampler=ds, **kw), ds
+
+    def train_mode(self) -> None:
+        self.trained_net.train()
+        if self.cfg.train.bn_eval:
+            from asymret.training.trainer import set_bn_eval
+
+            set_bn_eval(self.trained_net)
+        if self.co_train:
+            self.t.query_net.eval()
+
+    def step(self, pk_images: list, pk_idx, distill_items: list | None, distill_idx) -> LossOutput:
+        """One step's loss: the trained network's own loss on the P×K batch plus the distillation terms."""
+        from asymret.training.trainer import stack_by_shape
+
+        dev = self.device
+        _raise_errors(pk_images)
+        out = self.trained_net.forward_train(stack_by_shape(pk_images).to(dev, non_blocking=True))
+        labels = torch.as_tensor(self.t.labels[np.asarray(pk_idx)], device=dev)
+        own = self.supervised(LossBatch(query=out.pooled, query_logits=out.logits, labels=labels))
+        total, parts = own.total, {f"own_{k}": v for k, v in own.parts.items()}
+        if distill_items is None:
+            return LossOutput(total, parts)
+        _raise_errors(distill_items)
+        idx = torch.as_tensor(np.asarray(distill_idx), device=dev)
+        d_labels = torch.as_tensor(self.t.labels[np.asarray(distill_idx)], device=dev)
+        if self.co_train:
+            low = stack_by_shape([q for q, _ in distill_items]).to(dev, non_blocking=True)
+            high = stack_by_shape([g for _, g in distill_items]).to(dev, non_blocking=True)
+            with torch.no_grad(), eval_mode(self.t.query_net):
+                q = self.t.query_net.forward_train(low)
+            g = self.trained_net.forward_train(high)
+            batch = LossBatch(query=q.feature, gallery=g.feature, query_raw=q.raw, gallery_raw=g.raw,
+                              labels=d_labels, uncertainty=None if self.uncertainty is None else self.uncertainty[idx])
+            base = self.loss_fn(batch)
+            collab = self.trained_net.head.classifier(0.5 * (g.raw + q.raw))
+            acd = self.acd(LossBatch(query_logits=q.logits, gallery_logits=g.logits, collab_logits=collab))
+            total = total + self.cfg.acd.base_weight * base.total + acd.total
+            parts.update({"base": base.total.detach(), **{f"acd_{k}": v for k, v in acd.parts.items()}})
+            return LossOutput(total, parts)
+        q = self.trained_net.forward_train(stack_by_shape(distill_items).to(dev, non_blocking=True))
+        batch = LossBatch(query=q.feature, gallery=self.t.gallery_emb[idx], query_raw=q.raw, labels=d_labels,
+                          uncertainty=None if self.uncertainty is None else self.uncertainty[idx])
+        base = self.loss_fn(batch)
+        parts.update({"distill": base.total.detach(), **{f"distill_{k}": v for k, v in base.parts.items()}})
+        return LossOutput(total + base.total, parts)
