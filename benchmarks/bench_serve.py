@@ -7,7 +7,7 @@ search by vector and by image, against two baselines measured in the same run:
   (goal: image-search QPS with 8 clients >= 2x with coalescing on).
 
 The server runs as ``asymret serve`` in its own process; clients are threads with keep-alive httpx
-connections. The pair has the demo's shapes (gallery ResNet-18 256-d at 112 px, query
+connections. The pair has the first demo's shapes (gallery ResNet-18 256-d at 112 px, query
 MobileNetV2-0.5 256-d at 80 px), randomly initialised (speed does not depend on the weights), or
 pass ``--pair``. The gallery holds ``--gallery-size`` synthetic unit vectors (Flat index).
 

@@ -30,7 +30,7 @@ import os
 import pickle
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from asymret.retrieval.datasets import cid2filename
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 JPEG_QUALITY = 90
 MARKER = ".mini-complete"  # written last: its absence means an interrupted build
 ROXFORD, VERI, SFM, DISTRACTORS = "mini-roxford", "mini-veri", "mini-sfm", "revisitop1m"
@@ -66,10 +66,23 @@ CORE_FRACTION = 0.55  # a landmark is the centre of its region; the rest is its 
 JUNK_BELOW = 0.25     # revisitop: less than a quarter of the object visible is junk
 NEGATIVE_BELOW = 0.02  # a view showing (almost) none of the landmark is a plain negative
 
+def hue_rotation(degrees: float) -> np.ndarray:
+    """3x3 RGB matrix rotating colours by ``degrees`` about the grey axis u = (1, 1, 1)/sqrt(3), i.e. a
+    hue rotation that keeps grey grey (Rodrigues: R = cos t I + sin t [u]x + (1 - cos t) u u^T)."""
+    t = np.deg2rad(degrees)
+    u = np.full(3, 1 / np.sqrt(3))
+    cross = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    return np.cos(t) * np.eye(3) + np.sin(t) * cross + (1 - np.cos(t)) * np.outer(u, u)
+
+
 @dataclass(frozen=True)
 class ToneRange:
-    """Ranges of a photometric change: per-channel gain 1 ± ``gain`` (colour cast), saturation,
-    contrast, gamma (exposure), Gaussian blur sigma (defocus, pixels), noise sigma (sensor)."""
+    """Ranges of a photometric change: a colour remap (hue rotation up to ±``hue`` degrees, with
+    probability ``permute`` a random swap of the colour channels, with probability ``grey`` a
+    black-and-white photo), a colour-temperature shift (red against blue gain, ± ``temperature``),
+    per-channel gain 1 ± ``gain`` (colour cast), saturation, contrast, gamma (exposure), Gaussian blur
+    sigma (defocus, pixels), noise sigma (sensor). The remap makes a landmark's colours unreliable, as
+    day, night, season and film do to real ones, so colour statistics alone stop identifying it."""
 
     gain: float
     saturation: tuple[float, float]
@@ -77,16 +90,26 @@ class ToneRange:
     gamma: tuple[float, float]
     blur: tuple[float, float]
     noise: tuple[float, float]
+    hue: float = 0.0
+    permute: float = 0.0
+    grey: float = 0.0
+    temperature: float = 0.0
 
     def sample(self, rng) -> Tone:
-        return Tone(1 + rng.uniform(-self.gain, self.gain, 3), rng.uniform(*self.saturation),
-                    rng.uniform(*self.contrast), rng.uniform(*self.gamma), rng.uniform(*self.blur),
-                    rng.uniform(*self.noise))
+        mix = hue_rotation(rng.uniform(-self.hue, self.hue)) if self.hue else np.eye(3)
+        if self.permute and rng.random() < self.permute:
+            mix = np.eye(3)[rng.permutation(3)] @ mix
+        if self.grey and rng.random() < self.grey:
+            mix = np.full((3, 3), 1 / 3) @ mix
+        t = rng.uniform(-self.temperature, self.temperature) if self.temperature else 0.0
+        gains = (1 + rng.uniform(-self.gain, self.gain, 3)) * np.array([1 + t, 1.0, 1 - t])
+        return Tone(gains, rng.uniform(*self.saturation), rng.uniform(*self.contrast), rng.uniform(*self.gamma),
+                    rng.uniform(*self.blur), rng.uniform(*self.noise), mix)
 
 
 @dataclass(frozen=True)
 class Tone:
-    """One concrete photometric change (drawn from a :class:`ToneRange`)."""
+    """One concrete photometric change (drawn from a :class:`ToneRange`); ``mix``: 3x3 colour remap."""
 
     gains: np.ndarray
     saturation: float
@@ -94,9 +117,10 @@ class Tone:
     gamma: float
     blur: float
     noise: float
+    mix: np.ndarray = field(default_factory=lambda: np.eye(3))
 
     def apply(self, rng, img: np.ndarray) -> np.ndarray:
-        img = img * self.gains.astype(np.float32)
+        img = np.clip(img @ self.mix.T.astype(np.float32), 0, 1) * self.gains.astype(np.float32)
         grey = img.mean(axis=-1, keepdims=True)
         img = grey + self.saturation * (img - grey)
         img = img.mean() + self.contrast * (img - img.mean())
@@ -123,19 +147,24 @@ class ViewClass:
 
 
 TONES = {
+    # queries: the landmark as its photographer saw it, in its own colours
+    "query": ToneRange(0.1, saturation=(0.75, 1.25), contrast=(0.85, 1.15), gamma=(0.75, 1.3), blur=(0.0, 0.8),
+                       noise=(0.0, 0.015)),
+    # database views: other light, other season, other film: hues turn, channels swap, colour vanishes,
+    # while the remap keeps every pixel's intensity (only gain, contrast and gamma change that)
     "mild": ToneRange(0.1, saturation=(0.75, 1.25), contrast=(0.85, 1.15), gamma=(0.75, 1.3), blur=(0.0, 0.8),
-                      noise=(0.0, 0.015)),
+                      noise=(0.0, 0.015), hue=90, permute=0.25, grey=0.15, temperature=0.2),
     "medium": ToneRange(0.2, saturation=(0.5, 1.4), contrast=(0.7, 1.25), gamma=(0.65, 1.5), blur=(0.0, 1.5),
-                        noise=(0.0, 0.03)),
+                        noise=(0.0, 0.03), hue=180, permute=0.4, grey=0.2, temperature=0.3),
     "severe": ToneRange(0.35, saturation=(0.1, 1.7), contrast=(0.5, 1.4), gamma=(0.45, 2.2), blur=(0.5, 2.2),
-                        noise=(0.01, 0.05)),
+                        noise=(0.01, 0.05), hue=180, permute=0.5, grey=0.3, temperature=0.4),
     # traffic cameras: strong casts, night-like desaturation, defocus, but vehicles stay recognisable
     "camera": ToneRange(0.3, saturation=(0.2, 1.4), contrast=(0.6, 1.3), gamma=(0.55, 1.8), blur=(0.0, 1.4),
                         noise=(0.0, 0.04)),
 }
 VIEWS = {
     # a query shows the whole region, the landmark inside its context, nearly frontal
-    "query": ViewClass((1.55, 1.8), (0.0, 0.05), 3, 0.02, occluded=0.0, occlusion=(0.0, 0.0), tone="mild"),
+    "query": ViewClass((1.55, 1.8), (0.0, 0.05), 3, 0.02, occluded=0.0, occlusion=(0.0, 0.0), tone="query"),
     "easy": ViewClass((1.15, 1.8), (0.0, 0.08), 8, 0.06, occluded=0.3, occlusion=(0.02, 0.1), tone="mild"),
     "hard": ViewClass((0.8, 1.8), (0.0, 0.25), 35, 0.2, occluded=0.7, occlusion=(0.1, 0.4), tone="severe"),
     # junk: a glimpse of the landmark's edge, or the landmark behind a large occluder

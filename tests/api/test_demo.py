@@ -42,3 +42,20 @@ def test_evaluate_pair_errors(demo, capsys):
     assert "pair file not found" in capsys.readouterr().err
     assert main(["evaluate", "--benchmark", "mini-roxford"]) == 2
     assert "give --pair" in capsys.readouterr().err
+
+
+def test_demo_threads_and_configs(tmp_path):
+    from asymret.api.commands.demo import FULL, cpu_threads, demo_configs
+    from asymret.errors import InputError
+    from asymret.training.config import ExperimentConfig
+
+    assert cpu_threads(3) == 3 and cpu_threads(None) >= 1
+    with pytest.raises(InputError, match="--threads"):
+        cpu_threads(0)
+    mini = {"train_pkl": tmp_path / "mini-sfm.pkl", "train_images": tmp_path / "ims", "roxford": tmp_path}
+    gallery, query = (ExperimentConfig.model_validate(c) for c in demo_configs(tmp_path, tmp_path, False, mini))
+    # square inputs (one batch per step), augmentation for the gallery only, the query against the gallery
+    assert gallery.query_net.input.size == (FULL["gallery_size"],) * 2 and gallery.data.augment.enabled
+    assert query.query_net.input.size == (FULL["query_size"],) * 2 and not query.data.augment.enabled
+    assert query.gallery_net.weights == str(tmp_path / "gallery" / "query_net.pt")
+    assert demo_configs(tmp_path, tmp_path, False, mini, query_epochs=3)[1]["train"]["epochs"] == 3

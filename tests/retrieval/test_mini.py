@@ -242,6 +242,30 @@ def test_fit_inside_keeps_views_within_their_region():
     assert np.allclose(mini.fit_inside(inside, box), inside)
 
 
+def test_hue_rotation_is_a_rotation_about_the_grey_axis():
+    assert np.allclose(mini.hue_rotation(0), np.eye(3))
+    for degrees in (17, 90, 180):
+        m = mini.hue_rotation(degrees)
+        assert np.allclose(m @ m.T, np.eye(3)) and np.isclose(np.linalg.det(m), 1)
+        assert np.allclose(m @ np.ones(3), np.ones(3))  # grey stays grey, intensity (mean of RGB) is kept
+    assert np.allclose(mini.hue_rotation(120), np.eye(3)[[2, 0, 1]])  # a third of the circle: R -> G -> B
+
+
+def test_database_tones_remap_colours_but_queries_keep_them():
+    img = np.random.default_rng(0).uniform(0.2, 0.8, (8, 8, 3)).astype(np.float32)
+    remapped = []
+    for kind in ("query", "mild", "severe"):
+        tone_range = mini.TONES[kind]
+        tones = [tone_range.sample(np.random.default_rng([1, i])) for i in range(200)]
+        remapped.append(np.mean([not np.allclose(t.mix, np.eye(3)) for t in tones]))
+        for t in tones:  # hue rotations, channel swaps and grey all keep each pixel's intensity
+            assert np.allclose((img @ t.mix.T).mean(-1), img.mean(-1), atol=1e-5)
+        out = tones[0].apply(np.random.default_rng(2), img)
+        assert out.shape == img.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    assert remapped[0] == 0 and remapped[1] > 0.9 and remapped[2] > 0.9
+    assert mini.VIEWS["query"].tone == "query" and mini.VIEWS["hard"].tone == "severe"
+
+
 def test_labels_follow_revisitop_visibility_rule():
     assert mini.label("easy", 0.9) == "easy" and mini.label("hard", 0.5) == "hard"
     assert mini.label("hard", 0.2) == "junk"  # under a quarter visible
