@@ -9,6 +9,7 @@ same weights (RAHO's tiers come back from raho.json).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +218,35 @@ def test_reid_config_errors(mini, gallery, tmp_path):
     longer_side = student(mini, tmp_path, gallery, query_net={**net("resnet10t", 32), "input": {"size": 40}})
     with pytest.raises(ConfigError, match=r"input.size: \[height, width\]"):
         train(ExperimentConfig.model_validate(longer_side), progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one_process_accumulating_two_steps(mini, gallery, tmp_path):
+    """Rank r takes P×K and distillation batches r, r + 2, ...; the averaged gradients equal one process
+    accumulating the same two batches per optimiser step (augmentation off: its draws differ per process)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    # 2 x 3 gives 4 P×K batches per epoch on the tiny set: an even count, so no rank drops a last batch
+    no_augment = {"ids_per_batch": 2, "images_per_id": 3, "distill_batch_size": 4, "flip": False, "pad": 0,
+                  "erasing": 0.0}
+    train_cfg = {**base(mini, "")["train"], "epochs": 2, "reid": no_augment}
+    single = student(mini, tmp_path / "single", gallery, "rop", train={**train_cfg, "accumulate": 2})
+    one = Trainer(ExperimentConfig.model_validate(single), progress=False)
+    assert len(one.recipe.loaders(0)[1]) % 2 == 0 and len(one.recipe.loaders(1)[1]) % 2 == 0
+    one.fit()
+    ddp = student(mini, tmp_path / "ddp", gallery, "rop", train=train_cfg)
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(ddp))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(30500 + os.getpid() % 1000), "-m", "asymret", "train",
+                           str(cfg_path), "--no-progress"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = state(tmp_path / "single" / "q_rop" / "query_net.pt"), state(tmp_path / "ddp" / "q_rop" / "query_net.pt")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0) for k in a)
