@@ -9,7 +9,6 @@ same weights (RAHO's tiers come back from raho.json).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from asymret.retrieval.pair import load_pair
 from asymret.training.config import ExperimentConfig
 from asymret.training.losses import create_loss
 from asymret.training.trainer import Trainer, stack_by_shape, train
+from tests.training.ddp import torchrun_train
 
 DISTILLERS = ["fitnet", "cc", "csd", "raml", "rop", "d3still", "mqd", "simdistill", "attentive"]
 
@@ -224,12 +224,6 @@ def test_reid_config_errors(mini, gallery, tmp_path):
 def test_two_process_gloo_equals_one_process_accumulating_two_steps(mini, gallery, tmp_path):
     """Rank r takes P×K and distillation batches r, r + 2, ...; the averaged gradients equal one process
     accumulating the same two batches per optimiser step (augmentation off: its draws differ per process)."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
     # 2 x 3 gives 4 P×K batches per epoch on the tiny set: an even count, so no rank drops a last batch
     no_augment = {"ids_per_batch": 2, "images_per_id": 3, "distill_batch_size": 4, "flip": False, "pad": 0,
                   "erasing": 0.0}
@@ -238,15 +232,6 @@ def test_two_process_gloo_equals_one_process_accumulating_two_steps(mini, galler
     one = Trainer(ExperimentConfig.model_validate(single), progress=False)
     assert len(one.recipe.loaders(0)[1]) % 2 == 0 and len(one.recipe.loaders(1)[1]) % 2 == 0
     one.fit()
-    ddp = student(mini, tmp_path / "ddp", gallery, "rop", train=train_cfg)
-    cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(ddp))
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(30500 + os.getpid() % 1000), "-m", "asymret", "train",
-                           str(cfg_path), "--no-progress"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun_train(student(mini, tmp_path / "ddp", gallery, "rop", train=train_cfg), tmp_path / "ddp.yaml")
     a, b = state(tmp_path / "single" / "q_rop" / "query_net.pt"), state(tmp_path / "ddp" / "q_rop" / "query_net.pt")
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0) for k in a)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from asymret.errors import ConfigError, TrainingError
 from asymret.retrieval.pair import load_pair
 from asymret.training.config import ExperimentConfig
 from asymret.training.trainer import Trainer, train
+from tests.training.ddp import torchrun_train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,13 +129,6 @@ def test_two_process_gloo_equals_one_process_with_the_global_batch(folder, tmp_p
     single = config(folder, tmp_path / "single", **{"train.batch_size": 4, "train.epochs": 2, "train.optim": sgd})
     train(ExperimentConfig.model_validate(single), progress=False)
     ddp = config(folder, tmp_path / "ddp", **{"train.batch_size": 2, "train.epochs": 2, "train.optim": sgd})
-    cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(ddp))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000), "-m", "asymret", "train",
-                           str(cfg_path), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun_train(ddp, tmp_path / "ddp.yaml")
     assert same(weights(tmp_path / "single" / "run" / "query_net.pt"),
                 weights(tmp_path / "ddp" / "run" / "query_net.pt"), atol=1e-5)
