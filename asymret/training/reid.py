@@ -22,7 +22,8 @@ Three modes, chosen by the config:
   resolution; on the distillation batch the total is ``w · L_base(q, g) + L_ACD(z^q, z^g, z^c)``
   with ``z^c = W_g(½(g + q))`` on the un-normalised head features (methods.md §4, Eq. 3). Before the
   first epoch RAHO measures block importance on a few distillation batches and sets the learning-rate
-  tiers; its choice is written to ``raho.json`` in the run folder and reused on resume.
+  tiers; its choice is written to ``raho.json`` in the run folder and reused on resume (only when the
+  starting weights and RAHO settings it records are the same).
 """
 
 from __future__ import annotations
@@ -206,12 +207,15 @@ class ReIDRecipe:
         return groups
 
     def _raho_groups(self, lr: float) -> list[dict]:
+        from asymret.retrieval.pair import weights_hash
         from asymret.training.raho import TIER_NAMES, raho, raho_param_groups, residual_blocks
 
         a = self.cfg.acd
         path = self.t.run_dir / "raho.json"
-        if path.is_file():  # resume: the tiers chosen on the original weights
-            report = json.loads(path.read_text())
+        measured_on = {"gallery_net": weights_hash(self.trained_net), "query_net": weights_hash(self.t.query_net),
+                       "p": a.raho_p, "gamma": a.raho_gamma, "batches": a.raho_batches, "seed": self.cfg.seed}
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        if report.get("measured_on") == measured_on:  # resume: the tiers chosen on these starting weights
             tiers = {b["name"]: TIER_NAMES.index(b["tier"]) for b in report["blocks"]}
             return raho_param_groups(self.trained_net, residual_blocks(self.trained_net.backbone), tiers, lr,
                                      report["gamma"])
@@ -229,6 +233,7 @@ class ReIDRecipe:
 
         groups, report = raho(self.trained_net, batches(), lr, query_net=self.t.query_net, p=a.raho_p,
                               gamma=a.raho_gamma)
+        report["measured_on"] = measured_on  # a later run reuses the tiers only for the same start
         if self.t.main:
             self.t.run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=1))

@@ -235,3 +235,16 @@ def test_two_process_gloo_equals_one_process_accumulating_two_steps(mini, galler
     torchrun_train(student(mini, tmp_path / "ddp", gallery, "rop", train=train_cfg), tmp_path / "ddp.yaml")
     a, b = state(tmp_path / "single" / "q_rop" / "query_net.pt"), state(tmp_path / "ddp" / "q_rop" / "query_net.pt")
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0) for k in a)
+
+
+def test_raho_tiers_are_reused_only_for_the_same_starting_weights(mini, d3still_run, tmp_path):
+    stale = {"measured_on": {"gallery_net": "another gallery"}, "gamma": 0.05,
+             "blocks": [{"name": "layer1.0", "tier": "eta"}]}
+    (tmp_path / "acd").mkdir()
+    (tmp_path / "acd" / "raho.json").write_text(json.dumps(stale))
+    Trainer(ExperimentConfig.model_validate(acd_config(mini, tmp_path, d3still_run)), progress=False)
+    fresh = json.loads((tmp_path / "acd" / "raho.json").read_text())
+    assert len(fresh["blocks"]) == 4 and fresh["measured_on"]["gallery_net"] != "another gallery"
+    before = (tmp_path / "acd" / "raho.json").stat().st_mtime_ns
+    Trainer(ExperimentConfig.model_validate(acd_config(mini, tmp_path, d3still_run)), progress=False)
+    assert (tmp_path / "acd" / "raho.json").stat().st_mtime_ns == before  # same start: read back, not re-measured
