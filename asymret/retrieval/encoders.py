@@ -109,6 +109,13 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
+def set_bn_eval(net: nn.Module) -> None:
+    """Put every BatchNorm of ``net`` in eval mode (frozen statistics; AML's BatchNorm-eval training)."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 class Encoder(nn.Module):
     """A retrieval encoder. ``forward`` gives L2-normalised ``(B, dim)`` embeddings.
 

@@ -23,6 +23,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from asymret.errors import ConfigError
 from asymret.retrieval.specs import InputSpec, Strict
 
 
@@ -109,3 +110,17 @@ def build_train_transform(spec: InputSpec, augment: AugmentSpec | None = None):
     if a.grayscale:
         steps.append(T.RandomGrayscale(a.grayscale))
     return T.Compose([*steps, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def build_reid_train_transform(spec: InputSpec, flip: bool = True, pad: int = 10, erasing: float = 0.5):
+    """The re-ID training augmentation (ACD supplementary A.1 (2), fast-reid): resize to the fixed
+    ``[H, W]``, random horizontal flip, random crop after zero-padding, z-score, random erasing."""
+    if isinstance(spec.size, int):
+        raise ConfigError("the re-ID recipe needs fixed-size inputs; set input.size: [height, width] on the networks")
+    size = tuple(spec.size)
+    ops = [T.Resize(size, interpolation=InterpolationMode(spec.interpolation), antialias=True)]
+    ops += [T.RandomHorizontalFlip()] if flip else []
+    ops += [T.Pad(pad), T.RandomCrop(size)] if pad else []
+    ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    ops += [T.RandomErasing(p=erasing, value=0)] if erasing else []
+    return T.Compose(ops)

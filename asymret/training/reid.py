@@ -41,7 +41,8 @@ from torchvision import transforms as T
 from asymret.errors import AsymretError, ConfigError
 from asymret.retrieval.cache import EmbeddingCache, cache_key
 from asymret.retrieval.encode import RecordImages
-from asymret.retrieval.encoders import Encoder, create_encoder, eval_mode
+from asymret.retrieval.encoders import Encoder, create_encoder, eval_mode, set_bn_eval
+from asymret.retrieval.transforms import build_reid_train_transform
 from asymret.training.losses import LOSSES, LossBatch, LossOutput, create_loss
 from asymret.training.samplers import DistillationSampler, IdentitySampler
 
@@ -70,20 +71,13 @@ def view_transforms(base, n: int) -> list:
     return views[:n]
 
 
-def reid_train_transform(spec, flip: bool = True, pad: int = 10, erasing: float = 0.5):
-    """The re-ID training augmentation (ACD supplementary A.1 (2), fast-reid): resize to the fixed
-    ``[H, W]``, random horizontal flip, random crop after zero-padding, z-score, random erasing."""
-    from torchvision.transforms import InterpolationMode
-
-    if isinstance(spec.size, int):
-        raise ConfigError("the re-ID recipe needs fixed-size inputs; set input.size: [height, width] on the networks")
-    size = tuple(spec.size)
-    ops = [T.Resize(size, interpolation=InterpolationMode(spec.interpolation), antialias=True)]
-    ops += [T.RandomHorizontalFlip()] if flip else []
-    ops += [T.Pad(pad), T.RandomCrop(size)] if pad else []
-    ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
-    ops += [T.RandomErasing(p=erasing, value=0)] if erasing else []
-    return T.Compose(ops)
+def stack_by_shape(images: list[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor from equally sized images (the re-ID recipe's fixed ``[H, W]`` inputs)."""
+    shapes = {tuple(i.shape) for i in images}
+    if len(shapes) > 1:
+        raise ConfigError("the re-ID recipe needs fixed-size inputs; set input.size: [height, width] on the "
+                          f"networks (got images of {len(shapes)} shapes)")
+    return torch.stack(images)
 
 
 def _raise_errors(items) -> None:
@@ -260,7 +254,7 @@ class ReIDRecipe:
         ids = min(rc.ids_per_batch, self.num_ids)
         pk = IdentitySampler(t.labels, ids, rc.images_per_id, seed=self.cfg.seed, rank=t.rank, world_size=t.world)
         pk.set_epoch(epoch)
-        transform = reid_train_transform(self.trained_net.spec.input, rc.flip, rc.pad, rc.erasing)
+        transform = build_reid_train_transform(self.trained_net.spec.input, rc.flip, rc.pad, rc.erasing)
         kw = {"num_workers": self.cfg.data.num_workers, "collate_fn": list,
               "pin_memory": self.device.type == "cuda"}
         pk_loader = DataLoader(RecordImages(t.records, transform), batch_sampler=pk, **kw)
@@ -274,16 +268,12 @@ class ReIDRecipe:
     def train_mode(self) -> None:
         self.trained_net.train()
         if self.cfg.train.bn_eval:
-            from asymret.training.trainer import set_bn_eval
-
             set_bn_eval(self.trained_net)
         if self.co_train:
             self.t.query_net.eval()
 
     def step(self, pk_images: list, pk_idx, distill_items: list | None, distill_idx) -> LossOutput:
         """One step's loss: the trained network's own loss on the P×K batch plus the distillation terms."""
-        from asymret.training.trainer import stack_by_shape
-
         dev = self.device
         _raise_errors(pk_images)
         out = self.trained_net.forward_train(stack_by_shape(pk_images).to(dev, non_blocking=True))

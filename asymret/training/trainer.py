@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -38,7 +37,7 @@ from asymret.errors import AsymretError, ConfigError, TrainingError
 from asymret.index.files import atomic_write
 from asymret.retrieval.cache import EmbeddingCache
 from asymret.retrieval.encode import RecordImages, encode_records
-from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint
+from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint, set_bn_eval
 from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
 from asymret.retrieval.transforms import build_train_transform
@@ -86,21 +85,6 @@ def forward_images(net: Encoder, images: list[torch.Tensor], device) -> torch.Te
         order.extend(rows)
     out = torch.cat(parts)
     return out[torch.argsort(torch.as_tensor(order, device=out.device))]
-
-
-def stack_by_shape(images: list[torch.Tensor]) -> torch.Tensor:
-    """One batch tensor from equally sized images (the re-ID recipe's fixed ``[H, W]`` inputs)."""
-    shapes = {tuple(i.shape) for i in images}
-    if len(shapes) > 1:
-        raise ConfigError("the re-ID recipe needs fixed-size inputs; set input.size: [height, width] on the "
-                          f"networks (got images of {len(shapes)} shapes)")
-    return torch.stack(images)
-
-
-def set_bn_eval(net: nn.Module) -> None:
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 def lr_factor(epoch: int, cfg) -> float:

@@ -20,9 +20,11 @@ from asymret.errors import ConfigError
 from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.mini import ensure_mini
 from asymret.retrieval.pair import load_pair
+from asymret.retrieval.records import load_image
 from asymret.training.config import ExperimentConfig
 from asymret.training.losses import create_loss
-from asymret.training.trainer import Trainer, stack_by_shape, train
+from asymret.training.reid import stack_by_shape
+from asymret.training.trainer import Trainer, train
 from tests.training.ddp import torchrun_train
 
 DISTILLERS = ["fitnet", "cc", "csd", "raml", "rop", "d3still", "mqd", "simdistill", "attentive"]
@@ -108,8 +110,7 @@ def test_frozen_gallery_step_equals_its_definition(mini, gallery, tmp_path):
     qd = F.normalize(q.forward_train(stack_by_shape(d_images)).raw, dim=1)
     g_net = load_pair(gallery / "pair.pt").gallery_net
     with torch.no_grad():
-        gd = torch.cat([g_net(g_net.transform(__import__("asymret.retrieval.records", fromlist=["x"]).load_image(
-            trainer.records[i]))[None]) for i in d_idx])
+        gd = torch.cat([g_net(g_net.transform(load_image(trainer.records[i]))[None]) for i in d_idx])
     off = ~torch.eye(6, dtype=torch.bool)
     s_qg, s_gg, s_qq = qd @ gd.T, gd @ gd.T, qd @ qd.T
     raml = ((1 - (qd * gd).sum(1)) ** 2).mean() + 0.7482 * ((s_qg - s_gg)[off] ** 2).mean() \

@@ -94,9 +94,6 @@ def run_pair(args: argparse.Namespace) -> int:
     from asymret.training.trainer import resolve_device
 
     rows = tuple(r.strip() for r in (args.rows or "").split(",") if r.strip())
-    unknown = set(rows) - set(ev.ALL_ROWS)
-    if unknown:
-        raise InputError(f"unknown row(s) {', '.join(sorted(unknown))}; choose from {', '.join(ev.ALL_ROWS)}")
     device = resolve_device(args.device)
     pair = load_pair(args.pair, device=device)
     if not rows:
