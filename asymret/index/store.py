@@ -250,7 +250,19 @@ class GalleryStore:
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
             engine = engine.execution_options(schema_translate_map={None: schema})
         self.engine = engine
-        metadata.create_all(self.engine)
+        self._create_tables()
+
+    def _create_tables(self, attempts: int = 3) -> None:
+        """``create_all`` checks, then creates: two processes opening a fresh store at once (torchrun ranks,
+        serve beside an index build) can both see no table and one CREATE fails. Checking again settles it."""
+        for attempt in range(attempts):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as exc:
+                if "already exists" not in str(exc).lower() and "duplicate" not in str(exc).lower() \
+                        or attempt == attempts - 1:
+                    raise
 
     def __enter__(self) -> Self:
         return self

@@ -237,3 +237,27 @@ def test_index_newer_than_database_is_refused(filled):
         conn.execute(galleries.update().values(last_seq=0))
     with pytest.raises(ConflictError, match="newer than the database"):
         store.open("oxford")
+
+
+def _open_fresh_store(root: str) -> str | None:
+    from asymret.index.store import GalleryStore
+
+    try:
+        GalleryStore(root, f"sqlite:///{root}/galleries.db")
+    except Exception as exc:  # noqa: BLE001  (reported back to the test)
+        return repr(exc)
+    return None
+
+
+def test_processes_opening_one_fresh_store_at_once_all_succeed(tmp_path):
+    """Torchrun ranks (or serve beside an index build) create the tables concurrently: create_all checks,
+    then creates, so without a second look one of them failed with "table galleries already exists"
+    (16 of 80 opens before the fix)."""
+    import multiprocessing
+
+    roots = [str(tmp_path / f"s{i}") for i in range(10)]
+    for root in roots:
+        (tmp_path / root).mkdir()
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        errors = pool.map(_open_fresh_store, [r for r in roots for _ in range(4)])
+    assert errors == [None] * 40
