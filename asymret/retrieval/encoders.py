@@ -8,7 +8,6 @@ may run at different resolutions without calling code knowing.
 from __future__ import annotations
 
 import difflib
-import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -20,15 +19,20 @@ from torch import Tensor, nn
 
 from asymret.errors import ConfigError
 from asymret.retrieval import backbones  # noqa: F401  (registers the ResNet-IBN-a models in timm)
+from asymret.retrieval.checkpoints import (  # noqa: F401  (UNREADABLE_CHECKPOINT: re-exported for pair.py)
+    UNREADABLE_CHECKPOINT,
+    as_backbone_state,
+    first_difference,
+    from_cirtorch,
+    is_cirtorch,
+    pretrained_file,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 from asymret.retrieval.specs import EncoderSpec
 from asymret.retrieval.transforms import build_transform
 
 BNNECK_DIM = 512
-# Top-level module names that hold classifiers in timm and torchvision checkpoints; the backbone is
-# built without them, so their keys in a backbone state dict are dropped, not reported.
-HEAD_MODULES = ("fc", "classifier", "head", "head_dist", "pre_logits")
-# What torch.load(weights_only=True) raises for foreign, truncated or pickled-object files.
-UNREADABLE_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError)
 
 
 def gem(x: Tensor, p: Tensor | float, eps: float = 1e-6) -> Tensor:
@@ -219,16 +223,25 @@ def create_encoder(spec: EncoderSpec | dict, *, load_weights: bool = True) -> En
 
 
 def create_backbone(spec: EncoderSpec, pretrained: bool) -> nn.Module:
-    """The timm model named by ``spec.backbone``, without its classifier."""
+    """The timm model named by ``spec.backbone``, without its classifier.
+
+    ``pretrained`` weights come from timm's cache without a network call when they are there, and a
+    :class:`ConfigError` comes at once when they can only be downloaded and the network is off
+    (:func:`~asymret.retrieval.checkpoints.pretrained_file`). With ``weights:`` set nothing is downloaded: the
+    file replaces every backbone tensor anyway (loading is strict).
+    """
     if not timm.is_model(spec.backbone):
         close = difflib.get_close_matches(spec.backbone, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(
             f"unknown timm backbone '{spec.backbone}'{hint}; pick a name from timm.list_models()"
         )
+    pretrained = pretrained and not spec.weights
+    cached = pretrained_file(spec.backbone) if pretrained else None
     try:
         backbone = timm.create_model(
-            spec.backbone, pretrained=pretrained, num_classes=0, global_pool="", **spec.backbone_kwargs
+            spec.backbone, pretrained=pretrained, num_classes=0, global_pool="",
+            pretrained_cfg_overlay={"file": cached} if cached else None, **spec.backbone_kwargs
         )
     except TypeError as exc:
         raise ConfigError(f"backbone_kwargs do not fit {spec.backbone}: {exc}; fix backbone_kwargs") from None
@@ -240,6 +253,10 @@ def create_backbone(spec: EncoderSpec, pretrained: bool) -> nn.Module:
     if hasattr(backbone, "pre_logits") and next(backbone.pre_logits.parameters(), None) is not None:
         # timm's VGG keeps fc6/fc7 as a conv head; the retrieval descriptor (cirtorch) is the conv map
         backbone.pre_logits = nn.Identity()
+    features = getattr(backbone, "features", None)
+    if isinstance(backbone, timm.models.vgg.VGG) and isinstance(features[-1], nn.MaxPool2d):
+        # ... of conv5 after its ReLU, before pool5 (cirtorch init_network: ``vgg.features[:-1]``; AML's teachers)
+        features[-1] = nn.Identity()
     if spec.last_stride == 1:
         set_last_stride_1(backbone, spec.backbone)
     return backbone
@@ -278,43 +295,47 @@ def encoder_checkpoint(encoder: Encoder) -> dict:
 
 
 def load_weights_file(encoder: Encoder, path: str | Path) -> None:
-    """Load a local checkpoint into ``encoder``: a whole asymret encoder or only its backbone.
+    """Load a local checkpoint into ``encoder``: a whole asymret encoder, a cirtorch network, or only a backbone.
 
-    Accepted: an :func:`encoder_checkpoint` or an encoder state dict (keys ``backbone.*``), or a
-    timm/torchvision backbone state dict (classifier keys are dropped), optionally wrapped under
-    ``state_dict`` or ``model`` and with DDP's ``module.`` prefix. Keys must match exactly.
+    Accepted (docs/weights.md): an :func:`encoder_checkpoint` or an encoder state dict (keys ``backbone.*``); a
+    cirtorch retrieval network (``meta`` + ``features.*``, :func:`~asymret.retrieval.checkpoints.from_cirtorch`);
+    a timm/torchvision backbone state dict (classifier keys are dropped), optionally wrapped under ``state_dict``
+    or ``model`` and with DDP's ``module.`` prefix. Keys must match exactly, or the tensors must have the
+    backbone's shapes in its order (:func:`~asymret.retrieval.checkpoints.by_layout`). ``path`` may be a
+    ``pkg:<distribution>/<file>`` reference to a file inside an installed package.
     """
-    state = read_state_dict(path)
-    if any(k.startswith("backbone.") for k in state):
-        target, what = encoder, "asymret encoder"
+    obj = read_checkpoint(path)
+    backbone = None
+    if is_cirtorch(obj):
+        backbone, rest = from_cirtorch(obj, encoder, path)
+        target, what = encoder, f"{encoder.spec.backbone} encoder (cirtorch network)"
+        state = {**{f"backbone.{k}": v for k, v in backbone.items()}, **rest}
     else:
-        target, what = encoder.backbone, f"{encoder.spec.backbone} backbone"
-        own = target.state_dict()
-        state = {k: v for k, v in state.items() if k in own or k.split(".", 1)[0] not in HEAD_MODULES}
+        state = _tensors_of(obj, path)
+        if any(k.startswith("backbone.") for k in state):
+            target, what = encoder, "asymret encoder"
+        else:
+            target, what = encoder.backbone, f"{encoder.spec.backbone} backbone"
+            state = backbone = as_backbone_state(encoder.backbone, state)
     if problem := key_mismatch(target, state):
+        order = "" if backbone is None else f"; by layout, {first_difference(encoder.backbone, backbone)}"
         raise ConfigError(
-            f"weights file {path} does not fit the {what}: {problem}; check that backbone, dim and head match it"
+            f"weights file {path} does not fit the {what}: {problem}{order}; check that backbone, dim and head "
+            "match it"
         )
     target.load_state_dict(state, strict=True)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a checkpoint file, unwrapped; :class:`ConfigError` for anything else."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"weights file not found: {path}; fix weights: in the encoder config")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE_CHECKPOINT as exc:
-        raise ConfigError(
-            f"weights file {path} is not a tensor checkpoint ({type(exc).__name__}); "
-            "save a state dict with torch.save(model.state_dict(), path)"
-        ) from None
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
-        obj = obj.get("state_dict", obj.get("model"))
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+    return _tensors_of(read_checkpoint(path), path)
+
+
+def _tensors_of(obj, path) -> dict[str, Tensor]:
+    state = unwrap_state_dict(obj)
+    if state is None:
         raise ConfigError(f"weights file {path} holds no state dict of tensors; save model.state_dict()")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return state
 
 
 def key_mismatch(module: nn.Module, state: dict[str, Tensor]) -> str | None:
