@@ -27,7 +27,9 @@ from asymret.retrieval.pair import weights_hash
 from asymret.retrieval.records import ImageRecord
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+# 2: VGG maps end at conv5 (pool5 dropped, as cirtorch) and fc heads normalise before the layer: same weights,
+# other embeddings, so older entries must not be reused.
+CACHE_VERSION = 2
 
 
 def records_fingerprint(records: Sequence[ImageRecord]) -> str:

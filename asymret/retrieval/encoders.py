@@ -142,7 +142,10 @@ class Encoder(nn.Module):
             self.projection = nn.Identity()
         self.pool = create_pool(spec)
         self.head = BNNeck(channels, spec.num_classes) if spec.head == "bnneck" else None
-        self.dim = BNNECK_DIM if self.head is not None else channels
+        # cirtorch's ``whiten``: Linear with bias on the L2-normalised pooled vector, then L2 again (Radenović et
+        # al. TPAMI 2019, end-to-end whitening)
+        self.fc = nn.Linear(channels, spec.fc_dim or channels) if spec.head == "fc" else None
+        self.dim = BNNECK_DIM if self.head is not None else self.fc.out_features if self.fc is not None else channels
         self.transform = build_transform(spec.input)
 
     def feature_map(self, images: Tensor) -> Tensor:
@@ -159,6 +162,8 @@ class Encoder(nn.Module):
         logits = None
         if self.head is not None:
             raw, logits = self.head(pooled)
+        elif self.fc is not None:  # cirtorch ImageRetrievalNet.forward: l2n(whiten(l2n(pool(x))))
+            raw = self.fc(F.normalize(pooled, dim=-1))
         return TrainOutput(F.normalize(raw, dim=-1), raw, logits, pooled)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -168,9 +173,10 @@ class Encoder(nn.Module):
     def multiscale_power(self) -> float:
         """Exponent of the power mean over scales: GeM's p (cirtorch ``msp``), else 1.
 
-        With a bnneck head features can be negative, and a fractional power of them is undefined.
+        With a bnneck or fc head features can be negative, and a fractional power of them is undefined
+        (cirtorch likewise takes msp = 1 for networks with a whitening layer).
         """
-        if self.spec.pooling == "gem" and self.head is None:
+        if self.spec.pooling == "gem" and self.spec.head == "none":
             return self.pool.p.item()
         return 1.0
 
@@ -189,15 +195,24 @@ class Encoder(nn.Module):
         p = self.multiscale_power
         return F.normalize(torch.stack(feats).pow(p).mean(0).pow(1.0 / p), dim=-1)
 
-    def param_groups(self, lr: float) -> list[dict]:
-        """Optimizer groups as AML trains them: GeM's p at 10x ``lr`` and without weight decay.
+    def param_groups(self, lr: float, gem_lr_mult: float = 10.0, head_lr_mult: float = 1.0) -> list[dict]:
+        """Optimizer groups: the backbone at ``lr``; the layers after it (projection, fc or bnneck head) at
+        ``head_lr_mult`` x ``lr``; GeM's p at ``gem_lr_mult`` x ``lr`` without weight decay (AML's rule).
 
-        Other parameters take the optimizer's own weight decay. Frozen parameters are left out.
+        A freshly initialised head on a pretrained backbone wants a larger rate than the backbone (fast-reid's
+        ``HEADS_LR_FACTOR``). Other parameters take the optimizer's own weight decay; frozen ones are left out.
         """
-        pool_params = [p for p in self.pool.parameters() if p.requires_grad]
-        pool_ids = {id(p) for p in pool_params}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pool_ids]
-        groups = [{"params": rest, "lr": lr}, {"params": pool_params, "lr": 10 * lr, "weight_decay": 0.0}]
+        def trainable(module):
+            return [p for p in module.parameters() if p.requires_grad]
+
+        head = [p for m in (self.projection, self.head, self.fc) if m is not None for p in trainable(m)]
+        pool = trainable(self.pool)
+        if head_lr_mult == 1.0:
+            head = []
+        taken = {id(p) for p in head + pool}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
+        groups = [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr_mult * lr},
+                  {"params": pool, "lr": gem_lr_mult * lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
 

@@ -64,7 +64,10 @@ class EncoderSpec(Strict):
     gem_p: float = Field(3.0, gt=0)
     gem_trainable: bool = True
     dim: int | None = Field(None, gt=0, description="1x1 conv (no bias) + ReLU to this dimension")
-    head: Literal["none", "bnneck"] = Field("none", description="bnneck: the re-ID head of D3still/ACD")
+    head: Literal["none", "bnneck", "fc"] = Field(
+        "none", description="bnneck: the re-ID head of D3still/ACD; fc: a Linear layer with bias on the L2-normalised "
+        "pooled vector (cirtorch's end-to-end whitening layer ``whiten``; a fresh one starts an unaligned space)")
+    fc_dim: int | None = Field(None, gt=0, description="head: fc: its output size (default: its input size)")
     num_classes: int | None = Field(None, gt=0, description="identity classifier size for the re-ID head")
     whitening: Literal["none", "learned", "pca"] = "none"
     whitening_dim: int | None = Field(None, gt=0)

@@ -59,6 +59,8 @@ class OptimConfig(Strict):
     warmup_epochs: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     gem_lr_mult: float = Field(10.0, gt=0, description="AML trains GeM p with 10x lr, no weight decay")
+    head_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the layers after the backbone (projection, "
+                                "fc/bnneck head): a fresh head on a pretrained backbone learns faster than it")
 
 
 class ReIDConfig(Strict):

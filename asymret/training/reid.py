@@ -191,10 +191,8 @@ class ReIDRecipe:
         net = self.trained_net
         if self.co_train and self.cfg.acd.raho:
             return self._raho_groups(lr)
-        groups = net.param_groups(lr)
-        for g in groups:
-            if g.get("weight_decay") == 0.0:  # GeM p
-                g["lr"] = lr * self.cfg.train.optim.gem_lr_mult
+        o = self.cfg.train.optim
+        groups = net.param_groups(lr, o.gem_lr_mult, o.head_lr_mult)
         params = [p for m in (self.loss_fn,) if m is not None for p in m.parameters()]
         if params:
             groups.append({"params": params, "lr": lr})

@@ -36,6 +36,7 @@ from asymret.config import dump_config
 from asymret.errors import AsymretError, ConfigError, TrainingError
 from asymret.index.files import atomic_write
 from asymret.retrieval.cache import EmbeddingCache
+from asymret.retrieval.checkpoints import read_checkpoint_whitening
 from asymret.retrieval.encode import RecordImages, encode_records
 from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint, set_bn_eval
 from asymret.retrieval.evaluate import evaluate_pair
@@ -155,10 +156,8 @@ class Trainer:
                                   f"{self.gallery_net.dim}-d; set query_net.dim: {self.gallery_net.dim}")
             self.gallery_emb = self._gallery_embeddings()
 
-        params = self.query_net.param_groups(cfg.train.optim.lr)
-        for g in params:
-            if g.get("weight_decay") == 0.0:  # GeM p
-                g["lr"] = cfg.train.optim.lr * cfg.train.optim.gem_lr_mult
+        o = cfg.train.optim
+        params = self.query_net.param_groups(o.lr, o.gem_lr_mult, o.head_lr_mult)
         if list(self.loss_fn.parameters()):
             params.append({"params": list(self.loss_fn.parameters()), "lr": cfg.train.optim.lr})
         self._init_optimizer(params)
@@ -450,7 +449,10 @@ class Trainer:
             return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta,
                              reference_gallery=self.recipe.reference_gallery)
         gallery = net if self.symmetric else self.gallery_net
-        return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta)
+        # a converted cirtorch gallery network carries its learned whitening, which both sides then use (AML)
+        whitening = None if gallery is None else read_checkpoint_whitening(
+            gallery.spec.weights, multiscale=len(gallery.spec.input.scales) > 1)
+        return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta, whitening=whitening)
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> Path:

@@ -164,8 +164,6 @@ def test_cirtorch_whiten_layer_becomes_the_fc_head(tmp_path):
     assert torch.equal(encoder.fc.weight, whiten.weight) and torch.equal(encoder.fc.bias, whiten.bias)
 
 
-@pytest.mark.xfail(strict=True, reason="Encoder's fc head computes l2n(fc(pooled)); cirtorch's whiten networks "
-                   "l2n(whiten(l2n(pooled))), and with a bias the two differ: the L2 before fc is missing")
 def test_cirtorch_whiten_network_descriptor_equals_cirtorch_forward(tmp_path):
     features, whiten, encoder = whitened_cirtorch(tmp_path)
     x = torch.randn(2, 3, 64, 64)

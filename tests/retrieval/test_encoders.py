@@ -91,6 +91,25 @@ def test_param_groups_give_gem_p_ten_times_lr_and_no_weight_decay():
     assert sorted(grouped) == sorted(id(p) for p in encoder.parameters())
 
 
+def test_head_lr_mult_puts_projection_and_fc_head_in_their_own_group():
+    encoder = create_encoder(spec(dim=8, head="fc", fc_dim=6))
+    rest, head, pool = encoder.param_groups(1e-3, gem_lr_mult=5.0, head_lr_mult=100.0)
+    expected_head = [*encoder.projection.parameters(), *encoder.fc.parameters()]
+    assert [id(p) for p in head["params"]] == [id(p) for p in expected_head] and head["lr"] == pytest.approx(0.1)
+    assert pool["lr"] == pytest.approx(5e-3) and rest["lr"] == 1e-3
+    assert {id(p) for p in rest["params"]} == {id(p) for p in encoder.backbone.parameters()}
+
+
+def test_fc_head_is_a_linear_layer_with_bias_on_the_normalised_pooled_vector(images):
+    encoder = create_encoder(spec(head="fc", fc_dim=24)).eval()
+    assert encoder.dim == 24 and encoder.fc.bias is not None and encoder.multiscale_power == 1.0
+    with torch.no_grad():
+        pooled = gem(encoder.backbone.forward_features(images), encoder.pool.p).numpy().astype(np.float64)
+        w, b = encoder.fc.weight.numpy().astype(np.float64), encoder.fc.bias.numpy().astype(np.float64)
+        np.testing.assert_allclose(encoder(images).numpy(), l2n(l2n(pooled) @ w.T + b), atol=1e-5)
+    assert create_encoder(spec(head="fc")).dim == 512  # default: the pooled size
+
+
 # strided-conv and avg-pool downsample (ResNets); the last strided depthwise conv (MobileNetV3, EfficientNet)
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet10t", "mobilenetv3_small_050", "efficientnet_b0"])
 def test_last_stride_1_doubles_the_final_map(backbone):
