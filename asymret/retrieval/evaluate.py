@@ -195,7 +195,11 @@ REID_BENCHMARKS = ("veri776", "mini-veri")
 ROWS = ("gallery", "symmetric", "asymmetric")
 ALL_ROWS = ROWS + ("sir",)
 ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symmetric (φq / φq)",
-              "asymmetric": "asymmetric (φq / φg)", "sir": "SIR: co-trained gallery (φg' / φg')"}
+              "asymmetric": "asymmetric (φq / φg)", "sir": "SIR: co-trained gallery (φg' / φg')",
+              "asymmetric_untrained": "untrained query network (φq⁰ / φg)"}
+# The network that encodes the queries in each row (whose cost the row pays at search time).
+ROW_QUERY_SIDE = {"gallery": "gallery_net", "sir": "gallery_net", "symmetric": "query_net", "asymmetric": "query_net",
+                  "asymmetric_untrained": "query_net"}
 
 
 def open_benchmark(benchmark: str, root, distractors=None):
@@ -284,18 +288,33 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
             for row in rows}
 
 
-def format_pair_table(results: dict, benchmark: str) -> str:
-    """One table: a row per test setting, Medium/Hard mAP and mP@10 (revisited) or re-ID metrics."""
+def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -> str:
+    """One table: a row per test setting, Medium/Hard mAP and mP@10 (revisited) or re-ID metrics.
+
+    ``cost`` (:func:`asymret.retrieval.cost.pair_cost`) adds, beside each row, the parameters and GFLOPs per
+    image of the network that encodes that row's queries.
+    """
     if benchmark in REVISITED_BENCHMARKS:
-        head = f"{'':<38}{'M mAP':>8}{'M mP@10':>9}{'H mAP':>8}{'H mP@10':>9}"
-        lines = [head]
-        for row, r in results.items():
-            lines.append(f"{ROW_TITLES.get(row, row):<38}{100 * r['medium']['mAP']:>8.2f}"
-                         f"{100 * r['medium']['mP@10']:>9.2f}{100 * r['hard']['mAP']:>8.2f}"
-                         f"{100 * r['hard']['mP@10']:>9.2f}")
+        cols = [f"{'M mAP':>8}{'M mP@10':>9}{'H mAP':>8}{'H mP@10':>9}"]
+
+        def cells(r):
+            return (f"{100 * r['medium']['mAP']:>8.2f}{100 * r['medium']['mP@10']:>9.2f}{100 * r['hard']['mAP']:>8.2f}"
+                    f"{100 * r['hard']['mP@10']:>9.2f}")
     else:
-        lines = [f"{'':<38}" + "".join(f"{c:>13}" for c in ("mAP", "mAP_official", "R1", "mINP"))]
-        for row, r in results.items():
-            lines.append(f"{ROW_TITLES.get(row, row):<38}" + "".join(
-                f"{100 * r[c]:>13.2f}" for c in ("mAP", "mAP_official", "R1", "mINP")))
+        cols = ["".join(f"{c:>13}" for c in ("mAP", "mAP_official", "R1", "mINP"))]
+
+        def cells(r):
+            return "".join(f"{100 * r[c]:>13.2f}" for c in ("mAP", "mAP_official", "R1", "mINP"))
+    if cost:
+        cols.append(f"{'query-side params':>19}{'GFLOPs':>8}")
+    lines = [f"{'':<38}" + "".join(cols)]
+    for row, r in results.items():
+        line = f"{ROW_TITLES.get(row, row):<38}{cells(r)}"
+        if cost and row in ROW_QUERY_SIDE:
+            c = cost[ROW_QUERY_SIDE[row]]
+            line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
+        lines.append(line)
+    if cost:
+        lines.append("GFLOPs per image at the input size (a square of the longer side), a multiply-add counted as 2 "
+                     "(torch.utils.flop_counter)")
     return "\n".join(lines)
