@@ -1,17 +1,21 @@
-"""The AML loss study on the mini benchmark (not CI): 7 losses against one frozen gallery network.
+"""The AML loss study on the mini benchmark (not CI): 7 losses against one frozen, pretrained gallery network.
 
-Trains the demo's gallery network once, then one query network per loss (asymmetric training, the
-anchor through the query network and every other tuple member from the cached gallery
-embeddings), and evaluates each pair symmetrically and asymmetrically on mini-roxford. The AML
-paper's pattern (Table 8): in asymmetric testing regression and Contr+ work while triplet, MS, RKD
-and DarkRank collapse, because nothing in those losses ties the two spaces together.
+The gallery network is the demo's: ImageNet MobileNetV2-1.0 with GeM at 224 px, frozen. One query network
+per loss and seed is trained asymmetrically on mini-sfm (the anchor through the query network, every other
+tuple member from the cached gallery embeddings) and evaluated symmetrically and asymmetrically on
+mini-roxford with its 300 distractors. Two starting points for the query network, both the pretrained
+backbone at 64 px (1/12 of the gallery's FLOPs):
 
-    python experiments/aml_losses_mini.py [--out exp-aml] [--epochs 15] [--seeds 1]
+- ``unaligned``: a freshly initialised fc layer after GeM (1280 -> 1280), so the query space starts unrelated
+  to the gallery's: AML's setting, where only a loss that ties the two spaces can give asymmetric accuracy;
+- ``shared``: no new layer (the demo's query network), so the spaces start nearly aligned and a loss can only
+  keep or lose that alignment.
 
-Besides mAP it records, per run, ``d_self`` on unseen images: the mean distance between the query and
-the gallery network's embeddings of the same mini-roxford database image (how far the query network
-got into the gallery's space), and the same for the untrained query network and for chance
-(two random directions). On a 2-core machine shared with other jobs, run it with OMP_NUM_THREADS=1.
+The AML paper's pattern (Table 8): in asymmetric testing regression and Contr+ work while triplet, MS, RKD and
+DarkRank collapse. ``d_self``: the mean distance between the query and gallery embeddings of the same
+mini-roxford database image (unseen in training).
+
+    OMP_NUM_THREADS=1 python experiments/aml_losses_mini.py [--out exp-aml] [--seeds 3] [--jobs 2]
 
 Writes ``docs/results/aml_losses_mini.md`` (and ``.json``).
 """
@@ -23,77 +27,112 @@ import json
 import logging
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from asymret.api.commands.demo import demo_configs
-from asymret.retrieval.evaluate import evaluate_pair
-from asymret.retrieval.mini import ensure_mini
-from asymret.retrieval.pair import load_pair
-from asymret.training.config import ExperimentConfig
-from asymret.training.trainer import train
+LOSSES = ["contrastive", "contr_plus", "triplet", "multi_similarity", "regression", "rkd", "darkrank"]
+# Same steps and rates for every loss of a setting. A fresh fc layer learns at 100x the backbone's rate.
+SETTINGS = {
+    "unaligned": {"query_net": {"head": "fc"}, "query_lr": 1e-5, "head_lr_mult": 100.0},
+    "shared": {"query_net": {}, "query_lr": 1e-4, "head_lr_mult": 1.0},
+}
+COMMON = {"query_epochs": 10, "query_tuples": 200, "negatives": 3}
+log = logging.getLogger("aml_losses_mini")
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-def d_self(pair, records) -> float:
+def d_self(query_net, gallery_net, records, cache: Path) -> float:
     """Mean ``‖φq(x) − φg(x)‖`` over ``records``: how close the query network maps an image to where the
     gallery network maps it (AML's regression target), on images neither network was trained on."""
+    from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
 
-    q = encode_records(pair.query_net, records, progress=False)
-    g = encode_records(pair.gallery_net, records, progress=False)
+    q = encode_records(query_net, records, progress=False, num_workers=0)
+    g = np.asarray(EmbeddingCache(cache).get(gallery_net, records, progress=False, num_workers=0))
     return float(np.linalg.norm(q - g, axis=1).mean())
 
 
-LOSSES = ["contrastive", "contr_plus", "triplet", "multi_similarity", "regression", "rkd", "darkrank"]
-log = logging.getLogger("aml_losses_mini")
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
+def config(out: Path, mini: dict, setting: str, loss: str, seed: int) -> dict:
+    from asymret.api.commands.demo import demo_config
+
+    s = SETTINGS[setting]
+    cfg = demo_config(out / "runs", False, mini, loss=loss, query_net=s["query_net"], query_lr=s["query_lr"], **COMMON)
+    cfg["train"]["optim"]["head_lr_mult"] = s["head_lr_mult"]
+    cfg["data"]["num_workers"] = 0
+    return dict(cfg, name=f"{setting}_{loss}_s{seed}", seed=seed)
+
+
+def scores(query_net, gallery_net, mini, cache: Path) -> dict:
+    from asymret.retrieval.datasets import RevisitedDataset
+    from asymret.retrieval.evaluate import evaluate_pair
+
+    res = evaluate_pair(query_net, gallery_net, "mini-roxford", mini["roxford"], distractors=mini["distractors"],
+                        rows=("symmetric", "asymmetric"), cache_dir=cache, num_workers=0)
+    entry = {f"{row}_{p}": 100 * res[row][p]["mAP"] for row in res for p in ("medium", "hard")}
+    entry["d_self"] = d_self(query_net, gallery_net, list(RevisitedDataset(mini["roxford"]).database), cache)
+    return entry
+
+
+def run_one(job) -> tuple:
+    """One training run in a worker process (one torch thread)."""
+    import torch
+
+    from asymret.retrieval.pair import load_pair
+    from asymret.training.config import ExperimentConfig
+    from asymret.training.trainer import train
+
+    torch.set_num_threads(1)
+    out, mini, setting, loss, seed = job
+    run = train(ExperimentConfig.model_validate(config(out, mini, setting, loss, seed)), progress=False)
+    pair = load_pair(run / "pair.pt")
+    entry = scores(pair.query_net, pair.gallery_net, mini, out / "runs" / ".cache")
+    log.info("%s %s seed %d: asym M %.2f sym M %.2f d_self %.3f", setting, loss, seed, entry["asymmetric_medium"],
+             entry["symmetric_medium"], entry["d_self"])
+    return setting, loss, seed, entry
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="exp-aml")
-    ap.add_argument("--epochs", type=int, default=None, help="query-network epochs (default: the demo's)")
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one thread each)")
     ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--settings", default=",".join(SETTINGS))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+
+    from asymret.retrieval.encoders import create_encoder
+    from asymret.retrieval.evaluate import evaluate_pair
+    from asymret.retrieval.mini import ensure_mini
+    from asymret.training.config import ExperimentConfig
+
+    torch.set_num_threads(1)
     out = Path(args.out).resolve()
     mini = ensure_mini(out / "data")
     started = time.perf_counter()
-    gallery_cfg, query_cfg = demo_configs(out / "data", out / "runs", False, mini)
-    if not (out / "runs" / "gallery" / "query_net.pt").is_file():
-        train(ExperimentConfig.model_validate(gallery_cfg), progress=False)
-    gallery_pair = load_pair(out / "runs" / "gallery" / "pair.pt")
-    from asymret.retrieval.datasets import RevisitedDataset
-    from asymret.retrieval.encoders import create_encoder
-    from asymret.retrieval.pair import Pair
-
-    unseen = list(RevisitedDataset(mini["roxford"]).database)  # images no network trained on
-    rows = {"gallery network alone": evaluate_pair(gallery_pair.query_net, gallery_pair.gallery_net, "mini-roxford",
-                                                   mini["roxford"], rows=("gallery",))["gallery"]}
-    table: dict[str, dict[str, list[float]]] = {}
-    for loss in args.losses.split(","):
-        for seed in range(args.seeds):
-            cfg = dict(query_cfg, name=f"{loss}_s{seed}", seed=seed, loss={"name": loss})
-            if args.epochs:
-                cfg["train"] = dict(cfg["train"], epochs=args.epochs)
-            run = train(ExperimentConfig.model_validate(cfg), progress=False)
-            pair = load_pair(run / "pair.pt")
-            res = evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"],
-                                rows=("symmetric", "asymmetric"), cache_dir=out / "runs" / ".cache")
-            entry = table.setdefault(loss, {})
-            for row in ("symmetric", "asymmetric"):
-                for proto in ("medium", "hard"):
-                    entry.setdefault(f"{row}_{proto}", []).append(100 * res[row][proto]["mAP"])
-            entry.setdefault("d_self", []).append(d_self(pair, unseen))
-            log.info("%s seed %d: asym M %.2f sym M %.2f d_self %.3f", loss, seed, entry["asymmetric_medium"][-1],
-                         entry["symmetric_medium"][-1], entry["d_self"][-1])
-    untrained = Pair(create_encoder(ExperimentConfig.model_validate(query_cfg).query_net), gallery_pair.gallery_net)
-    raw = evaluate_pair(untrained.query_net, untrained.gallery_net, "mini-roxford", mini["roxford"],
-                        rows=("symmetric", "asymmetric"), cache_dir=out / "runs" / ".cache")
-    raw["d_self"] = d_self(untrained, unseen)
-    write_docs(rows, table, raw, args, time.perf_counter() - started)
+    settings, losses = args.settings.split(","), args.losses.split(",")
+    cache = out / "runs" / ".cache"
+    untrained, gallery_row = {}, None
+    for setting in settings:
+        cfg = ExperimentConfig.model_validate(config(out, mini, setting, "regression", 0))
+        gallery_net = create_encoder(cfg.gallery_net)
+        untrained[setting] = scores(create_encoder(cfg.query_net), gallery_net, mini, cache)
+        if gallery_row is None:
+            g = evaluate_pair(gallery_net, gallery_net, "mini-roxford", mini["roxford"], distractors=mini["distractors"],
+                              rows=("gallery",), cache_dir=cache, num_workers=0)["gallery"]
+            gallery_row = {p: 100 * g[p]["mAP"] for p in ("medium", "hard")}
+    jobs = [(out, mini, s, loss, seed) for seed in range(args.seeds) for s in settings for loss in losses]
+    results = [run_one(jobs[0])]  # fills the gallery network's training-set cache before the workers share it
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results += list(pool.map(run_one, jobs[1:]))
+    table: dict = {}
+    for setting, loss, _seed, entry in results:
+        for key, value in entry.items():
+            table.setdefault(setting, {}).setdefault(loss, {}).setdefault(key, []).append(value)
+    write_docs(gallery_row, table, untrained, args, time.perf_counter() - started)
 
 
 def fmt(values, digits: int = 2):
@@ -102,32 +141,43 @@ def fmt(values, digits: int = 2):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def write_docs(rows, table, raw, args, seconds):
+def write_docs(gallery, table, untrained, args, seconds):
     DOCS.mkdir(parents=True, exist_ok=True)
-    g = rows["gallery network alone"]
     lines = [
-        "# AML losses on the mini benchmark",
+        "# AML losses on the mini benchmark, from pretrained networks",
         "",
-        (f"`OMP_NUM_THREADS=1 python experiments/aml_losses_mini.py --seeds {args.seeds}"
-        f"{f' --epochs {args.epochs}' if args.epochs else ''}` ({seconds / 60:.0f} min on this machine)."),
-        "Gallery network: ResNet-18 (256-d, 48x48), trained symmetric-contrastive on mini-sfm (the demo's recipe);",
-        "query network: MobileNetV2-0.5 (256-d, 48x48), trained from scratch asymmetrically with each loss against",
-        "the frozen gallery network. mini-roxford mAP (%), Medium / Hard. `d_self`: mean distance between the",
-        "query and gallery embeddings of the same mini-roxford database image (unseen in training).",
+        (f"`OMP_NUM_THREADS=1 python experiments/aml_losses_mini.py --seeds {args.seeds} --jobs {args.jobs}` "
+        f"({seconds / 60:.0f} min on a 2-core machine)."),
         "",
-        (f"Gallery network alone: Medium {100 * g['medium']['mAP']:.2f}, Hard {100 * g['hard']['mAP']:.2f}. "
-        f"Untrained query network: asymmetric Medium {100 * raw['asymmetric']['medium']['mAP']:.2f}, "
-        f"symmetric Medium {100 * raw['symmetric']['medium']['mAP']:.2f}, d_self {raw['d_self']:.3f}."),
+        ("Gallery network: ImageNet MobileNetV2-1.0 + GeM at 224 px, frozen (the demo's). Query networks: the same "
+        "pretrained backbone at 64 px, trained asymmetrically on mini-sfm with each loss at its paper defaults, "
+        f"{COMMON['query_epochs']} epochs x {COMMON['query_tuples']} tuples ({COMMON['negatives']} mined negatives), "
+        "Adam. mini-roxford + 300 distractors, mAP (%), mean ± std over seeds. `d_self`: mean distance between the "
+        "query and gallery embeddings of the same database image (unseen in training; two random unit vectors "
+        "are 1.41 apart)."),
         "",
-        "| loss | asym Medium | asym Hard | sym Medium | sym Hard | d_self |",
-        "|---|---|---|---|---|---|",
+        f"Gallery network alone: Medium {gallery['medium']:.2f}, Hard {gallery['hard']:.2f}.",
     ]
-    for loss, e in table.items():
-        lines.append(f"| `{loss}` | {fmt(e['asymmetric_medium'])} | {fmt(e['asymmetric_hard'])} | "
-                     f"{fmt(e['symmetric_medium'])} | {fmt(e['symmetric_hard'])} | {fmt(e['d_self'], 3)} |")
+    for setting, losses in table.items():
+        s, u = SETTINGS[setting], untrained[setting]
+        lines += [
+            "",
+            f"## `{setting}` start: " + ("a fresh fc layer after GeM" if s["query_net"] else "no new layer"),
+            "",
+            (f"lr {s['query_lr']:g}" + (f" (fc layer {s['query_lr'] * s['head_lr_mult']:g})" if s["query_net"] else "")
+             + ". Untrained query network: asymmetric "
+            f"Medium {u['asymmetric_medium']:.2f}, symmetric Medium {u['symmetric_medium']:.2f}, d_self {u['d_self']:.3f}."),
+            "",
+            "| loss | asym Medium | asym Hard | sym Medium | sym Hard | d_self |",
+            "|---|---|---|---|---|---|",
+        ]
+        for loss, e in sorted(losses.items(), key=lambda kv: -statistics.mean(kv[1]["asymmetric_medium"])):
+            lines.append(f"| `{loss}` | {fmt(e['asymmetric_medium'])} | {fmt(e['asymmetric_hard'])} | "
+                         f"{fmt(e['symmetric_medium'])} | {fmt(e['symmetric_hard'])} | {fmt(e['d_self'], 3)} |")
     (DOCS / "aml_losses_mini.md").write_text("\n".join(lines) + "\n")
-    (DOCS / "aml_losses_mini.json").write_text(json.dumps({"gallery": rows, "losses": table, "untrained": raw},
-                                                          indent=1, default=float))
+    (DOCS / "aml_losses_mini.json").write_text(json.dumps(
+        {"gallery": gallery, "untrained": untrained, "losses": table, "settings": SETTINGS, "common": COMMON},
+        indent=1, default=float))
     print("\n".join(lines))
 
 
