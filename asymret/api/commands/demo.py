@@ -27,8 +27,9 @@ log = logging.getLogger("asymret.demo")
 # Measured on mini-roxford small + 300 distractors (docs/results/demo.md). At 64 px the untrained query network
 # sits 9 Medium mAP below the gallery (the resolution gap of D3still/ACD's setting); regression closes most of it
 # in 10 epochs. A freshly initialised projection (AML's unaligned start) cannot be learned from mini-sfm's 400
-# images: even the closed-form least-squares map reaches only 36-44 mAP (docs/results/demo.md, "Why no fresh
-# projection"). The backbone trains at a small rate so that it adapts to low resolution without forgetting.
+# images: even the closed-form least-squares map reaches only 23-33 mAP (docs/results/demo.md, "Why the query
+# network shares the gallery's backbone"). The backbone trains at a small rate: it adapts to low resolution
+# without forgetting ImageNet.
 FULL = {"mini": "small", "gallery_size": 224, "query_size": 64, "query_epochs": 10, "query_tuples": 200,
         "query_lr": 1e-4, "query_batch": 10, "negatives": 0, "pool": 80}
 QUICK = {**FULL, "mini": "tiny", "query_epochs": 1, "query_tuples": 20}
