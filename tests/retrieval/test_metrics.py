@@ -156,6 +156,7 @@ def _features_for(gnd, n_db, rng, d=32, signal=0.0):
     return q, db
 
 
+@pytest.mark.needs_shared
 @pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
 @pytest.mark.parametrize("distractors", [0, 3000])
 @pytest.mark.parametrize("signal", [0.0, 3.0])
@@ -183,6 +184,7 @@ def test_revisited_matches_revisitop(name, distractors, signal):
         assert ours["easy"]["queries"] == 68 and ours["medium"]["queries"] == 70
 
 
+@pytest.mark.needs_shared
 def test_revisited_truncated_ranking_is_flagged_and_scores_missing_positives_as_nothing():
     data = _load_gnd("roxford5k")
     gnd = data["gnd"]
@@ -322,6 +324,7 @@ def test_integer_and_half_precision_scores_are_ranked_exactly():
             assert np.array_equal(pos, _stable_positions(row.astype(np.float64), idx))
 
 
+@pytest.mark.needs_shared
 def test_revisited_on_rows_of_several_blocks_matches_revisitop():
     """Rows longer than one block (both the whole-block and the cut path) against revisitop's loop."""
     data = _load_gnd("roxford5k")
@@ -358,6 +361,7 @@ def _read_index_file(path):
             for line in path.read_text().splitlines()]
 
 
+@pytest.mark.needs_shared
 def test_veri_groundtruth_from_names_equals_official_index_files():
     qn = (VERI / "name_query.txt").read_text().split()
     gn = (VERI / "name_test.txt").read_text().split()
@@ -373,6 +377,7 @@ def test_veri_groundtruth_from_names_equals_official_index_files():
         assert np.array_equal(a, np.sort(b))
 
 
+@pytest.mark.needs_shared
 def test_reid_matches_torchreid_and_official_veri_on_real_lists():
     qn = (VERI / "name_query.txt").read_text().split()
     gn = (VERI / "name_test.txt").read_text().split()
