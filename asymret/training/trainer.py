@@ -449,8 +449,9 @@ class Trainer:
             return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta,
                              reference_gallery=self.recipe.reference_gallery)
         gallery = net if self.symmetric else self.gallery_net
-        # a converted cirtorch gallery network carries its learned whitening, which both sides then use (AML)
-        whitening = None if gallery is None else read_checkpoint_whitening(
+        # a converted cirtorch gallery network carries its learned whitening, which both sides then use (AML); a
+        # network trained here (symmetric) has moved away from the weights that whitening was learned for
+        whitening = None if self.symmetric else read_checkpoint_whitening(
             gallery.spec.weights, multiscale=len(gallery.spec.input.scales) > 1)
         return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta, whitening=whitening)
 

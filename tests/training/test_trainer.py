@@ -83,6 +83,29 @@ def test_run_folder_and_pair(folder, tmp_path):
     assert list((tmp_path / ".cache").iterdir()) == entries
 
 
+def test_a_gallery_weights_file_with_whitening_puts_it_into_the_pair(folder, tmp_path):
+    """``asymret weights convert`` output (a converted cirtorch teacher) carries its learned whitening; the pair
+    of a query network trained against it holds that whitening, which evaluate and serve apply to both sides."""
+    from asymret.retrieval.encoders import create_encoder, encoder_checkpoint
+    from asymret.retrieval.whitening import Whitening
+
+    spec = config(folder, tmp_path)["gallery_net"]
+    rng = np.random.default_rng(0)
+    white = Whitening(rng.standard_normal(32), rng.standard_normal((32, 32)))
+    torch.save({**encoder_checkpoint(create_encoder(spec)), "whitening": white.state_dict()}, tmp_path / "teacher.pt")
+    over = {"gallery_net.weights": str(tmp_path / "teacher.pt"), "train.epochs": 1}
+    pair = load_pair(train(ExperimentConfig.model_validate(config(folder, tmp_path, **over)), progress=False)
+                     / "pair.pt")
+    assert pair.whitening is not None and pair.whitening.kind == "learned"
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(pair.whitening(x), white(x))
+    alone = config(folder, tmp_path, name="alone", **{"query_net": dict(spec), "query_net.weights": str(tmp_path / "teacher.pt"),
+                                                      "loss.mode": "symmetric", "loss.name": "contrastive",
+                                                      "train.epochs": 1})
+    # a network trained here has left the weights its whitening was learned for: no whitening in its pair
+    assert load_pair(train(ExperimentConfig.model_validate(alone), progress=False) / "pair.pt").whitening is None
+
+
 def test_killed_run_resumes_to_the_same_weights(folder, tmp_path):
     full = train(ExperimentConfig.model_validate(config(folder, tmp_path / "a")), progress=False)
     cfg_path = tmp_path / "b.yaml"
