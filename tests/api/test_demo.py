@@ -37,9 +37,11 @@ def test_quick_demo_then_evaluate_pair(demo, capsys):
     again = json.loads(capsys.readouterr().out)
     for row in ("gallery", "symmetric", "asymmetric"):
         assert again[row]["medium"]["mAP"] == pytest.approx(table[row]["medium"]["mAP"], abs=1e-6)
+    assert again["cost"] == table["cost"]  # evaluate --json carries the same cost fields as the demo
     assert main(argv[:-1] + ["--rows", "asymmetric"]) == 0
     printed = capsys.readouterr().out
     assert "asymmetric (φq / φg)" in printed and "symmetric (φq / φq)" not in printed
+    assert "query-side params" in printed and "0.049" in printed
 
 
 def test_quick_demo_table_shows_cost_beside_each_row(demo, capsys):

@@ -58,3 +58,10 @@ def test_pair_cost_names_both_sides_and_a_lower_resolution_costs_less():
     assert set(cost) == {"query_net", "gallery_net"}
     assert cost["query_net"]["params"] == cost["gallery_net"]["params"]
     assert cost["query_net"]["gflops"] == pytest.approx(cost["gallery_net"]["gflops"] / 4, rel=0.05)
+
+
+def test_resnet50_at_224_px_costs_the_published_4_1_gmacs():
+    """He et al. 2016 (Table 1) and timm: ResNet-50 at 224 x 224 is 4.1 G multiply-adds, 8.2 GFLOPs at 2 per MAC."""
+    cost = encoder_cost(create_encoder({"backbone": "resnet50", "pooling": "avg", "input": {"size": [224, 224]}}))
+    assert cost["gflops"] == pytest.approx(8.2, rel=0.05)
+    assert cost["params"] == pytest.approx(23.5e6, rel=0.01)  # 25.6 M less the 2.05 M of the 1000-class fc

@@ -90,6 +90,7 @@ def run_pair(args: argparse.Namespace) -> int:
     if not args.root:
         raise InputError(f"--benchmark {args.benchmark} needs --root, the folder that holds it")
     from asymret.retrieval import evaluate as ev
+    from asymret.retrieval.cost import pair_cost
     from asymret.retrieval.pair import load_pair
     from asymret.training.trainer import resolve_device
 
@@ -104,10 +105,11 @@ def run_pair(args: argparse.Namespace) -> int:
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
                               topk=args.topk, reference_gallery=pair.reference_gallery,
                               progress=sys.stderr.isatty())
+    cost = pair_cost(pair.query_net, pair.gallery_net)
     if args.json:
-        print(json.dumps({row: ev.public(r) for row, r in result.items()}))
+        print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost}))
     else:
         print(f"{args.benchmark}: query network {pair.query_net.spec.backbone}, "
               f"gallery network {pair.gallery_net.spec.backbone}")
-        print(ev.format_pair_table(result, args.benchmark))
+        print(ev.format_pair_table(result, args.benchmark, cost=cost))
     return 0
