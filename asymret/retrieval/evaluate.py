@@ -239,7 +239,7 @@ def _with_scales(encoder, scales):
 def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
                   device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
-                  reference_gallery=None) -> dict:
+                  reference_gallery=None, on_row=None) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
@@ -251,6 +251,9 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     sides of the gallery and asymmetric rows (as AML does). The frozen gallery network's database
     embeddings come from the embedding cache when ``cache_dir`` is set. ``topk``: rank by an
     index's top-k search (:func:`index_ranking`; R1M scale) instead of the exact full ranking.
+    ``on_row(row, queries, database)``, when given, sees the exact (whitened) features each row scores,
+    before it is scored: a caller keeps rankings from them (:mod:`asymret.retrieval.ranks`) without
+    encoding the benchmark twice.
     """
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
@@ -284,8 +287,14 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     white = whitening if whitening is not None else (lambda x: x)
     pairs = {"gallery": (white, r_q, r_db), "symmetric": (lambda x: x, q_q, q_db),
              "asymmetric": (white, q_q, g_db), "sir": (white, g_q, g_db)}
-    return {row: score(**ranking_source(pairs[row][0](pairs[row][1]), pairs[row][0](pairs[row][2]), topk))
-            for row in rows}
+    results = {}
+    for row in rows:
+        white_row, q, db = pairs[row]
+        q, db = white_row(q), white_row(db)
+        if on_row is not None:
+            on_row(row, q, db)
+        results[row] = score(**ranking_source(q, db, topk))
+    return results
 
 
 def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -> str:

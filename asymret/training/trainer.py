@@ -46,6 +46,7 @@ from asymret.training.config import DataConfig, ExperimentConfig
 from asymret.training.losses import LOSSES, LossBatch, create_loss
 from asymret.training.mining import Tuples, mine_negatives, sample_pairs
 from asymret.training.reid import uses_reid_recipe
+from asymret.training.tensorboard import log_scalars
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +422,7 @@ class Trainer:
                 _atomic_save(self.state(), last)
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                log_scalars(self.run_dir, record, final=self.epoch >= cfg.train.epochs)
                 msg = f"epoch {self.epoch}/{cfg.train.epochs} loss {stats.get('loss', float('nan')):.4f}"
                 if "val" in record:
                     msg += f" val mAP {100 * record['val']['score']:.2f}"

@@ -47,6 +47,10 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache-dir", help="reuse the gallery network's database embeddings across runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
+    parser.add_argument("--save-ranks", metavar="DIR",
+                        help="also write DIR/ranks.json (each row's top-20, or top-K with --topk, database ids "
+                        "and AP per query, image paths, positives and junk: for 'asymret report') and "
+                        "DIR/results.json (what --json prints)")
     parser.set_defaults(func=run_pair)
 
 
@@ -99,13 +103,21 @@ def run_pair(args: argparse.Namespace) -> int:
     pair = load_pair(args.pair, device=device)
     if not rows:
         rows = ev.ALL_ROWS if pair.co_trained else ev.ROWS
+    recorder = None
+    if args.save_ranks:
+        from asymret.retrieval.ranks import DEFAULT_K, RankRecorder
+
+        recorder = RankRecorder(args.benchmark, args.root, distractors=args.distractors,
+                                k=args.topk or DEFAULT_K, topk=args.topk)
     result = ev.evaluate_pair(pair.query_net, pair.gallery_net, args.benchmark, args.root,
                               whitening=pair.whitening, distractors=args.distractors,
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
                               topk=args.topk, reference_gallery=pair.reference_gallery,
-                              progress=sys.stderr.isatty())
+                              progress=sys.stderr.isatty(), on_row=recorder)
     cost = pair_cost(pair.query_net, pair.gallery_net)
+    if recorder is not None:
+        _save_ranks(args, recorder, {**{row: ev.public(r) for row, r in result.items()}, "cost": cost})
     if args.json:
         print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost}))
     else:
@@ -113,3 +125,13 @@ def run_pair(args: argparse.Namespace) -> int:
               f"gallery network {pair.gallery_net.spec.backbone}")
         print(ev.format_pair_table(result, args.benchmark, cost=cost))
     return 0
+
+
+def _save_ranks(args: argparse.Namespace, recorder, table: dict) -> None:
+    from pathlib import Path
+
+    meta = {"pair": str(Path(args.pair).expanduser().resolve()), "benchmark": args.benchmark}
+    out = Path(args.save_ranks).expanduser()
+    path = recorder.save(out, meta=meta)
+    (out / "results.json").write_text(json.dumps({**table, **meta}))
+    print(f"rankings: {path}; results: {out / 'results.json'}", file=sys.stderr)
