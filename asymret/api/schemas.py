@@ -154,24 +154,52 @@ class QueryResult(Out):
     groups: list[Group] | None = None
 
 
+QUERY_NET_FIELD = ("the query network to encode with, by its name in /v1/info's query_nets (default: the "
+                   "server's first)")
+
+
 class SearchResponse(Out):
     gallery: str
-    query_net: str = Field(description="the network that encoded the queries ('vector' when given as vectors)")
+    query_net: str = Field(description="the network that encoded the queries: backbone, dimension, input size "
+                                       "('vector' when given as vectors or items)")
+    query_net_name: str | None = Field(None, description="its name, as a request's query_net names it "
+                                                         "(null when given as vectors or items)")
     took_ms: float
     results: list[QueryResult]
 
 
 class Encoded(Out):
     query_net: str
+    query_net_name: str = Field(description="the query network's name, as a request's query_net names it")
     dim: int
     vectors: list[list[float]]
 
 
 # ------------------------------------------------------------------------------------------ service
+class Cost(Out):
+    """What an encoder costs per image (:func:`asymret.retrieval.cost.encoder_cost`)."""
+
+    params: int = Field(description="parameters that compute the embedding")
+    gflops: float = Field(description="GFLOPs of one image's embedding (a multiply-add is 2 FLOPs)")
+    input: list[int] = Field(description="the [height, width] counted")
+
+
+class QueryNetInfo(Out):
+    name: str = Field(description="what a search request's query_net field names it by")
+    description: str = Field(description="backbone, dimension, input size")
+    default: bool = Field(description="whether a request naming no query network gets this one")
+    spec: dict
+    cost: Cost
+    pair: dict = Field(description="its pair file's metadata (run, created, asymret version)")
+
+
 class Info(Out):
-    query_net: dict
-    query_net_name: str
+    query_net: dict = Field(description="the default query network's spec")
+    query_net_name: str = Field(description="the default query network's description")
+    query_nets: list[QueryNetInfo] = Field(description="every query network served, the default first; all "
+                                                       "search the gallery network's space")
     gallery_net: dict
+    gallery_net_cost: Cost
     dim: int
     whitening: str | None
     pair: dict = Field(description="the pair file's metadata (run, created, asymret version)")

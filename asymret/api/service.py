@@ -1,9 +1,14 @@
-"""The search service behind the REST API: one pair, one gallery store, one query-encoding worker.
+"""The search service behind the REST API: one or more pairs, one gallery store, one query-encoding
+worker per query network.
 
 Asymmetric retrieval at serve time: the GALLERY network encodes the items added through the API (as
-it encoded the offline database), the small QUERY network encodes every query image, and both land
+it encoded the offline database), a small QUERY network encodes every query image, and both land
 in one space, whitened by the pair's whitening when it has one (AML's asymmetric test setting).
-Query encodes are coalesced into batches by a :class:`~asymret.api.batcher.Batcher`.
+Several pairs may be served together when they share the gallery network (the same
+:func:`~asymret.retrieval.gallery.embedding_space`): each query network trained against it (a phone-size
+one, a server-size one) searches the same galleries, and a request names the one it wants.
+Query encodes are coalesced into batches by one :class:`~asymret.api.batcher.Batcher` per query
+network, so a batch never mixes networks.
 """
 
 from __future__ import annotations
@@ -12,23 +17,36 @@ import functools
 import hmac
 import io
 import logging
+import re
 import shutil
 import threading
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from asymret.api.batcher import Batcher
 from asymret.api.uploads import ImageLimits, decode_image, resolve_under_roots
-from asymret.errors import AsymretError, ConflictError, ForbiddenError, NotFoundError
+from asymret.errors import AsymretError, ConfigError, ConflictError, ForbiddenError, NotFoundError
 
 log = logging.getLogger("asymret.serve")
 UPLOADS = "_uploads"  # under the galleries folder; gallery names cannot start with '_'
+QUERY_NET_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # what NAME=PATH may name a query network
+
+
+def pair_entry(entry: str | Path) -> tuple[str | None, Path]:
+    """``(name, path)`` of a ``pair``/``pairs`` entry: ``PATH`` or ``NAME=PATH`` (an existing file
+    whose own name holds '=' stays a path)."""
+    text = str(entry)
+    name, sep, path = text.partition("=")
+    if sep and re.fullmatch(QUERY_NET_NAME, name) and not Path(text).expanduser().is_file():
+        return name, Path(path)
+    return None, Path(text)
 
 
 class ServeConfig(BaseModel):
@@ -36,7 +54,11 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pair: Path = Field(description="pair.pt written by asymret train: both networks and the whitening")
+    pair: Path | None = Field(None, description="pair.pt written by asymret train: both networks and the "
+                                                "whitening; its query network is the default one ('NAME=PATH' "
+                                                "names it)")
+    pairs: list[Path] = Field(default_factory=list, description="more pairs whose query networks search the "
+                                                                "same gallery network's galleries, after 'pair'")
     galleries: Path = Field(Path("galleries"), description="folder of the gallery store")
     db_url: str | None = Field(None, description="SQLAlchemy URL of the metadata; SQLite in the folder by default")
     host: str = "127.0.0.1"
@@ -58,6 +80,16 @@ class ServeConfig(BaseModel):
                                                      "requests, and waking a thread team costs more than a "
                                                      "small search (raise it for large batch searches)")
 
+    @model_validator(mode="after")
+    def _some_pair(self):
+        if self.pair is None and not self.pairs:
+            raise ValueError("no pair file; give 'pair' (or 'pairs'), the pair.pt a training run wrote")
+        return self
+
+    def pair_entries(self) -> list[tuple[str | None, Path]]:
+        """``(name or None, path)`` of every pair to serve, the default (first) one first."""
+        return [pair_entry(e) for e in ([self.pair] if self.pair is not None else []) + list(self.pairs)]
+
 
 class NotReadyError(AsymretError):
     """The pair and galleries are still loading (or failed to load: see /readyz)."""
@@ -74,6 +106,43 @@ def torch_device(name: str):
     if name == "cuda" and not torch.cuda.is_available():
         raise NotReadyError("device 'cuda' asked for but CUDA is not available; serve with --device cpu")
     return torch.device(name)
+
+
+@dataclass
+class QueryNet:
+    """A served query network: the pair it comes from (whose gallery network all pairs share), its
+    coalescing worker and what it costs per image."""
+
+    name: str
+    path: Path
+    pair: object  # asymret.retrieval.pair.Pair
+    batcher: Batcher | None = None
+    cost: dict = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        spec = self.pair.query_net.spec
+        return f"{spec.backbone} ({self.pair.query_net.dim}-d, {spec.input.size} px)"
+
+
+def space_difference(ours: dict, theirs: dict) -> str:
+    """What differs between two gallery sides' network specs (:meth:`SideEncoder.network_spec`), in words."""
+    from asymret.retrieval.gallery import PROVENANCE
+
+    a = {k: v for k, v in ours["gallery_net"].items() if k not in PROVENANCE}
+    b = {k: v for k, v in theirs["gallery_net"].items() if k not in PROVENANCE}
+    if a != b:
+        keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        return (f"the gallery network's spec ({', '.join(keys)}: {', '.join(repr(b.get(k)) for k in keys)} "
+                f"instead of {', '.join(repr(a.get(k)) for k in keys)})")
+    if ours["weights_sha256"] != theirs["weights_sha256"]:
+        return (f"the gallery weights' hash ({theirs['weights_sha256'][:12]} instead of "
+                f"{ours['weights_sha256'][:12]})")
+
+    def whitening(w: dict | None) -> str:
+        return f"{w['kind']} to {w['dim']}-d, hash {w['sha256'][:12]}" if w else "none"
+
+    return f"the whitening ({whitening(theirs['whitening'])} instead of {whitening(ours['whitening'])})"
 
 
 class Metrics:
@@ -118,7 +187,9 @@ class Service:
         self.uploads = config.galleries / UPLOADS
         self.metrics = Metrics(self)
         self.galleries: dict = {}
-        self.pair = self.store = self.batcher = None
+        self.query_nets: dict[str, QueryNet] = {}  # by name, the default first
+        self.pair = self.store = None
+        self.gallery_cost: dict = {}
         self.ready = threading.Event()
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -142,42 +213,70 @@ class Service:
 
     def load(self) -> None:
         from asymret.index import GalleryStore
-        from asymret.retrieval.gallery import SideEncoder, embedding_space
-        from asymret.retrieval.pair import load_pair
+        from asymret.retrieval.cost import encoder_cost
 
         self.device = torch_device(self.config.device)
         if self.config.torch_threads:
             import torch
 
             torch.set_num_threads(self.config.torch_threads)
-        self.pair = load_pair(self.config.pair, device=self.device)
+        self._load_pairs()
         self.dim = self.pair.whitening.dim if self.pair.whitening is not None else self.pair.gallery_net.dim
-        self.network_spec = SideEncoder.gallery(self.pair).network_spec()  # hashes the weights: once
-        self.space = embedding_space(self.network_spec)
         self.store = GalleryStore(self.config.galleries, self.config.db_url,
                                   device="auto" if self.device.type == "cuda" else "cpu")
         for summary in self.store.list():
             self._open(summary["name"])
         self._warm_up()
-        self.batcher = Batcher(self._encode_queries, max_batch=self.config.max_batch,
-                               max_wait_ms=self.config.max_wait_ms, on_batch=self.metrics.batch_size.observe,
-                               name="query-encoder")
+        self.gallery_cost = encoder_cost(self.pair.gallery_net)
+        for net in self.query_nets.values():  # before the workers start: the FLOP counter runs a forward pass
+            net.cost = encoder_cost(net.pair.query_net)
+            net.batcher = Batcher(functools.partial(self._encode_queries, net), max_batch=self.config.max_batch,
+                                  max_wait_ms=self.config.max_wait_ms, on_batch=self.metrics.batch_size.observe,
+                                  name=f"query-encoder-{net.name}")
         self.ready.set()
-        log.info("serving %d galleries; query network %s", len(self.galleries), self.query_net_name)
+        log.info("serving %d galleries; query network(s) %s", len(self.galleries),
+                 ", ".join(f"{n.name}: {n.description}" for n in self.query_nets.values()))
+
+    def _load_pairs(self) -> None:
+        """Every pair of the config; all must share the first one's gallery side (spec, weights, whitening)."""
+        from asymret.retrieval.gallery import SideEncoder, embedding_space
+        from asymret.retrieval.pair import load_pair
+
+        nets: dict[str, QueryNet] = {}
+        for name, path in self.config.pair_entries():
+            pair = load_pair(path, device=self.device)
+            name = name or str(pair.meta.get("run") or "") or path.stem
+            if name in nets:
+                raise ConfigError(f"pairs {nets[name].path} and {path} are both named '{name}'; name each query "
+                                  "network with --pair NAME=PATH")
+            spec = SideEncoder.gallery(pair).network_spec()  # hashes the weights: once per pair
+            if not nets:
+                self.pair, self.network_spec, self.space = pair, spec, embedding_space(spec)
+            elif embedding_space(spec) != self.space:
+                first = next(iter(nets.values()))
+                raise ConfigError(f"pair '{name}' ({path}) has another gallery network than the first pair "
+                                  f"'{first.name}' ({first.path}): {space_difference(self.network_spec, spec)}; "
+                                  "serve together only pairs whose query networks were trained against the "
+                                  "same gallery network, or run one server per gallery network")
+            else:
+                pair.gallery_net = self.pair.gallery_net  # the same network: keep one copy in memory
+            nets[name] = QueryNet(name, path, pair)
+        self.query_nets = nets
 
     def _warm_up(self) -> None:
         """One forward pass per network, so that the first request does not pay for lazy initialisation."""
         from PIL import Image
 
         blank = Image.new("RGB", (64, 64))
-        for net in (self.pair.query_net, self.pair.gallery_net):
+        for net in (*(n.pair.query_net for n in self.query_nets.values()), self.pair.gallery_net):
             self._embed(net, [net.transform(blank)])
 
     def close(self) -> None:
         """Finish queued queries, checkpoint and close every gallery."""
         self.ready.clear()
-        if self.batcher is not None:
-            self.batcher.close()
+        for net in self.query_nets.values():
+            if net.batcher is not None:
+                net.batcher.close()
         with self._lock:
             for gallery in self.galleries.values():
                 gallery.close()
@@ -202,9 +301,23 @@ class Service:
             raise ForbiddenError("the X-API-Key header holds no valid key; check the key")
 
     @property
+    def default_query_net(self) -> QueryNet:
+        return next(iter(self.query_nets.values()))
+
+    @property
     def query_net_name(self) -> str:
-        spec = self.pair.query_net.spec
-        return f"{spec.backbone} ({self.pair.query_net.dim}-d, {spec.input.size} px)"
+        """The default query network's description (backbone, dimension, input size)."""
+        return self.default_query_net.description
+
+    def query_net(self, name: str | None = None) -> QueryNet:
+        """The query network called ``name`` (the default one, the first pair's, for None or '')."""
+        if not name:
+            return self.default_query_net
+        net = self.query_nets.get(name)
+        if net is None:
+            raise NotFoundError(f"no query network '{name[:64]}' on this server; it serves "
+                                f"{', '.join(repr(n) for n in self.query_nets)} (see /v1/info)")
+        return net
 
     # -------------------------------------------------------------------------------- galleries
     def _open(self, name: str):
@@ -276,10 +389,12 @@ class Service:
     def decode(self, data: bytes, name: str = "upload"):
         return decode_image(data, self.limits, name)
 
-    def query_vectors(self, images) -> np.ndarray:
-        """Query-network embeddings of PIL images, each request's images coalesced with others'."""
-        transform = self.pair.query_net.transform
-        futures = [self.batcher.submit(transform(image)) for image in images]
+    def query_vectors(self, images, query_net: QueryNet | None = None) -> np.ndarray:
+        """Embeddings of PIL images by ``query_net`` (the default one if None), each request's images
+        coalesced with others' for the same network."""
+        net = query_net or self.default_query_net
+        transform = net.pair.query_net.transform
+        futures = [net.batcher.submit(transform(image)) for image in images]
         return np.stack([future.result() for future in futures])
 
     def gallery_vectors(self, images) -> np.ndarray:
@@ -287,14 +402,15 @@ class Service:
         net = self.pair.gallery_net
         return self._embed(net, [net.transform(image) for image in images])
 
-    def _encode_queries(self, tensors) -> np.ndarray:
-        return self._embed(self.pair.query_net, tensors)
+    def _encode_queries(self, net: QueryNet, tensors) -> np.ndarray:
+        return self._embed(net.pair.query_net, tensors)
 
     def _embed(self, encoder, tensors) -> np.ndarray:
         import torch.nn.functional as F
 
         from asymret.retrieval.encode import encode_tensors, inference
 
+        # one whitening for all: the pairs share the gallery side, whitening included (its hash is in the space)
         with inference(self.device, None):
             x = encode_tensors(encoder, tensors, self.device)
             if self.pair.whitening is not None:

@@ -27,6 +27,15 @@ def make_pair(path: Path) -> Path:
     return save_pair(path, create_encoder(QUERY_SPEC), create_encoder(GALLERY_SPEC), meta={"run": "test"})
 
 
+def make_shared_pairs(folder: Path, query_specs: dict[str, dict], seed: int = 0) -> dict[str, Path]:
+    """Pairs ``<folder>/<name>.pt`` (run name ``name``), one per query spec, all with the same gallery
+    encoder object: several query networks trained against one gallery network."""
+    torch.manual_seed(seed)
+    gallery = create_encoder(GALLERY_SPEC)
+    return {name: save_pair(Path(folder) / f"{name}.pt", create_encoder(spec), gallery, meta={"run": name})
+            for name, spec in query_specs.items()}
+
+
 class Reference:
     """The pair in-process: the independent computation the server's answers are checked against."""
 

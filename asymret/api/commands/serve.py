@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-FLAGS = {  # flag -> ServeConfig key
-    "pair": "pair", "galleries": "galleries", "db": "db_url", "host": "host", "port": "port", "device": "device",
+FLAGS = {  # flag -> ServeConfig key (--pair: below, it fills two keys)
+    "galleries": "galleries", "db": "db_url", "host": "host", "port": "port", "device": "device",
     "api_key": "api_keys", "allow_root": "allowed_roots", "max_request_mb": "max_request_mb",
     "max_image_pixels": "max_image_pixels", "max_batch": "max_batch", "max_wait_ms": "max_wait_ms",
     "torch_threads": "torch_threads",
@@ -21,7 +21,10 @@ def register(subparsers) -> None:
         "Settings come from --config (YAML, keys as in docs/serve.md), flags on top; API keys also from "
         "the ASYMRET_API_KEYS environment variable (comma-separated), which keeps them out of `ps`.")
     parser.add_argument("--config", metavar="YAML", help="a serve config file")
-    parser.add_argument("--pair", metavar="PAIR.pt", help="the pair file of asymret train")
+    parser.add_argument("--pair", action="append", metavar="[NAME=]PAIR.pt",
+                        help="the pair file of asymret train; repeat it to serve several query networks trained "
+                        "against the same gallery network (the first is the default; NAME, what requests call "
+                        "it by, defaults to the pair's run name)")
     parser.add_argument("--galleries", metavar="DIR", help="gallery store folder (default ./galleries)")
     parser.add_argument("--db", metavar="URL", help="SQLAlchemy URL of the metadata (default: SQLite in DIR)")
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
@@ -47,6 +50,9 @@ def build_config(args: argparse.Namespace):
     from asymret.config import load_tree, validate
 
     tree, origins = load_tree(args.config) if args.config else ({}, {})
+    if args.pair:  # the flags replace the config file's pairs: the first is the default query network
+        tree["pair"], tree["pairs"] = args.pair[0], args.pair[1:]
+        origins["pair"] = origins["pairs"] = "command line"
     for flag, key in FLAGS.items():
         if getattr(args, flag) is not None:
             tree[key], origins[key] = getattr(args, flag), "command line"
@@ -56,7 +62,7 @@ def build_config(args: argparse.Namespace):
         tree["max_batch"] = 1
     env_keys = [k.strip() for k in os.environ.get("ASYMRET_API_KEYS", "").split(",") if k.strip()]
     tree["api_keys"] = [*tree.get("api_keys", []), *env_keys]
-    if "pair" not in tree:
+    if tree.get("pair") is None and not tree.get("pairs"):
         from asymret.errors import ConfigError
 
         raise ConfigError("no pair file; pass --pair runs/<name>/pair.pt (or set 'pair' in --config)")
@@ -70,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from asymret.errors import NotFoundError
 
     config = build_config(args)
-    if not config.pair.expanduser().is_file():  # fail here, not minutes later in /readyz
-        raise NotFoundError(f"pair file not found: {config.pair}; pass the pair.pt a training run wrote")
+    for _, path in config.pair_entries():  # fail here, not minutes later in /readyz
+        if not path.expanduser().is_file():
+            raise NotFoundError(f"pair file not found: {path}; pass the pair.pt a training run wrote")
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
     return 0

@@ -1,5 +1,6 @@
 """Operations: ``/healthz`` (the process answers), ``/readyz`` (pair and galleries loaded),
-``/metrics`` (Prometheus), ``/v1/info`` (the networks and limits this server runs with)."""
+``/metrics`` (Prometheus), ``/v1/info`` (the networks, their costs per image, and the limits this
+server runs with)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,16 @@ def metrics(request: Request):
     return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/info", response_model=Info, tags=["info"], summary="The pair this server runs and its limits")
+@router.get("/v1/info", response_model=Info, tags=["info"], summary="The networks this server runs, their costs, and its limits")
 def info(service: Reader):
     config, pair = service.config, service.pair
-    return {"query_net": pair.query_net.spec.model_dump(mode="json"),
-            "gallery_net": pair.gallery_net.spec.model_dump(mode="json"), "dim": service.dim,
-            "query_net_name": service.query_net_name,
+    default = service.default_query_net
+    query_nets = [{"name": net.name, "description": net.description, "default": net is default,
+                   "spec": net.pair.query_net.spec.model_dump(mode="json"), "cost": net.cost, "pair": net.pair.meta}
+                  for net in service.query_nets.values()]
+    return {"query_net": pair.query_net.spec.model_dump(mode="json"), "query_net_name": service.query_net_name,
+            "query_nets": query_nets, "gallery_net": pair.gallery_net.spec.model_dump(mode="json"),
+            "gallery_net_cost": service.gallery_cost, "dim": service.dim,
             "whitening": pair.whitening.kind if pair.whitening is not None else None, "pair": pair.meta,
             "limits": {"max_request_mb": config.max_request_mb, "max_image_mb": config.max_image_mb,
                        "max_image_pixels": config.max_image_pixels, "image_formats": list(service.limits.formats),

@@ -1,4 +1,5 @@
-"""Search: by uploaded image (encoded by the QUERY network), by vector, by an item of the gallery.
+"""Search: by uploaded image (encoded by a QUERY network, named by ``query_net``), by vector, by an item
+of the gallery.
 
 The re-ID rule "exclude same identity on same camera" (Market-1501/VeRi protocols) drops hits whose
 label and camera both equal the query's; hits are fetched in growing rounds (k, 4k, 16k, ...) until
@@ -16,10 +17,19 @@ from pydantic import ValidationError
 
 from asymret.api.routers.deps import GalleryName, Reader
 from asymret.api.routers.items import per_image, read_uploads, thumbnail_url
-from asymret.api.schemas import Encoded, Filters, K, SearchOptions, SearchRequest, SearchResponse
+from asymret.api.schemas import (
+    QUERY_NET_FIELD,
+    Encoded,
+    Filters,
+    K,
+    SearchOptions,
+    SearchRequest,
+    SearchResponse,
+)
 from asymret.errors import InputError
 
 router = APIRouter(prefix="/v1", tags=["search"])
+QueryNetName = Annotated[str | None, Form(max_length=64, description=QUERY_NET_FIELD)]
 
 
 def item_vectors(gallery, item_ids: list[int]) -> np.ndarray:
@@ -92,9 +102,12 @@ def search_image(name: GalleryName, service: Reader,
                  exclude_same_camera: Annotated[bool, Form()] = False,
                  group_by_label: Annotated[bool, Form()] = False,
                  label: Annotated[list[str] | None, Form(description="each query's identity (re-ID rule)")] = None,
-                 camera: Annotated[list[str] | None, Form(description="each query's camera (re-ID rule)")] = None):
-    """The QUERY network encodes the images (batched with concurrent requests); the gallery answers."""
+                 camera: Annotated[list[str] | None, Form(description="each query's camera (re-ID rule)")] = None,
+                 query_net: QueryNetName = None):
+    """The QUERY network named by ``query_net`` encodes the images (batched with concurrent requests
+    for the same network); the gallery answers."""
     start = time.perf_counter()
+    net = service.query_net(query_net)
     gallery = service.gallery(name)
     service.require_compatible(gallery)
     _, images = read_uploads(service, image)
@@ -102,8 +115,8 @@ def search_image(name: GalleryName, service: Reader,
                             group_by_label=group_by_label)
     queries = [{"label": lb, "camera": c} for lb, c in zip(per_image(label, len(images), "label"),
                                                          per_image(camera, len(images), "camera"))]
-    results = run_search(service, gallery, service.query_vectors(images), options, queries)
-    return {"gallery": name, "query_net": service.query_net_name,
+    results = run_search(service, gallery, service.query_vectors(images, net), options, queries)
+    return {"gallery": name, "query_net": net.description, "query_net_name": net.name,
             "took_ms": 1000 * (time.perf_counter() - start), "results": results}
 
 
@@ -119,8 +132,10 @@ def parse_filters(text: str | None) -> Filters | None:
 
 
 @router.post("/encode", response_model=Encoded, summary="Query-network embeddings of uploaded images")
-def encode(service: Reader, image: Annotated[list[UploadFile], File(description="one or more images")]):
+def encode(service: Reader, image: Annotated[list[UploadFile], File(description="one or more images")],
+           query_net: QueryNetName = None):
     """The vectors the service searches with (whitened and L2-normalised), e.g. for ``/search``."""
+    net = service.query_net(query_net)
     _, images = read_uploads(service, image)
-    return {"query_net": service.query_net_name, "dim": service.dim,
-            "vectors": service.query_vectors(images).tolist()}
+    return {"query_net": net.description, "query_net_name": net.name, "dim": service.dim,
+            "vectors": service.query_vectors(images, net).tolist()}

@@ -25,6 +25,12 @@ async function loadGalleries() {
   try {
     const info = await api("/v1/info");
     $("network").textContent = `query network ${info.query_net_name} \u2192 gallery network ${info.gallery_net.backbone}`;
+    const nets = info.query_nets || [];
+    $("query_net").innerHTML = "";
+    for (const net of nets) {  // several query networks search the one gallery network's galleries
+      $("query_net").add(new Option(`${net.name}: ${net.description}, ${net.cost.gflops.toFixed(2)} GFLOPs`, net.name));
+    }
+    $("query-net-choice").hidden = nets.length < 2;
     const { galleries } = await api("/v1/galleries");
     $("gallery").innerHTML = "";
     for (const g of galleries) {
@@ -52,6 +58,7 @@ async function search(file) {
   const form = new FormData();
   form.append("image", file);
   form.append("k", $("k").value || "12");
+  if ($("query_net").value) form.append("query_net", $("query_net").value);
   const started = performance.now();
   try {
     const body = await api(`/v1/galleries/${encodeURIComponent(gallery)}/search/image`, { method: "POST", body: form });
