@@ -182,9 +182,18 @@ def export_onnx(encoder, path, whitening=None, opset: int = DEFAULT_OPSET, meta:
         with warnings.catch_warnings(), torch.no_grad():
             # the TorchScript exporter's deprecation notice and timm's shape-assert TracerWarnings
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
-                              do_constant_folding=True, dynamo=False)
+            try:
+                torch.onnx.export(module, (example,), str(tmp), input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}},
+                                  opset_version=opset, do_constant_folding=True, dynamo=False)
+            except torch.onnx.errors.OnnxExporterError as exc:  # an operator with no ONNX form at this opset
+                raise ConfigError(f"{spec.backbone} cannot be exported to ONNX opset {opset}: "
+                                  f"{str(exc).splitlines()[0]}; try a newer --opset (up to {top}) or a fixed "
+                                  "input.size: [height, width]") from None
+            except AssertionError as exc:  # timm's shape asserts: e.g. a ViT of one image size, a longer-side spec
+                raise ConfigError(f"{spec.backbone} does not run on a {tuple(example.shape)} batch, which input.size "
+                                  f"{spec.input.size} allows ({exc}); set input.size to the [height, width] it "
+                                  "takes") from None
         check = _check_parity(module, tmp, spec)
         model = onnx.load(str(tmp))
         dim = whitening.dim if whitening is not None else encoder.dim

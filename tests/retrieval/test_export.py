@@ -273,3 +273,14 @@ def test_parity_check_is_recorded(mobilenet, resnet_pair):
     parity = OnnxEncoder(mobilenet[1]).metadata["parity"]
     assert parity["max_abs_diff"] <= TOL and parity["shapes"] == [[2, 3, 48, 36], [1, 3, 36, 48]]
     assert OnnxEncoder(resnet_pair[1]["gallery"]).metadata["parity"]["shapes"] == [[2, 3, 40, 32]]
+
+
+def test_an_operator_onnx_lacks_is_a_config_error(tmp_path, monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise torch.onnx.errors.UnsupportedOperatorError("aten::made_up", 17, "")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    encoder = create_encoder({"backbone": "resnet10t", "input": {"size": 32}})
+    with pytest.raises(ConfigError, match="cannot be exported to ONNX opset 17.*fixed input.size"):
+        export_onnx(encoder, tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
