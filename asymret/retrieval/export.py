@@ -15,7 +15,7 @@ torchvision.
 
 The exporter is torch's TorchScript-based one (``dynamo=False``): it honours the requested opset
 (17 by default) and dynamic axes by name, and takes well under a second; the torch.export-based
-exporter of torch 2.9+ writes opset 18 at the least (its down-conversion to 17 fails on ReduceMean).
+exporter of torch 2.9+ writes opset 18 at the least (its down-conversion to 17 fails on the axes of a Reduce op).
 """
 
 from __future__ import annotations
