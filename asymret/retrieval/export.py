@@ -34,7 +34,7 @@ from asymret.retrieval.specs import EncoderSpec
 FORMAT = "asymret.onnx_encoder"
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
-MIN_OPSET = 13  # ReduceSum/Squeeze with axes as inputs; older opsets are not tested
+MIN_OPSET = 13  # the oldest opset the tests run; older ones may export but are not checked here
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 PREFIX = "asymret."
 PARITY_LIMIT = 1e-3  # ONNX Runtime vs PyTorch on the L2-normalised output; a few 1e-7 is usual
