@@ -259,7 +259,9 @@ class OnnxEncoder:
     (default: CPU).
     """
 
-    def __init__(self, path, providers=None):
+    def __init__(self, path, providers=None, threads: int | None = None):
+        """``threads``: ONNX Runtime's intra-op threads (default: its own choice, one per physical core); set it
+        to the thread count a PyTorch comparison uses (``asymret profile`` does)."""
         ort = _require("onnxruntime")
         self.path = Path(path).expanduser()
         if not self.path.is_file():
@@ -270,7 +272,10 @@ class OnnxEncoder:
                                                              "InvalidArgument", "NoSuchFile", "NotImplemented",
                                                              "RuntimeException") if hasattr(state, name))
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=providers)
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except ValueError as exc:  # an execution provider this onnxruntime build lacks
             raise ConfigError(f"ONNX Runtime cannot use providers {providers} ({exc}); pick from "
                               f"{ort.get_available_providers()}") from None

@@ -3,7 +3,8 @@
 For every side (query, gallery), device (CPU, and CUDA when present), runtime (PyTorch eager, and the
 exported ONNX model under ONNX Runtime) and batch size: the median and 90th percentile of the wall time of
 one call that embeds a batch (preprocessed tensors of the encoder's own input size, whitening and L2
-included), after warm-up calls; throughput is the batch size over the median. Peak memory is CUDA's
+included), after warm-up calls; throughput is the batch size over the median. ONNX Runtime gets as many
+intra-op threads as torch has, so the two runtimes compare like for like. Peak memory is CUDA's
 ``max_memory_allocated`` for CUDA and, on the CPU, the growth of the process's resident high-water mark
 (``ru_maxrss``) during the measurement: configurations run from small batches to large, so it is the extra
 memory a larger batch needed, 0 when an earlier configuration had already reached it.
@@ -83,7 +84,7 @@ def profile_onnx(model_path: Path, encoder: Encoder, batch: int, device: str, wa
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else \
         ["CPUExecutionProvider"]
-    model = OnnxEncoder(model_path, providers=providers)
+    model = OnnxEncoder(model_path, providers=providers, threads=torch.get_num_threads())  # like for like
     x = np.random.default_rng(0).standard_normal((batch, 3, *input_hw(encoder))).astype(np.float32)
     before = _rss_mb()
     times = timed(lambda: model.encode(x), warmup, repeats)
