@@ -31,6 +31,7 @@ RELEVANCE_COLOURS = {"positive": (0, 170, 0), "negative": (220, 0, 0), "junk": (
 QUERY_COLOUR = (40, 90, 220)
 NOT_PLOTTED = {"epoch", "loss", "lr", "time_s", "val"}  # record keys that are not loss parts
 ROW_MARKERS = {"asymmetric": "o", "symmetric": "s", "asymmetric_untrained": "X", "sir": "D"}
+ANNOTATION_OFFSETS = {"asymmetric": (7, 5), "symmetric": (7, -6), "asymmetric_untrained": (-26, 0), "sir": (7, 9)}
 
 
 def _figure(**kw):
@@ -352,12 +353,13 @@ def plot_cost(results, out_path, profiles=None) -> Path:
         axes_x.append(("latency", "query-side latency, batch 1, median ms (log scale)"))
     accuracy = accuracy_metrics(docs[0]["rows"])
     fig = _figure(figsize=(5.6 * len(accuracy), 4.3 * len(axes_x)), dpi=100, layout="constrained")
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     axes = fig.subplots(len(axes_x), len(accuracy), squeeze=False)
     for i, (xkind, xlabel) in enumerate(axes_x):
         for j, (ylabel, get) in enumerate(accuracy):
             ax = axes[i, j]
             drawn = 0
+            galleries: dict[tuple, list] = {}  # one star per distinct gallery point (pairs often share one)
             for c, d in enumerate(docs):
                 prof = profs[c] if profs else None
 
@@ -366,28 +368,38 @@ def plot_cost(results, out_path, profiles=None) -> Path:
                         return d["cost"][side]["gflops"]
                     return latency_ms(prof, side) if prof else None
 
-                colour = f"C{c}"
                 for row, r in d["rows"].items():
                     side = ROW_QUERY_SIDE.get(row)
                     x = x_of(side) if side else None
                     if x is None or not x > 0:
                         continue
                     y = 100 * get(r)
-                    if row == "gallery":
-                        ax.axhline(y, color=colour, linestyle="--", linewidth=1, alpha=0.7)
-                        ax.plot([x], [y], marker="*", markersize=14, color=colour, linestyle="none",
-                                label=f"{d['name']}: gallery alone (ceiling)")
-                    else:
-                        ax.plot([x], [y], marker=ROW_MARKERS.get(row, "o"), markersize=8, color=colour,
-                                linestyle="none", label=f"{d['name']}: {ROW_TITLES.get(row, row)}")
-                    ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+                    if row == "gallery":  # the same network (same GFLOPs and accuracy): one star, its mean latency
+                        key = (round(d["cost"]["gallery_net"]["gflops"], 6), round(y, 6))
+                        galleries.setdefault(key, []).append((c, d["name"], x))
+                        continue
+                    ax.plot([x], [y], marker=ROW_MARKERS.get(row, "o"), markersize=8, color=f"C{c}",
+                            linestyle="none", label=f"{d['name']}: {ROW_TITLES.get(row, row)}")
+                    ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", fontsize=8,
+                                xytext=ANNOTATION_OFFSETS.get(row, (6, 4)), va="center")
                     drawn += 1
+            for (_, y), owners in galleries.items():
+                x = float(np.mean([o[2] for o in owners]))
+                shared = len(owners) == len(docs) and len(docs) > 1
+                colour = "black" if shared else f"C{owners[0][0]}"
+                label = "gallery network alone (ceiling)" if shared or len(docs) == 1 else \
+                    f"{', '.join(o[1] for o in owners)}: gallery alone (ceiling)"
+                ax.axhline(y, color=colour, linestyle="--", linewidth=1, alpha=0.6)
+                ax.plot([x], [y], marker="*", markersize=14, color=colour, linestyle="none", label=label)
+                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(8, 6), fontsize=8)
+                drawn += 1
             if drawn == 0:
                 ax.text(0.5, 0.5, "no latency at batch 1 in the profiles", transform=ax.transAxes,
                         ha="center", va="center")
             else:
                 ax.set_xscale("log")
                 ax.margins(x=0.15, y=0.12)
+                ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)
