@@ -115,12 +115,12 @@ def plot_training(runs, out_path) -> Path:
     fig = _figure(figsize=(4.4 * ncols, 3.3 * nrows), dpi=100, layout="constrained")
     from matplotlib.ticker import MaxNLocator
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    titles = {"loss": "loss (total)", "lr": "learning rate (first parameter group)", "val": "validation score"}
+    titles = {"loss": "loss (total)", "lr": "learning rate (first parameter group)", "val": "validation (Medium mAP on revisited benchmarks)"}
     val_rows = set()
     for ax, panel in zip(axes, panels):
         for c, (records, label) in enumerate(zip(histories, labels)):
             if panel == "val":
-                pts = [(r["epoch"], _val_score(r)) for r in records if _val_score(r) is not None]
+                pts = [(r["epoch"], 100 * _val_score(r)) for r in records if _val_score(r) is not None]
                 val_rows.update(r["val"].get("row", "") for r in records if _val_score(r) is not None)
             else:
                 pts = [(r["epoch"], float(r[panel])) for r in records
@@ -135,7 +135,7 @@ def plot_training(runs, out_path) -> Path:
         if panel == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         if panel == "val":
-            ax.set_ylabel(f"{'/'.join(sorted(v for v in val_rows if v)) or 'validation'} mAP (Medium where revisited)")
+            ax.set_ylabel(f"{'/'.join(sorted(v for v in val_rows if v)) or 'validation'} mAP (%)")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)

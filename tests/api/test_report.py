@@ -114,8 +114,9 @@ def test_worst_and_best_queries():
     assert pick_queries(np.array([0.5, 0.1, 0.9]), 3) == [("worst", 1), ("worst", 0), ("best", 2)]
 
 
-def test_reid_ranks_follow_the_camera_rule(demo):
+def test_reid_ranks_follow_the_camera_rule(demo, tmp_path, monkeypatch):
     from asymret.retrieval import metrics
+    from asymret.retrieval import ranks as ranks_module
     from asymret.retrieval.datasets import VeRi776
     from asymret.retrieval.ranks import RankRecorder, relevance
 
@@ -133,6 +134,16 @@ def test_reid_ranks_follow_the_camera_rule(demo):
     from asymret.retrieval.ranks import load_ranks
 
     doc = load_ranks(path)
+    assert not list(path.parent.glob("*.npy"))  # small: inline
+    monkeypatch.setattr(ranks_module, "INLINE_LIMIT", 1)  # large rows go to .npy files beside ranks.json
+    big = load_ranks(recorder.save(demo["out"] / "reid_ranks_npy"))
+    assert (demo["out"] / "reid_ranks_npy" / "asymmetric_topk.npy").is_file()
+    np.testing.assert_array_equal(big["rows"]["asymmetric"]["topk"], doc["rows"]["asymmetric"]["topk"])
+    from asymret.api.report import rank_grid
+
+    grid = rank_grid(big, tmp_path / "reid.png", k=5)  # re-ID: one row, no boxes
+    not_blank(grid.path)
+    assert {c["row"] for c in grid.cells} == {"asymmetric"}
     for qi, query in enumerate(data.query):
         ids = list(range(len(data.gallery)))
         for i, rel in zip(ids, relevance(doc, qi, ids)):
@@ -200,3 +211,24 @@ def test_report_errors(demo, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["report", "--runs", str(demo["run"]), "--out", str(tmp_path)]) == 2
     assert 'pip install "asymret[report]"' in capsys.readouterr().err
+
+
+def test_training_curves_overlay_runs_with_validation(tmp_path):
+    from asymret.api.report import plot_training
+
+    runs = []
+    for n, scale in (("run_a", 1.0), ("run_b", 2.0)):
+        run = tmp_path / n
+        run.mkdir()
+        lines = [{"epoch": e, "loss": scale / e, "d_pos": 0.5 / e, "d_neg": 0.1 * e, "lr": 1e-3 * 0.9 ** e,
+                  "time_s": 1.0, **({"val": {"row": "asymmetric", "score": 0.5 + 0.05 * e}} if e % 2 == 0 else {})}
+                 for e in range(1, 7)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs.append(run)
+    image = not_blank(plot_training(runs, tmp_path / "curves.png"))
+    assert image.height > 500  # loss, d_pos, d_neg, lr, validation: two lines of panels
+    (tmp_path / "run_a" / "metrics.jsonl").write_text("{not json\n")
+    from asymret.errors import DataError
+
+    with pytest.raises(DataError, match=r"metrics.jsonl:1 is not a JSON line"):
+        plot_training(runs, tmp_path / "curves.png")
