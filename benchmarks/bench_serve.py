@@ -13,6 +13,7 @@ pass ``--pair``. The gallery holds ``--gallery-size`` synthetic unit vectors (Fl
 
     python benchmarks/bench_serve.py             # about 2 minutes
     python benchmarks/bench_serve.py --quick     # about 40 s
+    python benchmarks/bench_serve.py --quick --onnx   # and a server with --runtime onnx
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(pair: Path, galleries: Path, device: str, coalesce: bool, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(pair: Path, galleries: Path, device: str, coalesce: bool, threads: int,
+                 runtime: str = "torch") -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "asymret", "serve", "--pair", str(pair), "--galleries", str(galleries),
-           "--port", str(port), "--device", device, "--torch-threads", str(threads),
+           "--port", str(port), "--device", device, "--torch-threads", str(threads), "--runtime", runtime,
            *([] if coalesce else ["--no-coalesce"])]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -213,6 +215,8 @@ def main() -> None:
                         help="intra-op threads, server and in-process alike (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="3 s per measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--onnx", action="store_true", help="also image search through a server with --runtime onnx "
+                        "(the query network under ONNX Runtime), against the PyTorch server")
     args = parser.parse_args()
     seconds = 3.0 if args.quick else args.seconds
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
@@ -253,6 +257,16 @@ def run(args, work: Path, seconds: float) -> dict:
                 results["mean_batch"] = total / batches
         finally:
             stop(process)
+    if args.onnx:
+        process, url = start_server(pair, work / "galleries", args.device, True, args.torch_threads, "onnx")
+        try:
+            for clients in (1, 8):
+                key = f"http_onnx/image/{clients}"
+                results[key] = r = load(url, by_image(images), clients, seconds)
+                print(f"{key:<28} {r['qps']:8.1f} QPS   p50 {r['p50_ms']:7.2f} ms   p99 {r['p99_ms']:7.2f} ms",
+                      flush=True)
+        finally:
+            stop(process)
     return results
 
 
@@ -261,7 +275,8 @@ def report(r: dict) -> None:
     for name in ("vector", "image"):
         ip = r["in_process"][name]
         print(f"| {name}, in-process | 1 | {ip['qps']:.1f} | {ip['p50_ms']:.2f} | {ip['p99_ms']:.2f} |")
-        for prefix, label in (("http", "HTTP"), ("http_no_coalesce", "HTTP, coalescing off")):
+        for prefix, label in (("http", "HTTP"), ("http_no_coalesce", "HTTP, coalescing off"),
+                              ("http_onnx", "HTTP, --runtime onnx")):
             for clients in (1, 8):
                 if (c := r.get(f"{prefix}/{name}/{clients}")) is not None:
                     print(f"| {name}, {label} | {clients} | {c['qps']:.1f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |")
@@ -271,6 +286,10 @@ def report(r: dict) -> None:
     gain = r["http/image/8"]["qps"] / r["http_no_coalesce/image/8"]["qps"]
     print(f"image, 8 clients: coalescing on / off = {gain:.2f}x QPS (goal >= 2x); "
           f"mean batch {r['mean_batch']:.1f} images")
+    if "http_onnx/image/1" in r:
+        for clients in (1, 8):
+            torch_p50, onnx_p50 = r[f"http/image/{clients}"]["p50_ms"], r[f"http_onnx/image/{clients}"]["p50_ms"]
+            print(f"image, {clients} client(s): p50 PyTorch / ONNX Runtime = {torch_p50 / onnx_p50:.2f}x")
 
 
 if __name__ == "__main__":

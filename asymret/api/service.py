@@ -76,6 +76,9 @@ class ServeConfig(BaseModel):
     thumbnail_px: int = Field(160, ge=16, le=1024)
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the networks (0: torch's default, one "
                                                    "per core); 1 suits a CPU shared with other work")
+    runtime: Literal["torch", "onnx"] = Field("torch", description="what encodes the queries: PyTorch, or ONNX "
+                                               "Runtime on the query network exported at start-up "
+                                               "(asymret export; needs the [onnx] extra)")
     search_threads: int = Field(1, ge=1, description="FAISS threads per search: concurrency comes from the "
                                                      "requests, and waking a thread team costs more than a "
                                                      "small search (raise it for large batch searches)")
@@ -118,6 +121,7 @@ class QueryNet:
     pair: object  # asymret.retrieval.pair.Pair
     batcher: Batcher | None = None
     cost: dict = field(default_factory=dict)
+    onnx: object | None = None  # asymret.retrieval.export.OnnxEncoder with runtime: onnx
 
     @property
     def description(self) -> str:
@@ -226,6 +230,8 @@ class Service:
                                   device="auto" if self.device.type == "cuda" else "cpu")
         for summary in self.store.list():
             self._open(summary["name"])
+        if self.config.runtime == "onnx":
+            self._export_query_nets()
         self._warm_up()
         self.gallery_cost = encoder_cost(self.pair.gallery_net)
         for net in self.query_nets.values():  # before the workers start: the FLOP counter runs a forward pass
@@ -263,13 +269,28 @@ class Service:
             nets[name] = QueryNet(name, path, pair)
         self.query_nets = nets
 
+    def _export_query_nets(self) -> None:
+        """runtime: onnx. Each query network (with the shared whitening and L2) as an ONNX graph in a folder that
+        lives as long as the service, run by ONNX Runtime with the configured threads."""
+        import tempfile
+
+        from asymret.retrieval.export import OnnxEncoder, export_onnx
+
+        self._onnx_dir = tempfile.TemporaryDirectory(prefix="asymret-serve-onnx-")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else None
+        for i, net in enumerate(self.query_nets.values()):
+            path = export_onnx(net.pair.query_net, Path(self._onnx_dir.name) / f"query_{i}.onnx",
+                               whitening=self.pair.whitening)
+            net.onnx = OnnxEncoder(path, providers=providers, threads=self.config.torch_threads or None)
+
     def _warm_up(self) -> None:
         """One forward pass per network, so that the first request does not pay for lazy initialisation."""
         from PIL import Image
 
         blank = Image.new("RGB", (64, 64))
-        for net in (*(n.pair.query_net for n in self.query_nets.values()), self.pair.gallery_net):
-            self._embed(net, [net.transform(blank)])
+        for net in self.query_nets.values():
+            self._encode_queries(net, [net.pair.query_net.transform(blank)])
+        self._embed(self.pair.gallery_net, [self.pair.gallery_net.transform(blank)])
 
     def close(self) -> None:
         """Finish queued queries, checkpoint and close every gallery."""
@@ -283,6 +304,8 @@ class Service:
             self.galleries.clear()
         if self.store is not None:
             self.store.close()
+        if getattr(self, "_onnx_dir", None) is not None:
+            self._onnx_dir.cleanup()
 
     def check_ready(self) -> Service:
         if not self.ready.is_set():
@@ -403,7 +426,15 @@ class Service:
         return self._embed(net, [net.transform(image) for image in images])
 
     def _encode_queries(self, net: QueryNet, tensors) -> np.ndarray:
-        return self._embed(net.pair.query_net, tensors)
+        if net.onnx is None:
+            return self._embed(net.pair.query_net, tensors)
+        out = np.empty((len(tensors), net.onnx.dim), dtype=np.float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):  # one ONNX Runtime call per image shape (longer-side specs keep aspect)
+            groups.setdefault(tuple(t.shape), []).append(i)
+        for rows in groups.values():
+            out[rows] = net.onnx.encode(np.stack([tensors[i].numpy() for i in rows]))  # whitened and L2 inside
+        return out
 
     def _embed(self, encoder, tensors) -> np.ndarray:
         import torch.nn.functional as F

@@ -9,7 +9,7 @@ FLAGS = {  # flag -> ServeConfig key (--pair: below, it fills two keys)
     "galleries": "galleries", "db": "db_url", "host": "host", "port": "port", "device": "device",
     "api_key": "api_keys", "allow_root": "allowed_roots", "max_request_mb": "max_request_mb",
     "max_image_pixels": "max_image_pixels", "max_batch": "max_batch", "max_wait_ms": "max_wait_ms",
-    "torch_threads": "torch_threads",
+    "torch_threads": "torch_threads", "runtime": "runtime",
 }
 
 
@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-coalesce", action="store_true", help="encode each query alone (max_batch 1)")
     parser.add_argument("--torch-threads", type=int, help="intra-op threads of the networks (default: one per "
                         "core; 1 on a CPU shared with other work)")
+    parser.add_argument("--runtime", choices=["torch", "onnx"], help="what encodes the queries: PyTorch (default) "
+                        "or ONNX Runtime on the query network exported at start-up (pip install \"asymret[onnx]\")")
     parser.set_defaults(func=run)
 
 
