@@ -324,6 +324,9 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
             line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
         lines.append(line)
     if cost:
+        g = cost["gallery_net"]
+        lines.append(f"database side, every row but symmetric: the gallery network, {g['params'] / 1e6:.2f}M params, "
+                     f"{g['gflops']:.3f} GFLOPs per image, encoded once offline")
         lines.append("GFLOPs per image at the input size (a square of the longer side), a multiply-add counted as 2 "
                      "(torch.utils.flop_counter)")
     return "\n".join(lines)
