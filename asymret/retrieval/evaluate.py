@@ -49,7 +49,7 @@ def evaluate_features_revisited(gnd_path, queries, database, distractors=None, k
     db = metrics.as_features(database, "database", dim=q.shape[1])
     if distractors is not None:
         db = np.concatenate([db, metrics.as_features(distractors, "distractors", dim=q.shape[1])])
-    return metrics.evaluate_revisited(data["gnd"], kappas=kappas, **ranking_source(q, db, topk))
+    return metrics.evaluate_revisited(data["gnd"], kappas=kappas, **ranking_source(q, db, topk, max(kappas)))
 
 
 def read_names(path, what: str) -> list[str]:
@@ -144,14 +144,29 @@ def index_ranking(queries, database, k: int, factory: str = "Flat", device: str 
     return index.search(queries, k)[1]
 
 
-def ranking_source(queries, database, topk: int | None) -> dict:
-    """Keyword arguments for the metrics: exact features, or an index's top-``topk`` ranking."""
+def ranking_source(queries, database, topk: int | None, deepest: int = max(metrics.DEFAULT_KAPPAS)) -> dict:
+    """Keyword arguments for the metrics: exact features, or an index's top-``topk`` ranking.
+
+    ``topk`` below ``deepest`` (the deepest mP@k reported) is refused: no query's mP@k could be known.
+    """
     if topk is None:
         return {"queries": queries, "database": database}
+    if topk < deepest:
+        raise InputError(f"--topk {topk} is shallower than mP@{deepest}, which needs the top {deepest} of every "
+                         f"query; give --topk {deepest} or more (100 or more keeps mAP close to exact)")
     return {"ranking": index_ranking(queries, database, topk)}
 
 
 # --------------------------------------------------------------------------------------------- reports
+
+
+def pct(value, width: int) -> str:
+    """A fraction as a percentage cell; ``n/a`` for an unknown value (mP@k past a truncated ranking)."""
+    return f"{'n/a':>{width}}" if value is None else f"{100 * value:>{width}.2f}"
+
+
+TRUNCATED_NOTE = ("note: truncated ranking; positives beyond it counted as not retrieved (mAP is a lower bound); "
+                  "n/a: an mP@k deeper than some query's retrieved list")
 
 
 def format_revisited(result: dict, title: str = "") -> str:
@@ -161,10 +176,9 @@ def format_revisited(result: dict, title: str = "") -> str:
     lines.append(f"{'protocol':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'queries':>9}")
     for p in metrics.REVISITED_PROTOCOLS:
         if p in result:
-            lines.append(f"{p:<10}" + "".join(f"{100 * result[p][c]:>9.2f}" for c in cols)
-                         + f"{result[p]['queries']:>9d}")
+            lines.append(f"{p:<10}" + "".join(pct(result[p][c], 9) for c in cols) + f"{result[p]['queries']:>9d}")
     if not result.get("exact", True):
-        lines.append("note: truncated ranking; positives beyond it counted as not retrieved (mAP is a lower bound)")
+        lines.append(TRUNCATED_NOTE)
     return "\n".join(lines)
 
 
@@ -307,8 +321,8 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
         cols = [f"{'M mAP':>8}{'M mP@10':>9}{'H mAP':>8}{'H mP@10':>9}"]
 
         def cells(r):
-            return (f"{100 * r['medium']['mAP']:>8.2f}{100 * r['medium']['mP@10']:>9.2f}{100 * r['hard']['mAP']:>8.2f}"
-                    f"{100 * r['hard']['mP@10']:>9.2f}")
+            return (f"{pct(r['medium']['mAP'], 8)}{pct(r['medium']['mP@10'], 9)}{pct(r['hard']['mAP'], 8)}"
+                    f"{pct(r['hard']['mP@10'], 9)}")
     else:
         cols = ["".join(f"{c:>13}" for c in ("mAP", "mAP_official", "R1", "mINP"))]
 
@@ -323,6 +337,8 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
             c = cost[ROW_QUERY_SIDE[row]]
             line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
         lines.append(line)
+    if not all(r.get("exact", True) for r in results.values()):
+        lines.append(TRUNCATED_NOTE)
     if cost:
         g = cost["gallery_net"]
         lines.append(f"database side, every row but symmetric: the gallery network, {g['params'] / 1e6:.2f}M params, "

@@ -351,20 +351,28 @@ def average_precision(ranks: np.ndarray, q: np.ndarray, n_pos: np.ndarray, rule:
     return np.divide(total, denominator, out=np.full(nq, np.nan), where=n_pos > 0)
 
 
-def precision_at(ranks: np.ndarray, q: np.ndarray, n_queries: int, kappas: Iterable[int]) -> np.ndarray:
+def precision_at(ranks: np.ndarray, q: np.ndarray, n_queries: int, kappas: Iterable[int],
+                 beyond: np.ndarray | None = None) -> np.ndarray:
     """revisitop's mP@k per query: ``kq = min(max(pos), k)``, ``|{pos <= kq}| / kq`` (1-based pos).
 
-    A query with fewer than k positives, all ranked first, scores 1. A query with no retrieved
-    positive (truncated ranking) scores 0.
+    A query with fewer than k positives, all ranked first, scores 1. ``beyond`` (truncated rankings): per
+    query, -1 when every positive was retrieved, else the junk-removed length L of its retrieved list, below
+    which its unretrieved positives lie. Its deepest positive is then past L, so ``kq = k`` for k <= L and
+    mP@k is exact (0 when no positive was retrieved); for k > L it is unknown: NaN, never a guess.
     """
     pos1 = ranks + 1
     last = np.zeros(n_queries, dtype=np.int64)
     np.maximum.at(last, q, pos1)
+    if beyond is not None:
+        cut = beyond >= 0
+        last[cut] = beyond[cut] + 1
     out = np.zeros((n_queries, len(kappas)))
     for c, k in enumerate(kappas):
         kq = np.minimum(last, k)
         hits = np.bincount(q, pos1 <= kq[q], minlength=n_queries)
         out[:, c] = np.divide(hits, kq, out=np.zeros(n_queries), where=kq > 0)
+        if beyond is not None:
+            out[(beyond >= 0) & (beyond < k), c] = np.nan
     return out
 
 
@@ -408,6 +416,7 @@ def evaluate_revisited(gnd: Sequence[dict], *, scores=None, ranking=None, querie
     required = [_members(r, np.concatenate([np.asarray(g.get(k, []), dtype=np.int64) for k in ("easy", "hard")]))
                 for r, g in zip(relevant, gnd)]
     positions = _positions(relevant, required, scores=scores, ranking=ranking, queries=queries, database=database)
+    width = np.shape(ranking)[1] if ranking is not None else None  # a ranking may be truncated at this depth
 
     def lookup(q, ids):
         return positions[q][np.searchsorted(relevant[q], ids)]
@@ -422,11 +431,18 @@ def evaluate_revisited(gnd: Sequence[dict], *, scores=None, ranking=None, querie
         exact &= all((p != MISSING).all() for p in pos)
         ranks, q = junk_removed(pos, jpos)
         ap = average_precision(ranks, q, n_pos, "trapezoid")
-        prs = precision_at(ranks, q, len(gnd), kappas)
+        beyond = None
+        if width is not None:  # queries with an unretrieved positive: the junk-removed length of their list
+            cut = np.array([(p == MISSING).any() for p in pos], dtype=bool)
+            beyond = np.where(cut, width - np.array([(j != MISSING).sum() for j in jpos], dtype=np.int64), -1)
+        prs = precision_at(ranks, q, len(gnd), kappas, beyond)
         valid = n_pos > 0  # a query without positives is left out of the means
         entry = {"mAP": float(ap[valid].mean()) if valid.any() else float("nan")}
         for c, k in enumerate(kappas):
-            entry[f"mP@{k}"] = float(prs[valid, c].mean()) if valid.any() else float("nan")
+            values = prs[valid, c]
+            # None: some query's mP@k depends on positions past the truncated ranking (unknown, not a number)
+            entry[f"mP@{k}"] = None if np.isnan(values).any() else float(values.mean()) if valid.any() else \
+                float("nan")
         entry["queries"] = int(valid.sum())
         if per_query:
             entry["AP"] = ap.tolist()

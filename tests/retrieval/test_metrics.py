@@ -196,10 +196,54 @@ def test_revisited_truncated_ranking_is_flagged_and_scores_missing_positives_as_
     truncated = M.evaluate_revisited(gnd, ranking=ranks[:k].T)
     assert truncated["exact"] is False
     for protocol in M.REVISITED_PROTOCOLS:
-        ref_map, ref_pr, _ = _revisitop_map(ranks[:k], _protocol_gnd(gnd, protocol))
-        assert truncated[protocol]["mAP"] == pytest.approx(ref_map, abs=1e-12)
-        assert truncated[protocol]["mP@10"] == pytest.approx(ref_pr[2], abs=1e-12)
+        ref_map, _, _ = _revisitop_map(ranks[:k], _protocol_gnd(gnd, protocol))
+        _, full_pr, _ = _revisitop_map(ranks, _protocol_gnd(gnd, protocol))
+        assert truncated[protocol]["mAP"] == pytest.approx(ref_map, abs=1e-12)  # unretrieved positives add nothing
+        # mP@k (k <= 300 - junk) does not depend on anything past the cut: exactly the full ranking's
+        assert truncated[protocol]["mP@10"] == pytest.approx(full_pr[2], abs=1e-12)
         assert truncated[protocol]["mAP"] <= M.evaluate_revisited(gnd, scores=sim.T)[protocol]["mAP"] + 1e-12
+
+
+@pytest.mark.needs_shared
+@pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
+def test_mp_at_k_of_a_ranking_truncated_at_100_equals_the_full_rankings(name):
+    """Random features (positives deep in the ranking): every mP@k from the top 100 is the full ranking's."""
+    data = _load_gnd(name)
+    gnd = data["gnd"]
+    q, db = _features_for(gnd, len(data["imlist"]), np.random.default_rng(11))
+    sim = (q @ db.T).T
+    ranks = np.argsort(-sim, axis=0, kind="stable")
+    truncated = M.evaluate_revisited(gnd, ranking=ranks[:100].T)
+    assert truncated["exact"] is False  # random features leave positives past 100
+    for protocol in M.REVISITED_PROTOCOLS:
+        _, full_pr, _ = _revisitop_map(ranks, _protocol_gnd(gnd, protocol))
+        got = [truncated[protocol][f"mP@{k}"] for k in (1, 5, 10)]
+        assert got == pytest.approx(list(full_pr), abs=1e-12)
+
+
+def test_mp_at_k_past_a_truncated_list_is_unknown_not_a_number():
+    # one query, ranking truncated at 4: junk at 0 and 1, a positive at 2, the other positive not retrieved.
+    # After junk removal the retrieved list has 2 items: mP@1 and mP@2 are exact, mP@3 is unknown.
+    gnd = [{"easy": [7, 9], "hard": [], "junk": [3, 4]}]
+    r = M.evaluate_revisited(gnd, ranking=np.array([[3, 4, 7, 5]]), kappas=(1, 2, 3))["easy"]
+    assert r["mP@1"] == pytest.approx(1.0) and r["mP@2"] == pytest.approx(0.5) and r["mP@3"] is None
+    from asymret.retrieval.evaluate import format_revisited
+
+    text = format_revisited(M.evaluate_revisited(gnd, ranking=np.array([[3, 4, 7, 5]]), kappas=(1, 2, 3)))
+    assert "n/a" in text and "lower bound" in text
+    # nothing retrieved: mP@k is exactly 0 as long as k fits in the retrieved list
+    none = M.evaluate_revisited(gnd, ranking=np.array([[0, 1, 2, 5]]), kappas=(1, 4, 5))["easy"]
+    assert none["mP@1"] == 0.0 and none["mP@4"] == 0.0 and none["mP@5"] is None
+
+
+def test_a_top_k_shallower_than_the_deepest_mp_at_k_is_refused():
+    from asymret.errors import InputError
+    from asymret.retrieval.evaluate import ranking_source
+
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(InputError, match="--topk 5 is shallower than mP@10"):
+        ranking_source(x, x, 5)
+    assert ranking_source(x, x, 10)["ranking"].shape == (4, 4)
 
 
 def test_revisited_hand_computed_cases():
