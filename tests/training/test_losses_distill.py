@@ -18,6 +18,7 @@ from asymret.training.losses import LossBatch, create_loss, list_losses
 from asymret.training.losses.distill import (
     d3still_loss,
     d3still_masks,
+    ranked_similarities,
     rop_loss,
     rop_rank_weights,
 )
@@ -192,6 +193,24 @@ def test_rop_small_case_by_hand():
     expected = sum(w[a] * (i_g[a][b] - i_q[a][b]) ** 2 for a in range(2) for b in range(2)) / 2
     got = rop_loss(torch.tensor([[1.0, 0.4]]), torch.tensor([[0.9, 0.6]]))
     assert math.isclose(got.item(), expected, rel_tol=1e-12)
+
+
+def test_rop_with_acds_soft_gallery_indicator_by_hand():
+    # ACD's ROP.py: I_g = σ((s^g_b − s^g_a)/0.1), the rest as D3still's
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    s_g, s_q = [1.0, 0.4], [0.9, 0.6]
+    z = math.exp(0.2) + math.exp(0.08)
+    w = [math.exp(0.2) / z * 1, math.exp(0.08) / z * 2]
+    expected = sum(w[a] * (sig((s_g[b] - s_g[a]) / 0.1) - sig((s_q[b] - s_g[a]) / 0.1)) ** 2
+                   for a in range(2) for b in range(2)) / 2
+    got = rop_loss(torch.tensor([s_g], dtype=torch.float64), torch.tensor([s_q], dtype=torch.float64), tau_g=0.1)
+    assert math.isclose(got.item(), expected, rel_tol=1e-12)
+    q, g = pair(b=6, seed=5)
+    soft = create_loss("rop", tau_g=0.1)(batch(q, g)).total
+    assert torch.isclose(soft, rop_loss(*ranked_similarities(q, g, None), tau_g=0.1))
+    assert not torch.isclose(soft, create_loss("rop")(batch(q, g)).total)  # the default stays D3still's step
+    with pytest.raises(Exception, match="positive temperatures"):
+        create_loss("rop", tau_g=0.0)
 
 
 @pytest.mark.parametrize("k", [None, 4])

@@ -101,13 +101,14 @@ def rop_rank_weights(s_gg: Tensor, rank_weight: float = 0.2) -> Tensor:
     return F.softmax(rank_weight * s_gg, dim=1) * ranks
 
 
-def rop_loss(s_gg: Tensor, s_qg: Tensor, tau: float = 0.1, rank_weight: float = 0.2) -> Tensor:
+def rop_loss(s_gg: Tensor, s_qg: Tensor, tau: float = 0.1, rank_weight: float = 0.2, tau_g: float = 1e-6) -> Tensor:
     """Rank order preservation (Wu et al., ICLR 2023, Eq. 8-10), on :func:`ranked_similarities` rows:
-    ``I_g[a,b] = σ((s^g_b − s^g_a)/1e-6)``, ``I_q[a,b] = σ((s^q_b − s^g_a)/τ)``,
-    loss ``mean_i Σ_{a,b} w_a (I_g − I_q)² / k``. Defaults τ = 0.1, rank weight 0.2.
+    ``I_g[a,b] = σ((s^g_b − s^g_a)/τ_g)``, ``I_q[a,b] = σ((s^q_b − s^g_a)/τ)``,
+    loss ``mean_i Σ_{a,b} w_a (I_g − I_q)² / k``. Defaults τ = 0.1, rank weight 0.2, τ_g = 1e-6 (a step, as
+    D3still's code); ACD's ``ROP.py`` softens the gallery indicator with τ_g = 0.1.
     """
     threshold = s_gg.unsqueeze(2)  # [i, a, ·] = s^g_a: is item b above the gallery's rank-a score?
-    i_g = torch.sigmoid((s_gg.unsqueeze(1) - threshold) / 1e-6)
+    i_g = torch.sigmoid((s_gg.unsqueeze(1) - threshold) / tau_g)
     i_q = torch.sigmoid((s_qg.unsqueeze(1) - threshold) / tau)
     weights = rop_rank_weights(s_gg, rank_weight).unsqueeze(2)
     return ((i_g - i_q).pow(2) * weights).sum((1, 2)).mean() / s_gg.shape[1]
@@ -309,18 +310,22 @@ class RAMLLoss(nn.Module):
                                              f"image retrieval, ICLR 2023; {D3STILL}, Table 1",
                summary="rank order preservation: the query network's scores should rank the gallery's "
                        "top-k list in the gallery's order, rank-weighted",
-               equation="w · mean_i Σ_{a,b} w_a (σ((s^g_b − s^g_a)/1e-6) − σ((s^q_b − s^g_a)/τ))² / k",
+               equation="w · mean_i Σ_{a,b} w_a (σ((s^g_b − s^g_a)/τ_g) − σ((s^q_b − s^g_a)/τ))² / k",
                needs=("query", "gallery"))
 class ROPLoss(nn.Module):
-    """``weight`` 1 (2 for a MobileNet query network); ``k`` None = the whole batch."""
+    """``weight`` 1 (2 for a MobileNet query network); ``k`` None = the whole batch; ``tau_g`` 1e-6 (D3still),
+    0.1 as ACD runs it."""
 
-    def __init__(self, weight: float = 1.0, k: int | None = None, tau: float = 0.1, rank_weight: float = 0.2):
+    def __init__(self, weight: float = 1.0, k: int | None = None, tau: float = 0.1, rank_weight: float = 0.2,
+                 tau_g: float = 1e-6):
         super().__init__()
-        self.weight, self.k, self.tau, self.rank_weight = weight, k, tau, rank_weight
+        if tau <= 0 or tau_g <= 0:
+            raise ValueError(f"rop needs positive temperatures, got tau={tau}, tau_g={tau_g}")
+        self.weight, self.k, self.tau, self.rank_weight, self.tau_g = weight, k, tau, rank_weight, tau_g
 
     def forward(self, batch: LossBatch) -> LossOutput:
         query, gallery = require(batch, self.loss_name, "query", "gallery")
-        rop = rop_loss(*ranked_similarities(query, gallery, self.k), self.tau, self.rank_weight)
+        rop = rop_loss(*ranked_similarities(query, gallery, self.k), self.tau, self.rank_weight, self.tau_g)
         return LossOutput(self.weight * rop, _parts(rop=rop))
 
 
