@@ -372,7 +372,12 @@ class ACDLoss(nn.Module):
 
 @register_loss("mqd", family="local", source=f"{STFM}, Eq. (4)-(5)",
                summary="mutual query divergence: every row and column of S^qg follows the same one of "
-                       "S^gg as a query distribution, optionally focal-weighted",
+                       "S^gg as a query distribution, optionally focal-weighted. Direction: the teacher's "
+                       "distribution is the target, KL(p_T ‖ p_S) (Hinton's KD). Eq. (4) as printed weights "
+                       "log p_T by p_S, which would make the teacher's log-probabilities the target of a "
+                       "student distribution; the paper's text calls the loss 'the mean of KD loss of all n "
+                       "distributions', and KD's gradient in the student equals -Σ p_T log p_S's, so the "
+                       "printed S/T are read as swapped",
                equation="w · T² mean_{2B distributions} KL(softmax(S^gg/τT) ‖ softmax(S^qg/τT))",
                needs=("query", "gallery"))
 class MQDLoss(nn.Module):
