@@ -428,11 +428,10 @@ class Service:
     def _encode_queries(self, net: QueryNet, tensors) -> np.ndarray:
         if net.onnx is None:
             return self._embed(net.pair.query_net, tensors)
+        from asymret.retrieval.encode import shape_groups
+
         out = np.empty((len(tensors), net.onnx.dim), dtype=np.float32)
-        groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tensors):  # one ONNX Runtime call per image shape (longer-side specs keep aspect)
-            groups.setdefault(tuple(t.shape), []).append(i)
-        for rows in groups.values():
+        for rows in shape_groups(tensors):  # one ONNX Runtime call per image shape (longer-side specs keep aspect)
             out[rows] = net.onnx.encode(np.stack([tensors[i].numpy() for i in rows]))  # whitened and L2 inside
         return out
 

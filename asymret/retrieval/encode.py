@@ -57,16 +57,21 @@ def shard_bounds(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     return n * shard // num_shards, n * (shard + 1) // num_shards
 
 
+def shape_groups(images: Sequence) -> list[list[int]]:
+    """Indices of ``images`` grouped by shape (first-seen order): each group stacks into one batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    return list(groups.values())
+
+
 def encode_tensors(encoder: Encoder, images: Sequence[Tensor], device: torch.device) -> Tensor:
     """Embeddings ``(len(images), dim)`` of preprocessed images that may differ in shape.
 
     Images of one shape form one batch through :meth:`Encoder.encode_batch`; rows keep input order.
     """
     out = torch.empty(len(images), encoder.dim, device=device, dtype=torch.float32)
-    groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(tuple(image.shape), []).append(i)
-    for rows in groups.values():
+    for rows in shape_groups(images):
         batch = torch.stack([images[i].to(device, non_blocking=True) for i in rows])
         out[rows] = encoder.encode_batch(batch).float()
     return out

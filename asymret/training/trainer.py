@@ -37,7 +37,7 @@ from asymret.errors import AsymretError, ConfigError, TrainingError
 from asymret.index.files import atomic_write
 from asymret.retrieval.cache import EmbeddingCache
 from asymret.retrieval.checkpoints import read_checkpoint_whitening
-from asymret.retrieval.encode import RecordImages, encode_records
+from asymret.retrieval.encode import RecordImages, encode_records, shape_groups
 from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint, set_bn_eval
 from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
@@ -78,11 +78,8 @@ def resolve_device(name: str) -> torch.device:
 
 def forward_images(net: Encoder, images: list[torch.Tensor], device) -> torch.Tensor:
     """Training-mode embeddings of preprocessed images that may differ in size (grouped by shape)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(tuple(image.shape), []).append(i)
     parts, order = [], []
-    for rows in groups.values():
+    for rows in shape_groups(images):
         parts.append(net(torch.stack([images[i] for i in rows]).to(device, non_blocking=True)))
         order.extend(rows)
     out = torch.cat(parts)
