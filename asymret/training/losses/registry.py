@@ -30,7 +30,11 @@ class LossBatch:
     ``negative``   (B, N, D) negatives of each anchor (AML tuples).
     ``labels``     (B,) identity / cluster labels.
     ``query_logits``, ``gallery_logits``, ``collab_logits`` (B, C) classifier outputs (re-ID, ACD).
-    ``query_raw``, ``gallery_raw`` (B, D) un-normalised features where a method needs them.
+    ``query_raw``, ``gallery_raw`` (B, D) un-normalised features where a method needs them (re-ID: the
+                   BN-neck output before L2, what the D3still code's distillers receive as ``retrieval_feat``).
+    ``query_stages`` the query network's last four backbone stage maps (B, C_l, H_l, W_l), l = 1..4 (UGD).
+    ``gallery_local``, ``gallery_local_logits`` one (B, T, D) / (B, T, C) tensor per granularity of the loss's
+                   ``local_grids``: the gallery head's features / logits of its final map's cells (UGD).
     ``uncertainty`` (B,) gallery-side variance per item (attentive regression).
     ``query_confidence``, ``gallery_confidence`` (B,) per-item confidences (simdistill).
     """
@@ -45,6 +49,9 @@ class LossBatch:
     collab_logits: Tensor | None = None
     query_raw: Tensor | None = None
     gallery_raw: Tensor | None = None
+    query_stages: tuple[Tensor, ...] | None = None
+    gallery_local: tuple[Tensor, ...] | None = None
+    gallery_local_logits: tuple[Tensor, ...] | None = None
     uncertainty: Tensor | None = None
     query_confidence: Tensor | None = None
     gallery_confidence: Tensor | None = None
