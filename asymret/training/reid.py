@@ -21,6 +21,9 @@ Three modes, chosen by the config:
   encodes every training image once, at gallery resolution): the L2-normalised embedding, or, for a loss
   that needs the gallery's head outputs, one cache entry of its raw BN-neck feature (the embedding is its
   L2 normalisation, the logits its classifier's output) plus, for UGD, its local head features (float16).
+  With ``train.reid.distill_augment`` both views are augmented independently (the D3still code's
+  distillation loader), which no cache can hold: the frozen gallery network then runs on its view each step
+  (eval mode, no gradient).
 * **alone** (``loss.mode: symmetric`` or a supervised loss such as ``reid_supervised``): no gallery
   network, no distillation stream: how a gallery network itself is trained, and the "no teacher" row.
 * **ACD** (``gallery_frozen: false``): the query network is frozen (eval mode, from an earlier run's
@@ -147,7 +150,8 @@ class ReIDRecipe:
         self.uncertainty = None
         self.gallery_raw: torch.Tensor | None = None  # frozen gallery: (N, dim) raw head features, on the device
         self.gallery_local: list[np.ndarray] = []  # frozen gallery: (N, cells, dim) float16 memmaps, per grid
-        if not self.alone and not self.co_train:
+        self.live_gallery = self.rc.distill_augment and not self.alone  # the frozen gallery runs every step
+        if not self.alone and not self.co_train and not self.live_gallery:
             if self.needs & GALLERY_HEAD:
                 self._gallery_head_outputs()
             else:
@@ -308,12 +312,20 @@ class ReIDRecipe:
         return min(self.rc.distill_batch_size, len(self.t.records))
 
     def _distill_images(self) -> RecordImages:
-        """Distillation images: query resolution (and gallery resolution too when the gallery is trained)."""
-        q = self.t.query_net.transform
-        if self.co_train:
-            g = self.trained_net.transform
-            return RecordImages(self.t.records, lambda im: (q(im), g(im)))
-        return RecordImages(self.t.records, q)
+        """Distillation images: query resolution (and gallery resolution too when the gallery is trained or runs
+        live); with ``distill_augment`` each view through its own draw of the training augmentation."""
+        t, rc = self.t, self.rc
+
+        def view(net):
+            if rc.distill_augment:
+                return build_reid_train_transform(net.spec.input, rc.flip, rc.pad, rc.erasing)
+            return net.transform
+
+        q = view(t.query_net)
+        if self.co_train or self.live_gallery:
+            g = view(t.gallery_net)
+            return RecordImages(t.records, lambda im: (q(im), g(im)))
+        return RecordImages(t.records, q)
 
     def loaders(self, epoch: int):
         """The epoch's steps: ``(pk_loader, pk_sampler, distill_loader | None, distill_sampler | None)``."""
@@ -346,6 +358,18 @@ class ReIDRecipe:
                      "query_stages": lambda: q.stages, "labels": lambda: labels,
                      "uncertainty": lambda: self.uncertainty[idx], **{k: (lambda v=v: v) for k, v in gallery.items()}}
         return LossBatch(**{name: available[name]() for name in self.needs})
+
+    def _live_gallery_rows(self, images: torch.Tensor) -> dict:
+        """The frozen gallery's side of the distillation batch from its own forward pass on its (augmented) view:
+        eval mode, no gradient, the same fields as :meth:`_frozen_gallery_rows`."""
+        g = self.t.gallery_net
+        with torch.no_grad(), eval_mode(g):
+            out = g.forward_train(images)
+            rows = {"gallery": out.feature, "gallery_raw": out.raw, "gallery_logits": out.logits}
+            if "gallery_local" in self.needs:
+                rows["gallery_local"] = tuple(g.local_features(out.fmap, grid) for grid in self.loss_fn.local_grids)
+                rows["gallery_local_logits"] = tuple(g.head.classifier(t) for t in rows["gallery_local"])
+        return rows
 
     def _frozen_gallery_rows(self, distill_idx, idx: torch.Tensor) -> dict:
         """The frozen gallery's side of the distillation batch, from the cache (constants, no gradient)."""
@@ -389,8 +413,13 @@ class ReIDRecipe:
             total = total + self.cfg.acd.base_weight * base.total + acd.total
             parts.update({"base": base.total.detach(), **{f"acd_{k}": v for k, v in acd.parts.items()}})
             return LossOutput(total, parts)
-        q = self.trained_net.forward_train(stack_by_shape(distill_items).to(dev, non_blocking=True),
-                                           stages="query_stages" in self.needs)
-        base = self.loss_fn(self._loss_batch(q, self._frozen_gallery_rows(distill_idx, idx), d_labels, idx))
+        if self.live_gallery:
+            low = stack_by_shape([a for a, _ in distill_items]).to(dev, non_blocking=True)
+            rows = self._live_gallery_rows(stack_by_shape([b for _, b in distill_items]).to(dev, non_blocking=True))
+        else:
+            low, rows = stack_by_shape(distill_items).to(dev, non_blocking=True), None
+        q = self.trained_net.forward_train(low, stages="query_stages" in self.needs)
+        rows = rows if rows is not None else self._frozen_gallery_rows(distill_idx, idx)
+        base = self.loss_fn(self._loss_batch(q, rows, d_labels, idx))
         parts.update({"distill": base.total.detach(), **{f"distill_{k}": v for k, v in base.parts.items()}})
         return LossOutput(total + base.total, parts)

@@ -195,6 +195,34 @@ def test_each_distiller_receives_the_tensors_the_d3still_code_feeds_it(mini, gal
             assert not got_local.requires_grad and not got_logits.requires_grad
 
 
+@pytest.mark.parametrize("loss", ["fitnet", "ugd"])
+def test_augmented_distillation_views_reach_the_distiller_from_a_live_frozen_gallery(mini, gallery, tmp_path, loss,
+                                                                                      monkeypatch):
+    """distill_augment: each view gets its own draw of the training augmentation (the D3still code's distillation
+    loader); the frozen gallery then runs on its view in the step, and the loss sees exactly those outputs."""
+    reid = {**base(mini, "")["train"]["reid"], "distill_augment": True}
+    cfg = student(mini, tmp_path, gallery, loss, train={**base(mini, "")["train"], "reid": reid})
+    trainer = Trainer(ExperimentConfig.model_validate(cfg), progress=False)
+    assert trainer.gallery_emb is None and trainer.recipe.gallery_raw is None  # nothing read from the cache
+    seen = capture_batches(trainer.recipe.loss_fn, monkeypatch)
+    d_items, d_idx = one_step(trainer)
+    (got,) = seen
+    low, high = stack_by_shape([a for a, _ in d_items]), stack_by_shape([b for _, b in d_items])
+    plain = torch.stack([trainer.gallery_net.transform(load_image(trainer.records[i])) for i in d_idx])
+    assert high.shape == plain.shape and not torch.equal(high, plain)  # augmented, not the eval view
+    close(got.query_raw, trainer.query_net.forward_train(low).raw)
+    g_net = trainer.gallery_net
+    with torch.no_grad():
+        g_out = g_net.eval().forward_train(high)
+    close(got.gallery_raw, g_out.raw)
+    assert got.query_raw.requires_grad and not got.gallery_raw.requires_grad
+    if loss == "ugd":
+        with torch.no_grad():
+            want = g_net.head.neck(g_out.fmap.flatten(2).transpose(1, 2).reshape(-1, g_out.fmap.shape[1]))
+        close(got.gallery_local[0], want.reshape(len(d_idx), 4, -1))
+        close(got.gallery_local_logits[0], g_net.head.classifier(got.gallery_local[0]))
+
+
 def test_acd_base_loss_receives_the_frozen_query_and_the_trained_gallery(mini, d3still_run, tmp_path, monkeypatch):
     cfg = acd_config(mini, tmp_path, d3still_run, loss={"name": "fitnet"})
     trainer = Trainer(ExperimentConfig.model_validate(cfg), progress=False)
