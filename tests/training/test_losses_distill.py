@@ -604,3 +604,17 @@ def test_gradient_reaches_query_against_a_frozen_gallery(name):
 def test_missing_batch_field_is_a_config_error(name):
     with pytest.raises(ConfigError, match="needs batch field"):
         create_loss(name)(LossBatch())
+
+
+def test_asymret_losses_lists_the_d3still_baselines(capsys):
+    import json
+
+    from asymret.api.cli import main
+
+    assert main(["losses", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {records[n]["family"] for n in ("vanilla_kd", "pkt", "ugd")} == {"reid"}
+    assert records["pkt"]["defaults"] == {"weight": 30000.0, "eps": 1e-7}
+    assert records["ugd"]["needs"] == ["query_raw", "gallery_raw", "query_stages", "gallery_local",
+                                       "gallery_local_logits", "labels"]
+    assert main(["losses", "ugd"]) == 0 and "Neural Networks 2025" in capsys.readouterr().out
