@@ -415,11 +415,11 @@ class ReIDRecipe:
             return LossOutput(total, parts)
         if self.live_gallery:
             low = stack_by_shape([a for a, _ in distill_items]).to(dev, non_blocking=True)
-            rows = self._live_gallery_rows(stack_by_shape([b for _, b in distill_items]).to(dev, non_blocking=True))
+            gallery = self._live_gallery_rows(stack_by_shape([b for _, b in distill_items]).to(dev, non_blocking=True))
         else:
-            low, rows = stack_by_shape(distill_items).to(dev, non_blocking=True), None
+            low = stack_by_shape(distill_items).to(dev, non_blocking=True)
+            gallery = self._frozen_gallery_rows(distill_idx, idx)
         q = self.trained_net.forward_train(low, stages="query_stages" in self.needs)
-        rows = rows if rows is not None else self._frozen_gallery_rows(distill_idx, idx)
-        base = self.loss_fn(self._loss_batch(q, rows, d_labels, idx))
+        base = self.loss_fn(self._loss_batch(q, gallery, d_labels, idx))
         parts.update({"distill": base.total.detach(), **{f"distill_{k}": v for k, v in base.parts.items()}})
         return LossOutput(total + base.total, parts)

@@ -401,7 +401,10 @@ def test_ugd_defaults_and_setup_from_the_query_network():
     loss = create_loss("ugd")
     assert (loss.weight, loss.alpha, loss.beta, loss.layer, loss.dim) == (1.0, 2.0, 2.0, 3, 512)
     with pytest.raises(ConfigError, match="grid"):
-        loss.local_grids
+        _ = loss.local_grids
+    with pytest.raises(ConfigError, match="setup"):
+        loss(LossBatch(query_raw=torch.ones(2, 4), gallery_raw=torch.ones(2, 4), query_stages=(None,) * 4,
+                       gallery_local=(), gallery_local_logits=(), labels=torch.zeros(2, dtype=torch.long)))
     query = create_encoder({"backbone": "resnet18", "head": "bnneck", "input": {"size": [128, 64]}})
     loss.setup(query, None)  # P = 128 // 16 (the D3still code: STUDENT_SIZE_TRAIN[0] // 16); layer3: 256 channels
     assert loss.local_grids == (8, 4) and loss.in_dim == 256 and len(loss.projectors) == 2

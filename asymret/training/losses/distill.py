@@ -201,8 +201,8 @@ def ugd_loss(query: Tensor, gallery: Tensor, query_local: list[Tensor], gallery_
     return glob, local
 
 
-@register_loss("vanilla_kd", family="reid", source=f"Hinton et al., Distilling the knowledge in a neural network, "
-                                                    f"2015; as the D3still code runs it (VanillaKD, distillers/KD.py)",
+@register_loss("vanilla_kd", family="reid", source="Hinton et al., Distilling the knowledge in a neural network, "
+                                                    "2015; as the D3still code runs it (VanillaKD, distillers/KD.py)",
                summary="Hinton KD between the classifiers: the query network's identity distribution on the "
                        "distillation batch follows the gallery network's, at temperature T",
                equation="w · T² mean_i KL(σ(z^g_i/T) ‖ σ(z^q_i/T))", needs=("query_logits", "gallery_logits"))
@@ -225,8 +225,8 @@ class VanillaKDLoss(nn.Module):
         return LossOutput(self.weight * kd, _parts(kd=kd))
 
 
-@register_loss("pkt", family="reid", source=f"Passalis & Tefas, Learning deep representations with probabilistic "
-                                             f"knowledge transfer, ECCV 2018; as the D3still code runs it (distillers/PKT.py)",
+@register_loss("pkt", family="reid", source="Passalis & Tefas, Learning deep representations with probabilistic "
+                                             "knowledge transfer, ECCV 2018; as the D3still code runs it (distillers/PKT.py)",
                summary="probabilistic knowledge transfer: the query network's cosine-kernel neighbour "
                        "distributions over the batch follow the gallery network's",
                equation="w · mean_{i,j} p^g_{j|i} log((p^g_{j|i} + ε)/(p^q_{j|i} + ε)),  "
@@ -305,7 +305,8 @@ class UGDLoss(nn.Module):
             batch, self.loss_name, "query_raw", "gallery_raw", "query_stages", "gallery_local",
             "gallery_local_logits", "labels")
         if not len(self.projectors):
-            self.local_grids  # raises the error that says how to set the grid
+            raise ConfigError("ugd has no projectors yet: set grid and in_dim, or let the re-ID recipe call setup() "
+                              "with the networks")
         fmap = stages[self.layer - 1]
         if fmap.shape[1] != self.in_dim:
             raise InputError(f"ugd's projectors take {self.in_dim} channels but stage {self.layer} of the query "
