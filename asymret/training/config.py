@@ -102,7 +102,9 @@ class TrainConfig(Strict):
         "auto: reid for the re-ID, local-feature and ACD losses, else aml")
     epochs: int = Field(100, gt=0)
     batch_size: int = Field(5, gt=0, description="tuples (AML) or images per step")
-    accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
+    accumulate: int = Field(1, ge=1, description=(
+        "gradient accumulation steps (AML's update_every): the gradients of k steps are summed for the AML "
+        "tuple losses, which sum over tuples as their code does, and averaged for mean-reduced losses"))
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
     bn_eval: bool = Field(True, description="keep BatchNorm in eval mode (AML)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
