@@ -208,7 +208,7 @@ class RevisitedDataset:
     def __init__(self, root, name: str | None = None, distractors=None, distractor_root=None,
                  check_files: bool = True):
         root = _existing_dir(root, "jpg/ and gnd_<name>.pkl (e.g. roxford5k/)")
-        gnd_path = self._gnd_path(root, name)
+        gnd_path = self.gnd_path_in(root, name)
         self.name = gnd_path.stem[len("gnd_"):]
         data = read_gnd(gnd_path)
         imlist, qimlist, self.gnd = data["imlist"], data["qimlist"], data["gnd"]
@@ -225,7 +225,7 @@ class RevisitedDataset:
         self.num_distractors = len(d_names)
 
     @staticmethod
-    def _gnd_path(root: Path, name: str | None) -> Path:
+    def gnd_path_in(root: Path, name: str | None) -> Path:
         """``gnd_<name>.pkl``, name defaulting to the root's; else the root's single ``gnd_*.pkl``."""
         wanted = root / f"gnd_{name or root.name}.pkl"
         if wanted.is_file() or name is not None:

@@ -241,6 +241,18 @@ def open_benchmark(benchmark: str, root, distractors=None):
                      f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS)}")
 
 
+def dataset_name(benchmark: str, root) -> str:
+    """The name of the data that ``open_benchmark`` reads under ``root``: a revisited folder's ``gnd_<name>.pkl``
+    (``roxford5k`` pointed at a mini folder reads ``mini-roxford``); for re-ID, the benchmark asked for."""
+    from pathlib import Path
+
+    from asymret.retrieval.datasets import RevisitedDataset
+
+    if benchmark in REVISITED_BENCHMARKS and Path(root).expanduser().is_dir():
+        return RevisitedDataset.gnd_path_in(Path(root).expanduser(), None).stem[len("gnd_"):]
+    return benchmark
+
+
 def _with_scales(encoder, scales):
     """A view of ``encoder`` extracting at ``scales`` (same weights)."""
     import copy
@@ -253,7 +265,7 @@ def _with_scales(encoder, scales):
 def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
                   device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
-                  reference_gallery=None, on_row=None) -> dict:
+                  reference_gallery=None, on_row=None, amp: bool = False) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
@@ -267,7 +279,7 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     index's top-k search (:func:`index_ranking`; R1M scale) instead of the exact full ranking.
     ``on_row(row, queries, database)``, when given, sees the exact (whitened) features each row scores,
     before it is scored: a caller keeps rankings from them (:mod:`asymret.retrieval.ranks`) without
-    encoding the benchmark twice.
+    encoding the benchmark twice. ``amp``: encode under bf16 autocast on CUDA (default fp32).
     """
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
@@ -282,7 +294,7 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     if multiscale:
         query_net, gallery_net = _with_scales(query_net, MULTISCALE), _with_scales(gallery_net, MULTISCALE)
         reference = _with_scales(reference, MULTISCALE)
-    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
+    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress, "amp": amp}
 
     def encode(net, records, cacheable=False):
         if cacheable and cache_dir:

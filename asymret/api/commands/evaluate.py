@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache-dir", help="reuse the gallery network's database embeddings across runs")
+    parser.add_argument("--amp", action="store_true",
+                        help="encode under bf16 autocast on CUDA (faster; default fp32, which the published "
+                        "numbers use; docs/metrics.md gives the measured difference); no effect on CPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
     parser.add_argument("--save-ranks", metavar="DIR",
                         help="also write DIR/ranks.json (each row's top-20, or top-K with --topk, database ids "
@@ -114,15 +117,18 @@ def run_pair(args: argparse.Namespace) -> int:
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
                               topk=args.topk, reference_gallery=pair.reference_gallery,
-                              progress=sys.stderr.isatty(), on_row=recorder)
+                              progress=sys.stderr.isatty(), on_row=recorder, amp=args.amp)
     cost = pair_cost(pair.query_net, pair.gallery_net)
+    read = ev.dataset_name(args.benchmark, args.root)
     if recorder is not None:
         _save_ranks(args, recorder, {**{row: ev.public(r) for row, r in result.items()}, "cost": cost})
     if args.json:
-        print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost}))
+        print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost, "dataset": read,
+                          "precision": "bf16" if args.amp and device.type == "cuda" else "fp32"}))
     else:
-        print(f"{args.benchmark}: query network {pair.query_net.spec.backbone}, "
-              f"gallery network {pair.gallery_net.spec.backbone}")
+        print(f"{read}{'' if read == args.benchmark else f' (read from --root; asked: {args.benchmark})'}: "
+              f"query network {pair.query_net.spec.backbone}, gallery network {pair.gallery_net.spec.backbone}"
+              f"{', bf16 autocast' if args.amp and device.type == 'cuda' else ''}")
         print(ev.format_pair_table(result, args.benchmark, cost=cost))
     return 0
 
