@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     acd.add_argument("out", type=Path, metavar="OUT", help="folder to write the datasets into")
     acd.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     acd.add_argument("--size", choices=("small", "medium"), default="small",
-                     help="small: about 1,000 images in all, seconds; medium: about 3,500")
+                     help="small: about 1,200 images in all, seconds; medium: about 4,000, a minute")
     acd.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build")
     acd.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
     acd.set_defaults(func=run_mini_acd)
