@@ -313,3 +313,16 @@ def test_open_dataset_passes_reader_options(tmp_path):
     root = cub_root(tmp_path)
     assert [r.identity for r in open_dataset("cub200", root=root, train_classes=3).query] == [4, 4]
     assert len(open_dataset("msmt17", root=msmt17_root(tmp_path), include_val=True).train) == 4
+
+
+def test_data_mini_acd_command_prints_each_dataset_with_its_evaluate_line(minis, capsys):
+    import argparse
+
+    from asymret.api.commands.data import run_mini_acd
+
+    args = argparse.Namespace(out=minis["root"], seed=0, size="tiny", workers=1, force=False)
+    assert run_mini_acd(args) == 0  # a complete build of this seed and size: kept, not re-rendered
+    out = capsys.readouterr().out
+    for name in ("msmt17", "inshop", "sop", "cub200"):
+        assert f"asymret evaluate --benchmark {name} --root {minis[name]}" in out
+    assert "train_ids 4" in out and "test_ids 3" in out and "cameras 3" in out
