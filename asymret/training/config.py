@@ -17,7 +17,7 @@ from asymret.retrieval.transforms import AugmentSpec
 class DataConfig(Strict):
     """Training data: a reader from ``asymret.retrieval.datasets`` and its arguments."""
 
-    format: Literal["sfm120k", "folder", "csv", "veri776"] = "folder"
+    format: Literal["sfm120k", "folder", "csv", "veri776", "msmt17", "inshop", "sop", "cub200"] = "folder"
     root: str = Field("", description="dataset root (images); for sfm120k the ims/ folder")
     pkl: str | None = Field(None, description="sfm120k: the retrieval-SfM-120k training pickle")
     csv: str | None = Field(None, description="csv: path,label[,camera] file")
@@ -115,7 +115,8 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    benchmark: Literal["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri", "none"] = "none"
+    benchmark: Literal["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri", "msmt17", "inshop", "sop",
+                       "cub200", "none"] = "none"
     root: str = ""
     distractors: str | None = None
     multiscale: bool = False

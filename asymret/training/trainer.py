@@ -64,6 +64,8 @@ def open_training_set(cfg: DataConfig):
         return D.CsvDataset(cfg.csv, root=cfg.root or None)
     if cfg.format == "veri776":
         return D.LabelledSet(D.VeRi776(cfg.root).train)
+    if cfg.format in ("msmt17", "inshop", "sop", "cub200"):  # their train split (ACD's other benchmarks)
+        return D.LabelledSet(D.open_dataset(cfg.format, root=cfg.root).train)
     return D.LabelledFolder(cfg.root)
 
 

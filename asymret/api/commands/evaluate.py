@@ -18,13 +18,16 @@ def register(subparsers) -> None:
         "features", help="evaluate precomputed L2-normalised features (.npy, rows in list order)",
         description="Evaluate your own descriptors. Rows must be L2-normalised (normalised with a "
         "warning otherwise) and in the order of the dataset's lists.")
-    feats.add_argument("--protocol", required=True, choices=["revisited", "veri776", "reid"])
+    feats.add_argument("--protocol", required=True,
+                       choices=["revisited", "veri776", "reid", "msmt17", "inshop", "sop", "cub200"])
     feats.add_argument("--queries", required=True, metavar="Q.npy", help="query features")
     feats.add_argument("--database", required=True, metavar="X.npy", help="database / gallery features")
     feats.add_argument("--gnd", metavar="FILE", help="revisited: gnd_roxford5k.pkl / gnd_rparis6k.pkl")
     feats.add_argument("--distractors", metavar="D.npy", help="revisited: R1M distractor features")
     feats.add_argument("--query-names", metavar="TXT", help="veri776: name_query.txt")
     feats.add_argument("--gallery-names", metavar="TXT", help="veri776: name_test.txt")
+    feats.add_argument("--root", metavar="DIR", help="msmt17, inshop, sop, cub200: the folder with the official "
+                       "list files (rows: the test split in list order; sop/cub200: both arrays hold the test split)")
     feats.add_argument("--query-meta", metavar="CSV", help="reid: identity,camera[,path] per query")
     feats.add_argument("--gallery-meta", metavar="CSV", help="reid: identity,camera[,path] per gallery image")
     feats.add_argument("--no-camera-rule", action="store_true",
@@ -32,8 +35,10 @@ def register(subparsers) -> None:
     feats.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
     feats.set_defaults(func=run_features)
     parser.add_argument("--pair", metavar="PAIR.pt", help="a pair file written by asymret train")
-    parser.add_argument("--benchmark", choices=["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri"])
-    parser.add_argument("--root", help="the benchmark's folder (jpg/ + gnd_*.pkl, or VeRi's image_*/ + name_*.txt)")
+    parser.add_argument("--benchmark", choices=["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri",
+                                                "msmt17", "inshop", "sop", "cub200"])
+    parser.add_argument("--root", help="the benchmark's folder (jpg/ + gnd_*.pkl, VeRi's image_*/ + name_*.txt, or "
+                        "the official lists of MSMT17, In-Shop, SOP, CUB-200-2011; docs/reid.md)")
     parser.add_argument("--distractors", metavar="LIST", help="revisitop1m.txt list of R1M distractor images")
     parser.add_argument("--multiscale", action="store_true", help="extract at scales 1, 1/sqrt(2), 1/2")
     parser.add_argument("--rows", default=None,
@@ -79,6 +84,11 @@ def run_features(args: argparse.Namespace) -> int:
             _need(args, "query_names", "gallery_names")
             result = ev.evaluate_features_veri(args.query_names, args.gallery_names, q, db,
                                                camera_rule=not args.no_camera_rule)
+            text = ev.format_reid(result)
+        elif args.protocol != "reid":
+            _need(args, "root")
+            result = ev.evaluate_features_benchmark(args.protocol, args.root, q, db,
+                                                    camera_rule=not args.no_camera_rule)
             text = ev.format_reid(result)
         else:
             _need(args, "query_meta", "gallery_meta")
