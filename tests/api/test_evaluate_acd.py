@@ -112,7 +112,7 @@ def test_evaluate_pair_on_the_mini_render(bench, minis, pair_file, tmp_path, cap
     root = minis[bench]
     out = run_json(capsys, ["evaluate", "--pair", str(pair_file), "--benchmark", bench, "--root", str(root),
                             "--workers", "0"])
-    assert list(out) == ["gallery", "symmetric", "asymmetric", "cost"]
+    assert list(out) == ["gallery", "symmetric", "asymmetric", "cost", "dataset", "precision"]
     pair = load_pair(pair_file)
     data = open_dataset(bench, root=root)
     q = encode_records(pair.query_net, data.query, batch_size=16, num_workers=0)
@@ -155,5 +155,5 @@ def test_one_acd_run_end_to_end_on_mini_sop(minis, tmp_path, capsys):
         assert 0 <= record["val"]["score"] <= 1 and "Recall@1000" in record["val"]
     out = run_json(capsys, ["evaluate", "--pair", str(acd / "pair.pt"), "--benchmark", "sop", "--root", root,
                             "--workers", "0"])
-    assert list(out) == ["gallery", "symmetric", "asymmetric", "sir", "cost"]
+    assert list(out) == ["gallery", "symmetric", "asymmetric", "sir", "cost", "dataset", "precision"]
     assert all(0 <= out[row]["Recall@1"] <= out[row]["Recall@10"] <= 1 for row in ("gallery", "asymmetric", "sir"))
