@@ -7,7 +7,7 @@ Conventions (as mmcv/detectron users know them):
 * Mappings merge recursively; any other value (lists included) replaces. ``_delete_: true`` inside a
   mapping replaces the inherited mapping instead of merging into it.
 * Overrides ``a.b=value`` parse ``value`` as YAML (``3``, ``true``, ``[1, 2]``, ``null``) and win
-  over every file.
+  over every file; a number indexes a list (``loss.1.weight=0.5``: the second of several losses).
 * Errors name the dotted key path and the file (or "command line") that set the value.
 """
 
@@ -113,20 +113,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _list_index(node: list, key: str, text: str, where: str) -> int:
+    """``key`` as an index into the list ``node`` (``loss.1.weight`` is the second loss's weight)."""
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"override '{text}': '{where}' is a list of {len(node)}; index it with 0 to {len(node) - 1}")
+    return int(key)
+
+
 def apply_overrides(tree: dict, overrides: Iterable[str], origins: dict[str, str]) -> dict:
+    """Set each ``a.b=value``; a key part that is a number indexes a list (``loss.0.weight=4``)."""
     tree = copy.deepcopy(tree)
     for text in overrides:
         keys, value = parse_override(text)
         node = tree
         for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                child = node[_list_index(node, key, text, ".".join(keys[:depth]))]
+            else:
+                child = node.get(key)
+                if child is None:
+                    child = node[key] = {}
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
             node = child
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], text, ".".join(keys[:-1]))] = value
+        else:
+            node[keys[-1]] = value
         origins[".".join(keys)] = CLI
     return tree
 
