@@ -14,7 +14,7 @@ Conventions (as mmcv/detectron users know them):
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,28 +120,45 @@ def _list_index(node: list, key: str, text: str, where: str) -> int:
     return int(key)
 
 
+def _set(tree: dict, keys: list[str], value: Any, text: str) -> None:
+    """``tree[k0][k1]... = value``, making missing sections; ``text`` names the override in errors."""
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            child = node[_list_index(node, key, text, ".".join(keys[:depth]))]
+        else:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
+        node = child
+    if isinstance(node, list):
+        node[_list_index(node, keys[-1], text, ".".join(keys[:-1]))] = value
+    else:
+        node[keys[-1]] = value
+
+
 def apply_overrides(tree: dict, overrides: Iterable[str], origins: dict[str, str]) -> dict:
     """Set each ``a.b=value``; a key part that is a number indexes a list (``loss.0.weight=4``)."""
     tree = copy.deepcopy(tree)
     for text in overrides:
         keys, value = parse_override(text)
-        node = tree
-        for depth, key in enumerate(keys[:-1]):
-            where = ".".join(keys[: depth + 1])
-            if isinstance(node, list):
-                child = node[_list_index(node, key, text, ".".join(keys[:depth]))]
-            else:
-                child = node.get(key)
-                if child is None:
-                    child = node[key] = {}
-            if not isinstance(child, (dict, list)):
-                raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
-            node = child
-        if isinstance(node, list):
-            node[_list_index(node, keys[-1], text, ".".join(keys[:-1]))] = value
-        else:
-            node[keys[-1]] = value
+        _set(tree, keys, value, text)
         origins[".".join(keys)] = CLI
+    return tree
+
+
+def apply_values(tree: dict, values: Mapping[str, Any], origins: dict[str, str], source: str) -> dict:
+    """Like :func:`apply_overrides` for values already parsed (``{"acd.alpha": 3.0}``), set by ``source``."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        keys = str(key).split(".")
+        if not key or any(not part for part in keys):
+            raise ConfigError(f"{source}: key '{key}' must look like key.sub")
+        _set(tree, keys, copy.deepcopy(value), f"{key} (in {source})")
+        origins[key] = source
     return tree
 
 

@@ -11,8 +11,10 @@ from asymret.config import load_config
 from asymret.retrieval import encoders  # noqa: F401  (registers the ResNet-IBN-a backbones in timm)
 from asymret.training.config import ExperimentConfig
 from asymret.training.losses import LOSSES, create_loss
+from asymret.training.sweep import plan
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+SWEEPS = sorted((CONFIG_ROOT.parent / "experiments" / "sweeps").glob("*.yaml"))
 CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if "_base_" not in p.parts)
 
 
@@ -48,7 +50,7 @@ def test_aml_table_7_networks_trained_alone():
     alone = {p.stem: load_config(p, model=ExperimentConfig) for p in CONFIGS if p.parent.name == "alone"}
     assert set(alone) == {"mobilenetv2_d512", "mobilenetv2_d2048", "efficientnet_b3_d512", "efficientnet_b3_d2048",
                           "vgg16", "resnet101"}
-    for stem, cfg in alone.items():
+    for cfg in alone.values():
         assert cfg.loss.name == "contrastive" and cfg.loss.mode == "symmetric" and cfg.query_net.pooling == "gem"
     assert [alone[f"mobilenetv2_d{d}"].query_net.dim for d in (512, 2048)] == [512, 2048]
     assert alone["efficientnet_b3_d2048"].query_net.backbone == "efficientnet_b3"
@@ -92,3 +94,23 @@ def test_config_is_valid(path):
         create_loss(name, **params)  # every parameter a config sets is one the loss has
     for spec in (cfg.query_net, cfg.gallery_net):
         assert timm.is_model(spec.backbone), spec.backbone
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_file_is_valid(path):
+    """Every point of a shipped sweep resolves to a valid config (``asymret sweep --dry-run`` would list it)."""
+    sweep, base, runs = plan(path)
+    assert base.is_relative_to(CONFIG_ROOT) and runs
+    for run in runs:
+        for name, _, params in run.cfg.loss.specs():
+            create_loss(name, **params)
+        assert run.cfg.output_dir == f"{sweep.output_dir}/{sweep.name}"
+
+
+def test_the_acd_figures_sweeps():
+    for name in ("acd_figs_veri776", "acd_figs_mini"):
+        sweep, _, runs = plan(CONFIG_ROOT.parent / "experiments" / "sweeps" / f"{name}.yaml")
+        assert sweep.keys == ["acd.alpha", "acd.beta", "acd.raho_gamma"]
+        assert sweep.metrics == ["asymmetric.mAP", "asymmetric.R1", "sir.mAP", "sir.R1"]  # the figures' 4 panels
+        assert len(runs) == 18 and len({r.run_dir for r in runs}) == 16  # the paper's point is one run for all 3
+        assert all(not r.cfg.gallery_frozen for r in runs)

@@ -43,7 +43,15 @@ from asymret.retrieval.cache import EmbeddingCache, cache_key
 from asymret.retrieval.encode import RecordImages
 from asymret.retrieval.encoders import Encoder, create_encoder, eval_mode, set_bn_eval
 from asymret.retrieval.transforms import build_reid_train_transform
-from asymret.training.losses import LOSSES, LossBatch, LossOutput, build_loss, combined_needs, create_loss, loss_infos
+from asymret.training.losses import (
+    LOSSES,
+    LossBatch,
+    LossOutput,
+    build_loss,
+    combined_needs,
+    create_loss,
+    loss_infos,
+)
 from asymret.training.samplers import DistillationSampler, IdentitySampler
 
 log = logging.getLogger(__name__)
