@@ -123,6 +123,11 @@ class SweepRun:
 
 
 def _value_text(value: Any) -> str:
+    """A value as a run name or a table cell shows it; a loss (or a list of them) by its name."""
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"] + ("-symmetric" if value.get("mode") == "symmetric" else "")
+    if isinstance(value, list) and value and all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in value):
+        return "+".join(v["name"] for v in value)
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
     return str(value)

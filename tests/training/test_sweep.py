@@ -117,5 +117,9 @@ def test_a_missing_base_config(tmp_path):
 def test_run_names():
     keys = ["acd.alpha", "loss.params.alpha", "acd.beta"]
     assert S.run_name({"acd.alpha": 3.0, "acd.beta": 0.5}, keys) == "acd.alpha=3.0_beta=0.5"
-    listed = S.run_name({"loss": [{"name": "mqd", "weight": 4}]}, ["loss"])  # a folder name, whatever the value
-    assert listed.startswith("loss=") and "mqd" in listed and "4" in listed and not set(listed) & set("/ []{}\"'")
+    # losses by their names; any other value still gives a folder name
+    assert S.run_name({"loss": [{"name": "mqd", "weight": 4}, {"name": "attentive"}]}, ["loss"]) == "loss=mqd+attentive"
+    assert S.run_name({"loss": {"name": "reid_supervised", "mode": "symmetric"}}, ["loss"]) == \
+        "loss=reid_supervised-symmetric"
+    listed = S.run_name({"train.reid.supervised": {"ce_weight": 0.5}}, ["train.reid.supervised"])
+    assert listed.startswith("supervised=") and "0.5" in listed and not set(listed) & set("/ []{}\"'")
