@@ -17,8 +17,8 @@ to the same config (``acd.alpha: 3`` and ``acd.beta: 2`` at the defaults) share 
 other; a run whose folder already holds its ``pair.pt`` is not trained again (one with ``checkpoints/last.pt``
 resumes), and one whose ``sweep_eval.json`` matches the evaluation asked for is not evaluated again, so an
 interrupted sweep continues where it stopped. A folder that holds a run of another config is an error, never
-silently reused. The table (``<output_dir>/<name>/<name>.md`` and ``.json``) has a row per grid point: the swept
-keys' values and the metrics, fractions printed in percent.
+silently reused. The table (``<output_dir>/<name>/<name>.md`` and ``.json``, rewritten after every evaluated run)
+has a row per grid point: the swept keys' values and the metrics, fractions printed in percent.
 """
 
 from __future__ import annotations
@@ -290,19 +290,20 @@ def _train_record(run_dir: Path) -> dict:
 
 def run_sweep(path: str | Path, overrides: Sequence[str] = (), dry_run: bool = False,
               progress: bool = True) -> dict:
-    """Train and evaluate every run of a sweep not done yet, then write its table; returns the table as a dict.
+    """Train and evaluate every run of a sweep not done yet, writing its table after each; returns the table.
 
-    ``dry_run``: resolve every run and report what would be done (status per run), train nothing, write nothing.
+    The table is rewritten as each run is evaluated, so an interrupted sweep leaves the rows it finished (the
+    others show ``-``). ``dry_run``: resolve every run and report what each still needs; train and write nothing.
     """
     from asymret.training.trainer import Trainer
 
     sweep, base, runs = plan(path, overrides)
-    folder = Path(sweep.output_dir) / sweep.name
     for run in runs:
         run.status = status(run)
     if dry_run:
         return table(sweep, base, runs, None, dry_run=True)
     metrics = sweep.metrics
+    result: dict = {}
     for i, run in enumerate(runs, 1):
         if run.same_as:
             continue
@@ -313,11 +314,17 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), dry_run: bool = F
         record = _stored_eval(run, settings) or evaluate_run(run, settings, sweep.evaluate.batch_size)
         metrics = metrics or default_metrics(settings["benchmark"], settings["rows"])
         run.metrics = {"eval": record["results"], "train": _train_record(run.run_dir), "settings": settings}
+        result = _write_table(sweep, base, runs, metrics)
+    return result
+
+
+def _write_table(sweep: SweepConfig, base: Path, runs: list[SweepRun], metrics: list[str]) -> dict:
     by_name = {r.name: r for r in runs}
     for run in runs:
         if run.same_as:
             run.metrics = by_name[run.same_as].metrics
     result = table(sweep, base, runs, metrics)
+    folder = Path(sweep.output_dir) / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
     md, js = folder / f"{sweep.name}.md", folder / f"{sweep.name}.json"
     atomic_write(md, lambda tmp: Path(tmp).write_text(result["markdown"]))

@@ -86,6 +86,24 @@ def test_points_of_one_config_share_a_run_and_an_interrupted_run_resumes(mini, t
     assert [S.status(r) for r in runs] == ["resume", "train", "shared"]
 
 
+def test_an_interrupted_sweep_leaves_the_rows_it_finished(mini, tmp_path, monkeypatch):
+    path = write_sweep(tmp_path / "s.yaml", mini, tmp_path / "out", {"loss.params.margin": [0.5, 0.9]})
+    fit = Trainer.fit
+
+    def interrupted(self, resume=False):
+        if self.cfg.name == "margin=0.9":
+            raise KeyboardInterrupt
+        return fit(self, resume=resume)
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        S.run_sweep(path, progress=False)
+    rows = json.loads((tmp_path / "out" / "margins" / "margins.json").read_text())["rows"]
+    assert rows[0]["metrics"]["asymmetric.medium.mAP"] is not None
+    assert set(rows[1]["metrics"].values()) == {None}
+    assert "| margin=0.9 | 0.9 | - | - |" in (tmp_path / "out" / "margins" / "margins.md").read_text()
+
+
 def test_a_folder_of_another_config_is_never_reused(mini, tmp_path):
     path = write_sweep(tmp_path / "s.yaml", mini, tmp_path / "out", {"loss.params.margin": [0.5]})
     _, _, runs = S.plan(path)
