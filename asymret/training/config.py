@@ -42,11 +42,65 @@ class MiningConfig(Strict):
     pool_size: int = Field(20000, gt=0, description="random pool the hard negatives are mined from")
 
 
+class LossTerm(Strict):
+    """One loss of several trained together: ``weight · L_name`` (L with its own ``params``)."""
+
+    name: str
+    weight: float = Field(1.0, ge=0, description="multiplies this loss's total (which includes its own weight "
+                          "parameter, where it has one)")
+    params: dict = Field(default_factory=dict, description="overrides of the paper defaults")
+
+
 class LossConfig(Strict):
+    """One loss (``{name, params, mode}``) or several summed with weights.
+
+    Several losses are written as a list, ``loss: [{name: mqd, weight: 4}, {name: attentive, weight: 1}]``,
+    or as ``loss: {terms: [...], mode: ...}`` when ``mode`` is needed too; ``name`` then reads
+    ``mqd+attentive`` (set by the list, not by hand).
+    """
+
     name: str = "contr_plus"
     params: dict = Field(default_factory=dict, description="overrides of the paper defaults")
     mode: Literal["asymmetric", "symmetric"] = Field(
         "asymmetric", description="symmetric: every tuple member through the query network (no teacher)")
+    terms: list[LossTerm] = Field(default_factory=list, description="several losses in one run, summed with their "
+                                  "weights (written as a list under loss:)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_form(cls, data):
+        if isinstance(data, list):
+            if not data:
+                raise ValueError("an empty list names no loss; give {name: ...} or a list of {name, weight, params}")
+            data = {"terms": data}
+        if not isinstance(data, dict) or not data.get("terms"):
+            return data
+        terms = data["terms"]
+        names = [t.get("name") if isinstance(t, dict) else None for t in terms] if isinstance(terms, list) else []
+        if not names or not all(isinstance(n, str) for n in names):
+            return data  # the field validation names the malformed term
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"the loss list names {', '.join(map(repr, doubled))} more than once; list each loss "
+                             "once, with its weight")
+        joined = "+".join(names)
+        if data.get("name", joined) != joined:
+            raise ValueError(f"loss.name is set by a list of losses ({joined!r}); leave it out, not {data['name']!r} "
+                             "(to replace an inherited list: loss: {_delete_: true, name: ...})")
+        if data.get("params"):
+            raise ValueError("with a list of losses, give params inside each one ({name, weight, params}), "
+                             "not in loss.params")
+        return {**data, "name": joined}
+
+    def specs(self) -> list[tuple[str, float, dict]]:
+        """``(name, weight, params)`` of every loss of the run: one (weight 1) unless ``terms`` lists several."""
+        if self.terms:
+            return [(t.name, t.weight, dict(t.params)) for t in self.terms]
+        return [(self.name, 1.0, dict(self.params))]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.specs()]
 
 
 class OptimConfig(Strict):

@@ -43,7 +43,7 @@ from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
 from asymret.retrieval.transforms import build_train_transform
 from asymret.training.config import DataConfig, ExperimentConfig
-from asymret.training.losses import LOSSES, LossBatch, create_loss
+from asymret.training.losses import LossBatch, build_loss, combined_needs, loss_infos
 from asymret.training.mining import Tuples, mine_negatives, sample_pairs
 from asymret.training.reid import uses_reid_recipe
 from asymret.training.tensorboard import log_scalars
@@ -130,22 +130,30 @@ class Trainer:
         self.data = open_training_set(cfg.data)
         self.records = self.data.records
         self.labels = np.asarray(self.data.labels)
-        if cfg.loss.name not in LOSSES:
-            create_loss(cfg.loss.name)  # raises the ConfigError that lists the known names
-        self.info = LOSSES[cfg.loss.name]
-        self.tuple_mode = "negative" in self.info.needs or "positive" in self.info.needs
+        infos = loss_infos(cfg.loss.names)  # an unknown name is the ConfigError that lists the known ones
+        needs = combined_needs(cfg.loss.names)
+        self.tuple_mode = "negative" in needs or "positive" in needs
         self.symmetric = cfg.loss.mode == "symmetric"
         self.gallery_emb = None
         self.recipe = None
         if uses_reid_recipe(cfg):
             self._init_reid()
             return
-        if self.symmetric and not self.tuple_mode:
-            raise ConfigError(f"loss '{cfg.loss.name}' distils from a gallery network; it has no symmetric "
+        distillers = [i.name for i in infos if not {"positive", "negative"} & set(i.needs)]
+        if self.symmetric and distillers:
+            raise ConfigError(f"loss '{distillers[0]}' distils from a gallery network; it has no symmetric "
                               "mode (set loss.mode: asymmetric)")
+        # AML batches: tuples (anchor, its gallery embedding, positive, negatives) or random images with labels
+        provided = {"query", "gallery", "positive", "negative"} if self.tuple_mode else {"query", "gallery", "labels"}
+        for info in infos:
+            extra = sorted(set(info.needs) - provided)
+            if extra:
+                batches = "tuples" if self.tuple_mode else "batches of random images"
+                raise ConfigError(f"loss '{info.name}' needs {', '.join(extra)}, which the AML recipe's {batches} do not "
+                                  "provide; train it with train.recipe: reid (or auto), apart from AML tuple losses")
 
         self.query_net = create_encoder(cfg.query_net).to(self.device)
-        self.loss_fn = create_loss(cfg.loss.name, **cfg.loss.params).to(self.device)
+        self.loss_fn = build_loss(cfg.loss.specs()).to(self.device)
         self.gallery_net = None
         self.trained, self.net = "query_net", self.query_net
         if not self.symmetric:
@@ -265,7 +273,8 @@ class Trainer:
         a, p, n = tup
         b, k = len(a), n.shape[1]
         if self.symmetric:
-            q_a, q_p, q_n = q[:b], q[b:2 * b], q[2 * b:].reshape(b, k, -1)
+            # explicit sizes: with no negatives (k = 0, the Table 5 ablations) -1 could be anything
+            q_a, q_p, q_n = q[:b], q[b:2 * b], q[2 * b:].reshape(b, k, q.shape[1])
             return LossBatch(query=q_a, gallery=q_a, positive=q_p[:, None], negative=q_n)
         g = self.gallery_emb
 
@@ -273,7 +282,7 @@ class Trainer:
             return g[torch.as_tensor(ix, device=self.device)]
 
         return LossBatch(query=q, gallery=take(a), positive=take(p)[:, None],
-                         negative=take(n.reshape(-1)).reshape(b, k, -1))
+                         negative=take(n.reshape(-1)).reshape(b, k, g.shape[1]))
 
     def _epoch_steps(self):
         """This epoch's steps as ``(count, iterator of zero-argument loss computations)``."""

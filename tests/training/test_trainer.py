@@ -133,6 +133,23 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(folder,
         train(ExperimentConfig.model_validate(cfg), progress=False)
 
 
+@pytest.mark.parametrize("loss, mode", [("contrastive", "asymmetric"), ("contr_plus", "asymmetric"),
+                                        ("contrastive", "symmetric")])
+def test_tuples_without_negatives_train(folder, tmp_path, loss, mode):
+    """AML Tables 5/6, rows "Pos" and "SELF + Pos": no negatives are mined and the loss is the positives' part."""
+    cfg = ExperimentConfig.model_validate(config(folder, tmp_path, loss={"name": loss, "mode": mode},
+                                                 **{"train.mining": {"tuples_per_epoch": 4, "num_negatives": 0},
+                                                    "train.epochs": 1}))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.make_tuples(np.random.default_rng(0)).negatives.shape == (4, 0)
+    trainer.fit()
+    record = json.loads((trainer.run_dir / "metrics.jsonl").read_text())
+    assert "d_neg" not in record and np.isfinite(record["loss"]) and record["loss"] > 0
+    assert ("d_self" in record) == (loss == "contr_plus")
+    # with no negatives contrastive is ½ d² over the positives (and SELF): at least ½ mean(d)² by Jensen
+    assert record["loss"] >= 0.5 * record["d_pos"] ** 2 - 1e-6
+
+
 def test_config_errors(folder, tmp_path):
     with pytest.raises(ConfigError, match="unknown loss 'contrplus'"):
         Trainer(ExperimentConfig.model_validate(config(folder, tmp_path, **{"loss.name": "contrplus"})))
