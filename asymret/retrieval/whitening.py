@@ -136,8 +136,9 @@ class Whitening:
     """
 
     def __init__(self, m, P, kind: Literal["learned", "pca"] = "learned", info: dict | None = None):
-        self.m = torch.as_tensor(m, dtype=torch.float32)
-        self.P = torch.as_tensor(P, dtype=torch.float32)
+        contiguous = (lambda a: np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a)  # torch: no negative strides
+        self.m = torch.as_tensor(contiguous(m), dtype=torch.float32)
+        self.P = torch.as_tensor(contiguous(P), dtype=torch.float32)
         self.kind = kind
         self.info = dict(info or {})
         if self.m.ndim != 1 or self.P.ndim != 2 or self.P.shape[1] != self.m.shape[0]:
