@@ -21,6 +21,8 @@ def test_there_are_configs_for_every_seed_pair_and_loss():
     assert len(aml) == 2 * 2 * 7
     assert {p.stem for p in aml} == {"contrastive", "contr_plus", "triplet", "multi_similarity", "regression",
                                      "rkd", "darkrank"}
+    # AML's tables are "GeM + learned whitening": its configs learn each network's Lw after training
+    assert all(load_config(p, model=ExperimentConfig).whitening.learn for p in aml)
 
 
 def test_there_are_veri_configs_for_every_seed_pair_and_method_with_and_without_acd():
