@@ -145,3 +145,27 @@ def test_a_gallery_built_without_the_whitening_refuses_the_whitened_pair(tmp_pat
     code, _, _ = cli(capsys, "index", "search", "--name", "rox", "--root", root, "--pair", plain, "--image", query,
                      "--device", "cpu")
     assert code == 0
+
+
+def test_cache_dir_reuses_a_networks_cached_training_embeddings(tmp_path, mini, plain, capsys):
+    """With --cache-dir the frozen gallery network is not run again: its cached embeddings (here deliberately
+    not its real ones) are what its whitening is learned from; the query network, not cached, is encoded."""
+    from asymret.retrieval.cache import EmbeddingCache, cache_key
+
+    pair = load_pair(plain)
+    records = SfM120k(mini["train_pkl"]).records
+    fake = np.random.default_rng(0).normal(size=(len(records), 8)).astype(np.float32)
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache._write(cache.path(cache_key(pair.gallery_net, records)), fake, {"test": True})
+    code, _, _ = cli(capsys, "whiten", "--pair", plain, "--data", mini["train_pkl"], "--out", tmp_path / "p.pt",
+                     "--cache-dir", tmp_path / "cache", "--device", "cpu", "--workers", "0", "--json")
+    assert code == 0
+    with open(mini["train_pkl"], "rb") as f:
+        train = pickle.load(f)["train"]
+    q, p = np.asarray(train["qidxs"]), np.asarray(train["pidxs"])
+    used = np.unique(np.concatenate([q, p]))
+    where = {int(i): k for k, i in enumerate(used)}
+    m, P = cirtorch_lw(fake[used], [where[int(i)] for i in q], [where[int(i)] for i in p])
+    white = load_pair(tmp_path / "p.pt").whitening
+    ours, ref = white(fake[used]), cirtorch_apply(fake[used], m, P)
+    np.testing.assert_allclose(ours @ ours.T, ref @ ref.T, atol=2e-3)

@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache-dir", metavar="DIR", help="an embedding cache (asymret train's runs/.cache): a "
+                        "network whose embeddings of these training images it holds (the frozen gallery network's) "
+                        "is not run again")
     parser.add_argument("--json", action="store_true", help="print one JSON object: the pair file and whitenings")
     parser.set_defaults(func=run)
 
@@ -110,8 +113,15 @@ def run(args: argparse.Namespace) -> int:
     learned = {}
     if nets:
         data = open_training_set(dcfg)
+        embeddings = {}
+        if args.cache_dir:
+            from asymret.retrieval.cache import EmbeddingCache
+
+            cache = EmbeddingCache(args.cache_dir)
+            embeddings = {k: e for k, net in nets.items() if (e := cache.peek(net, data.records)) is not None}
         learned = learn_whitenings(nets, data, cfg, seed=args.seed, source_name=f"{dcfg.format} {args.data}",
-                                   device=device, num_workers=args.workers, progress=not args.json)
+                                   embeddings=embeddings, device=device, num_workers=args.workers,
+                                   progress=not args.json)
     white = {**current, **learned}
     out = Path(args.out or args.pair).expanduser()
     meta = {**pair.meta, "whitened": datetime.now(timezone.utc).isoformat(timespec="seconds")}
