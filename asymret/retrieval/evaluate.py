@@ -375,8 +375,8 @@ def whitening_note(results: dict) -> str | None:
         where = f" on {w['learned_on']}" if w.get("learned_on") else ""
         amount = f", {w['pairs']} pairs" if w.get("pairs") else f", {w['images']} images" if w.get("images") else ""
         parts.append(f"{network}: {w['kind']} {w['input_dim']} -> {w['dim']}{where}{amount}")
-    return ("+ Lw: learned whitening l2n(P (x - m)); asymmetric rows apply the gallery network's to both sides, "
-            "the others their network's own. " + "; ".join(parts))
+    return ("+ Lw: whitening l2n(P (x - m)) (learned: Radenovic's Lw; pca: PCA whitening); asymmetric rows apply the "
+            "gallery network's to both sides, the others their network's own. " + "; ".join(parts))
 
 
 def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -> str:

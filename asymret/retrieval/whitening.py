@@ -33,7 +33,6 @@ from torch import Tensor
 
 from asymret.errors import InputError
 
-
 BLOCK = 8192  # rows per float64 block of the sums below
 
 
@@ -183,9 +182,15 @@ class Whitening:
         """Whiten a ``(N, D)`` numpy array (returns float32 numpy) or tensor (on the tensor's device)."""
         if isinstance(x, Tensor):
             return apply_whitening(x.float(), self.m.to(x.device), self.P.to(x.device))
-        return apply_whitening(
-            torch.as_tensor(np.asarray(x, dtype=np.float32)), self.m.cpu(), self.P.cpu()
-        ).numpy()
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise InputError(f"whitening applies to an (N, D) array of descriptors, got shape {x.shape}")
+        m, P = self.m.cpu(), self.P.cpu()
+        out = np.empty((len(x), self.dim), dtype=np.float32)
+        for start in range(0, len(x), BLOCK):  # blocks: a memory-mapped (read-only) database is read, never copied whole
+            block = torch.from_numpy(np.array(x[start:start + BLOCK], dtype=np.float32))
+            out[start:start + BLOCK] = apply_whitening(block, m, P).numpy()
+        return out
 
     def describe(self) -> dict:
         """What a report says about this whitening: kind, ``D -> D'`` and its provenance."""
@@ -230,10 +235,10 @@ def learn_encoder_whitening(encoder, records, qidxs, pidxs=None, *, kind: Litera
         X = encode_records(encoder, [records[int(i)] for i in images], **encode_kw)
     if X.shape[1] != encoder.dim:
         raise InputError(f"the embeddings given are {X.shape[1]}-d but the network gives {encoder.dim}-d")
-    info = {**(info or {}), "images": int(len(images)), "scales": list(encoder.spec.input.scales)}
+    info = {**(info or {}), "images": len(images), "scales": list(encoder.spec.input.scales)}
     if kind == "pca":
         return Whitening.learn_pca(X, dim, info=info)
     if kind != "learned":
         raise InputError(f"unknown whitening kind {kind!r}; choose learned or pca")
-    info["pairs"] = int(len(qidxs))
+    info["pairs"] = len(qidxs)
     return Whitening.learn(X, np.searchsorted(images, qidxs), np.searchsorted(images, pidxs), dim, info=info)

@@ -89,7 +89,7 @@ def test_evaluate_shows_each_row_with_and_without_whitening(mini, whitened, caps
     code, out, _ = cli(capsys, *base, "--json", "--no-whitening")
     assert code == 0 and [k for k in json.loads(out) if k != "cost"] == ["gallery", "symmetric", "asymmetric"]
     code, out, _ = cli(capsys, *base)
-    assert code == 0 and "asymmetric (φq / φg) + Lw of φg, both sides" in out and "+ Lw: learned whitening" in out
+    assert code == 0 and "asymmetric (φq / φg) + Lw of φg, both sides" in out and "+ Lw: whitening l2n(P (x - m))" in out
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     out = capsys.readouterr().out

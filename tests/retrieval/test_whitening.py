@@ -174,7 +174,7 @@ def test_learning_in_blocks_equals_one_block(pairs, monkeypatch):
 
 
 class _Spec:
-    class input:  # noqa: N801 - the shape of EncoderSpec.input
+    class input:
         scales = (1.0,)
 
 
