@@ -115,6 +115,25 @@ def evaluate_features_reid(query_meta, gallery_meta, queries, database, camera_r
     return _reid(pos, junk, queries, database)
 
 
+def evaluate_features_benchmark(benchmark: str, root, queries, database, camera_rule: bool = True) -> dict:
+    """MSMT17, In-Shop, SOP or CUB-200-2011 from its official list files under ``root`` (images not needed).
+
+    Rows are the test split's images in list order: ``query`` then ``gallery`` lists for MSMT17 and In-Shop;
+    for SOP and CUB-200-2011 both arrays hold the test split (leave-one-out), e.g. the query network's and
+    the gallery network's features of the same images.
+    """
+    from asymret.retrieval.datasets import open_dataset
+
+    if benchmark not in ACD_BENCHMARKS:
+        raise InputError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(ACD_BENCHMARKS)}")
+    data = open_dataset(benchmark, root=root, check_files=False)
+    _check_rows(queries, len(data.query), "queries", f"the {benchmark} query split")
+    _check_rows(database, len(data.gallery), "database", f"the {benchmark} gallery split")
+    q = metrics.as_features(queries, "queries")
+    db = metrics.as_features(database, "database", dim=q.shape[1])
+    return benchmark_scorer(benchmark, *data.groundtruth(camera_rule=camera_rule))(queries=q, database=db)
+
+
 def _reid(pos, junk, queries, database) -> dict:
     q = metrics.as_features(queries, "queries")
     db = metrics.as_features(database, "database", dim=q.shape[1])
@@ -189,10 +208,10 @@ REID_COLUMNS = ("mAP", "mAP_official", "R1", "R5", "R10", "mINP")
 
 
 def format_reid(result: dict, title: str = "") -> str:
-    cols = [c for c in REID_COLUMNS if c in result]
+    cols = [c for c in REID_COLUMNS if c in result] + [c for c in result if c.startswith("Recall@")]
     lines = [title] if title else []
     lines.append("".join(f"{c:>13}" for c in cols) + f"{'queries':>9}")
-    lines.append("".join(f"{100 * result[c]:>13.2f}" for c in cols) + f"{result['queries']:>9d}")
+    lines.append("".join(pct(result[c], 13) for c in cols) + f"{result['queries']:>9d}")
     lines.append("mAP: mean of precisions (torchreid/fast-reid); mAP_official: trapezoidal (VeRi MATLAB code)")
     return "\n".join(lines)
 
@@ -209,6 +228,10 @@ def public(result: dict) -> dict:
 
 REVISITED_BENCHMARKS = ("roxford5k", "rparis6k", "mini-roxford")
 REID_BENCHMARKS = ("veri776", "mini-veri")
+# ACD's other benchmarks (datasets.QueryGallerySet readers): the re-ID protocol, plus Recall@K for the three
+# product/bird benchmarks; the literature's Ks for the pair table (every K of metrics.RECALL_KS is in the JSON).
+ACD_BENCHMARKS = ("msmt17", "inshop", "sop", "cub200")
+RECALL_BENCHMARKS = {"inshop": (1, 10, 20, 30), "sop": (1, 10, 100, 1000), "cub200": (1, 10, 20, 30)}
 ROWS = ("gallery", "symmetric", "asymmetric")
 ALL_ROWS = ROWS + ("sir",)
 ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symmetric (φq / φq)",
@@ -245,7 +268,7 @@ def row_whitening_source(row: str, co_trained: bool = False) -> str:
 
 def open_benchmark(benchmark: str, root, distractors=None):
     """The test split of a benchmark: (queries, database, scorer(**ranking source) -> metrics)."""
-    from asymret.retrieval.datasets import RevisitedDataset, VeRi776
+    from asymret.retrieval.datasets import RevisitedDataset, VeRi776, open_dataset
 
     if benchmark in REVISITED_BENCHMARKS:
         data = RevisitedDataset(root, distractors=distractors)
@@ -264,8 +287,33 @@ def open_benchmark(benchmark: str, root, distractors=None):
             return metrics.evaluate_reid(pos, junk, **source)
 
         return data.query, data.gallery, score
+    if benchmark in ACD_BENCHMARKS:
+        if distractors:
+            raise InputError(f"--distractors applies to revisited benchmarks (R1M), not {benchmark}")
+        data = open_dataset(benchmark, root=root)
+        return data.query, data.gallery, benchmark_scorer(benchmark, *data.groundtruth())
     raise InputError(f"unknown benchmark {benchmark!r}; choose one of "
-                     f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS)}")
+                     f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS + ACD_BENCHMARKS)}")
+
+
+def benchmark_scorer(benchmark: str, positives, junk):
+    """``score(**ranking source) -> metrics`` of an ACD benchmark: re-ID metrics, and Recall@K where the
+    literature reports it."""
+    if benchmark in RECALL_BENCHMARKS:
+        return lambda **source: metrics.evaluate_retrieval(positives, junk, **source)
+    return lambda **source: metrics.evaluate_reid(positives, junk, **source)
+
+
+def dataset_name(benchmark: str, root) -> str:
+    """The name of the data that ``open_benchmark`` reads under ``root``: a revisited folder's ``gnd_<name>.pkl``
+    (``roxford5k`` pointed at a mini folder reads ``mini-roxford``); for re-ID, the benchmark asked for."""
+    from pathlib import Path
+
+    from asymret.retrieval.datasets import RevisitedDataset
+
+    if benchmark in REVISITED_BENCHMARKS and Path(root).expanduser().is_dir():
+        return RevisitedDataset.gnd_path_in(Path(root).expanduser(), None).stem[len("gnd_"):]
+    return benchmark
 
 
 def _with_scales(encoder, scales):
@@ -280,7 +328,7 @@ def _with_scales(encoder, scales):
 def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
                   device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
-                  reference_gallery=None, on_row=None) -> dict:
+                  reference_gallery=None, on_row=None, amp: bool = False) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
@@ -290,7 +338,8 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=No
     the ``gallery`` row (without a reference, ``sir`` equals ``gallery``).
     Each side uses its own input spec. The frozen gallery network's database embeddings come from the
     embedding cache when ``cache_dir`` is set. ``topk``: rank by an index's top-k search
-    (:func:`index_ranking`; R1M scale) instead of the exact full ranking.
+    (:func:`index_ranking`; R1M scale) instead of the exact full ranking. ``amp``: encode under bf16
+    autocast on CUDA (default fp32).
 
     ``whitenings``: ``{"query_net" | "gallery_net" | "reference_gallery_net": Whitening | None}``
     (:meth:`~asymret.retrieval.pair.Pair.whitenings`). Every row is scored without whitening and, when
@@ -328,7 +377,7 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=No
     if multiscale:
         query_net, gallery_net = _with_scales(query_net, MULTISCALE), _with_scales(gallery_net, MULTISCALE)
         reference = _with_scales(reference, MULTISCALE)
-    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
+    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress, "amp": amp}
 
     def encode(net, records, cacheable=False):
         if cacheable and cache_dir:
@@ -337,13 +386,15 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=No
 
     need_q = {r for r in rows if r in ("symmetric", "asymmetric")}
     own_rows = {"sir"} | (set() if co_trained else {"gallery"})  # rows of gallery_net with itself
+    same = queries is database  # a leave-one-out split (SOP, CUB-200-2011): each network encodes it once
     g_db = encode(gallery_net, database, cacheable=True) if ({"asymmetric"} | own_rows) & set(rows) else None
-    g_q = encode(gallery_net, queries) if own_rows & set(rows) else None
+    g_q = (g_db if same else encode(gallery_net, queries)) if own_rows & set(rows) else None
     r_db, r_q = g_db, g_q
     if co_trained and "gallery" in rows:
-        r_db, r_q = encode(reference, database, cacheable=True), encode(reference, queries)
+        r_db = encode(reference, database, cacheable=True)
+        r_q = r_db if same else encode(reference, queries)
     q_q = encode(query_net, queries) if need_q else None
-    q_db = encode(query_net, database) if "symmetric" in rows else None
+    q_db = (q_q if same else encode(query_net, database)) if "symmetric" in rows else None
     features = {"gallery": (r_q, r_db), "symmetric": (q_q, q_db), "asymmetric": (q_q, g_db), "sir": (g_q, g_db)}
     results = {}
     for row in rows:
@@ -353,7 +404,8 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=No
         for name, w in ((row, None), (row + LW, white)):
             if name != row and w is None:
                 continue
-            wq, wdb = (q, db) if w is None else (w(q), w(db))
+            wq = q if w is None else w(q)
+            wdb = db if w is None else wq if db is q else w(db)  # a leave-one-out split is whitened once
             if on_row is not None:
                 on_row(name, wq, wdb)
             results[name] = {**score(**ranking_source(wq, wdb, topk)),
@@ -392,10 +444,12 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
             return (f"{pct(r['medium']['mAP'], 8)}{pct(r['medium']['mP@10'], 9)}{pct(r['hard']['mAP'], 8)}"
                     f"{pct(r['hard']['mP@10'], 9)}")
     else:
-        cols = ["".join(f"{c:>13}" for c in ("mAP", "mAP_official", "R1", "mINP"))]
+        names = ("mAP", "mAP_official", "R1", "mINP") + tuple(f"Recall@{k}" for k in RECALL_BENCHMARKS.get(
+            benchmark, ()) if k != 1)
+        cols = ["".join(f"{c:>13}" for c in names)]
 
         def cells(r):
-            return "".join(f"{100 * r[c]:>13.2f}" for c in ("mAP", "mAP_official", "R1", "mINP"))
+            return "".join(pct(r[c], 13) for c in names)
     if cost:
         cols.append(f"{'query-side params':>19}{'GFLOPs':>8}")
     width = max(38, *(len(ROW_TITLES.get(row, row)) + 2 for row in results))

@@ -17,7 +17,7 @@ from asymret.retrieval.transforms import AugmentSpec
 class DataConfig(Strict):
     """Training data: a reader from ``asymret.retrieval.datasets`` and its arguments."""
 
-    format: Literal["sfm120k", "folder", "csv", "veri776"] = "folder"
+    format: Literal["sfm120k", "folder", "csv", "veri776", "msmt17", "inshop", "sop", "cub200"] = "folder"
     root: str = Field("", description="dataset root (images); for sfm120k the ims/ folder")
     pkl: str | None = Field(None, description="sfm120k: the retrieval-SfM-120k training pickle")
     csv: str | None = Field(None, description="csv: path,label[,camera] file")
@@ -102,7 +102,9 @@ class TrainConfig(Strict):
         "auto: reid for the re-ID, local-feature and ACD losses, else aml")
     epochs: int = Field(100, gt=0)
     batch_size: int = Field(5, gt=0, description="tuples (AML) or images per step")
-    accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
+    accumulate: int = Field(1, ge=1, description=(
+        "gradient accumulation steps (AML's update_every): the gradients of k steps are summed for the AML "
+        "tuple losses, which sum over tuples as their code does, and averaged for mean-reduced losses"))
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
     bn_eval: bool = Field(True, description="keep BatchNorm in eval mode (AML)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
@@ -113,7 +115,8 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    benchmark: Literal["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri", "none"] = "none"
+    benchmark: Literal["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri", "msmt17", "inshop", "sop",
+                       "cub200", "none"] = "none"
     root: str = ""
     distractors: str | None = None
     multiscale: bool = False

@@ -64,6 +64,8 @@ def open_training_set(cfg: DataConfig):
         return D.CsvDataset(cfg.csv, root=cfg.root or None)
     if cfg.format == "veri776":
         return D.LabelledSet(D.VeRi776(cfg.root).train)
+    if cfg.format in ("msmt17", "inshop", "sop", "cub200"):  # their train split (ACD's other benchmarks)
+        return D.LabelledSet(D.open_dataset(cfg.format, root=cfg.root).train)
     return D.LabelledFolder(cfg.root)
 
 
@@ -309,6 +311,10 @@ class Trainer:
         bar = tqdm(steps, total=n_steps, desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    disable=not self.progress, unit="step", leave=False)
         self.optimizer.zero_grad(set_to_none=True)
+        # A loss that sums over the step's tuples (AML's, as in its code) keeps summing across processes and
+        # accumulated steps, so any split of the tuples gives the same gradient; a mean-reduced loss averages.
+        sums = self.recipe is None and getattr(self.loss_fn, "batch_reduction", "mean") == "sum"
+        scale = float(self.world) if sums else 1.0 / t.accumulate
         for step, compute in enumerate(bar):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = compute()
@@ -318,7 +324,7 @@ class Trainer:
                 raise TrainingError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"
                                     f"{' (' + parts + ')' if parts else ''}; lower train.optim.lr or check "
                                     "the data; the last good checkpoint is kept")
-            (loss / t.accumulate).backward()
+            (loss * scale).backward()
             if (step + 1) % t.accumulate == 0 or step + 1 == n_steps:
                 self._average_gradients()
                 self.optimizer.step()

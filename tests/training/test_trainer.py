@@ -205,3 +205,16 @@ def test_two_process_gloo_equals_one_process_with_the_global_batch(folder, tmp_p
     torchrun_train(ddp, tmp_path / "ddp.yaml")
     assert same(weights(tmp_path / "single" / "run" / "query_net.pt"),
                 weights(tmp_path / "ddp" / "run" / "query_net.pt"), atol=1e-5)
+
+
+def test_accumulated_steps_sum_the_aml_tuple_losses_like_one_larger_step(folder, tmp_path):
+    """AML sums over a step's tuples (its code accumulates one backward per tuple), so 2 accumulated steps of
+    2 tuples give the gradient of one step of 4: the same weights after training (SGD, as above)."""
+    sgd = {"optimizer": "sgd", "lr": 0.05}
+    one = config(folder, tmp_path / "one", **{"train.batch_size": 4, "train.epochs": 1, "train.optim": sgd})
+    train(ExperimentConfig.model_validate(one), progress=False)
+    acc = config(folder, tmp_path / "acc", **{"train.batch_size": 2, "train.accumulate": 2, "train.epochs": 1,
+                                              "train.optim": sgd})
+    train(ExperimentConfig.model_validate(acc), progress=False)
+    assert same(weights(tmp_path / "one" / "run" / "query_net.pt"),
+                weights(tmp_path / "acc" / "run" / "query_net.pt"), atol=1e-5)

@@ -28,13 +28,16 @@ def register(subparsers) -> None:
         "features", help="evaluate precomputed L2-normalised features (.npy, rows in list order)",
         description="Evaluate your own descriptors. Rows must be L2-normalised (normalised with a "
         "warning otherwise) and in the order of the dataset's lists.")
-    feats.add_argument("--protocol", required=True, choices=["revisited", "veri776", "reid"])
+    feats.add_argument("--protocol", required=True,
+                       choices=["revisited", "veri776", "reid", "msmt17", "inshop", "sop", "cub200"])
     feats.add_argument("--queries", required=True, metavar="Q.npy", help="query features")
     feats.add_argument("--database", required=True, metavar="X.npy", help="database / gallery features")
     feats.add_argument("--gnd", metavar="FILE", help="revisited: gnd_roxford5k.pkl / gnd_rparis6k.pkl")
     feats.add_argument("--distractors", metavar="D.npy", help="revisited: R1M distractor features")
     feats.add_argument("--query-names", metavar="TXT", help="veri776: name_query.txt")
     feats.add_argument("--gallery-names", metavar="TXT", help="veri776: name_test.txt")
+    feats.add_argument("--root", metavar="DIR", help="msmt17, inshop, sop, cub200: the folder with the official "
+                       "list files (rows: the test split in list order; sop/cub200: both arrays hold the test split)")
     feats.add_argument("--query-meta", metavar="CSV", help="reid: identity,camera[,path] per query")
     feats.add_argument("--gallery-meta", metavar="CSV", help="reid: identity,camera[,path] per gallery image")
     feats.add_argument("--no-camera-rule", action="store_true",
@@ -42,8 +45,10 @@ def register(subparsers) -> None:
     feats.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
     feats.set_defaults(func=run_features)
     parser.add_argument("--pair", metavar="PAIR.pt", help="a pair file written by asymret train")
-    parser.add_argument("--benchmark", choices=["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri"])
-    parser.add_argument("--root", help="the benchmark's folder (jpg/ + gnd_*.pkl, or VeRi's image_*/ + name_*.txt)")
+    parser.add_argument("--benchmark", choices=["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri",
+                                                "msmt17", "inshop", "sop", "cub200"])
+    parser.add_argument("--root", help="the benchmark's folder (jpg/ + gnd_*.pkl, VeRi's image_*/ + name_*.txt, or "
+                        "the official lists of MSMT17, In-Shop, SOP, CUB-200-2011; docs/reid.md)")
     parser.add_argument("--distractors", metavar="LIST", help="revisitop1m.txt list of R1M distractor images")
     parser.add_argument("--multiscale", action="store_true", help="extract at scales 1, 1/sqrt(2), 1/2")
     parser.add_argument("--rows", default=None,
@@ -58,6 +63,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache-dir", help="reuse the gallery network's database embeddings across runs")
+    parser.add_argument("--amp", action="store_true",
+                        help="encode under bf16 autocast on CUDA (faster; default fp32, which the published "
+                        "numbers use; docs/metrics.md gives the measured difference); no effect on CPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
     parser.add_argument("--save-ranks", metavar="DIR",
                         help="also write DIR/ranks.json (each row's top-20, or top-K with --topk, database ids "
@@ -88,6 +96,11 @@ def run_features(args: argparse.Namespace) -> int:
             _need(args, "query_names", "gallery_names")
             result = ev.evaluate_features_veri(args.query_names, args.gallery_names, q, db,
                                                camera_rule=not args.no_camera_rule)
+            text = ev.format_reid(result)
+        elif args.protocol != "reid":
+            _need(args, "root")
+            result = ev.evaluate_features_benchmark(args.protocol, args.root, q, db,
+                                                    camera_rule=not args.no_camera_rule)
             text = ev.format_reid(result)
         else:
             _need(args, "query_meta", "gallery_meta")
@@ -127,15 +140,18 @@ def run_pair(args: argparse.Namespace) -> int:
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
                               topk=args.topk, reference_gallery=pair.reference_gallery,
-                              progress=sys.stderr.isatty(), on_row=recorder)
+                              progress=sys.stderr.isatty(), on_row=recorder, amp=args.amp)
     cost = pair_cost(pair.query_net, pair.gallery_net)
+    read = ev.dataset_name(args.benchmark, args.root)
     if recorder is not None:
         _save_ranks(args, recorder, {**{row: ev.public(r) for row, r in result.items()}, "cost": cost})
     if args.json:
-        print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost}))
+        print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost, "dataset": read,
+                          "precision": "bf16" if args.amp and device.type == "cuda" else "fp32"}))
     else:
-        print(f"{args.benchmark}: query network {pair.query_net.spec.backbone}, "
-              f"gallery network {pair.gallery_net.spec.backbone}")
+        print(f"{read}{'' if read == args.benchmark else f' (read from --root; asked: {args.benchmark})'}: "
+              f"query network {pair.query_net.spec.backbone}, gallery network {pair.gallery_net.spec.backbone}"
+              f"{', bf16 autocast' if args.amp and device.type == 'cuda' else ''}")
         print(ev.format_pair_table(result, args.benchmark, cost=cost))
     return 0
 

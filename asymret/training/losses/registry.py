@@ -65,6 +65,7 @@ class LossInfo:
     equation: str
     needs: tuple[str, ...]
     family: str
+    batch_reduction: str = "mean"
 
     @property
     def defaults(self) -> dict:
@@ -77,14 +78,22 @@ LOSSES: dict[str, LossInfo] = {}
 
 
 def register_loss(name: str, *, summary: str, source: str, equation: str, needs: tuple[str, ...],
-                  family: str) -> Callable[[type], type]:
-    """Register an ``nn.Module`` class whose ``__init__`` keyword defaults are the paper's defaults."""
+                  family: str, batch_reduction: str = "mean") -> Callable[[type], type]:
+    """Register an ``nn.Module`` class whose ``__init__`` keyword defaults are the paper's defaults.
+
+    ``batch_reduction`` says how the loss reduces over the items (tuples) of a batch: ``"mean"``, or
+    ``"sum"`` where the reference code sums (AML's tuple losses). The trainer reads it to combine the
+    gradients of several processes or accumulated steps the same way (summed, or averaged).
+    """
+    if batch_reduction not in ("mean", "sum"):
+        raise ValueError(f"batch_reduction must be 'mean' or 'sum', not {batch_reduction!r}")
 
     def wrap(cls: type) -> type:
         if name in LOSSES:
             raise ValueError(f"loss '{name}' registered twice")
-        LOSSES[name] = LossInfo(name, cls, summary, source, equation, tuple(needs), family)
+        LOSSES[name] = LossInfo(name, cls, summary, source, equation, tuple(needs), family, batch_reduction)
         cls.loss_name = name
+        cls.batch_reduction = batch_reduction
         return cls
 
     return wrap
