@@ -28,6 +28,8 @@ def test_there_are_configs_for_every_seed_pair_and_loss():
     assert len(aml) == 2 * 2 * (7 + 2) and {p.parent.name for p in aml} == AML_PAIRS
     assert {p.stem for p in aml} == {"contrastive", "contr_plus", "triplet", "multi_similarity", "regression",
                                      "rkd", "darkrank", "contrastive_pos", "contrastive_self_pos"}
+    # AML's tables are "GeM + learned whitening": its configs learn each network's Lw after training
+    assert all(load_config(p, model=ExperimentConfig).whitening.learn for p in aml)
 
 
 def test_every_config_names_the_table_row_it_reproduces():

@@ -59,6 +59,11 @@ class EmbeddingCache:
     def path(self, key: str) -> Path:
         return self.root / key / "embeddings.npy"
 
+    def peek(self, encoder: Encoder, records: Sequence[ImageRecord]) -> np.ndarray | None:
+        """The entry for ``encoder`` on ``records`` if one was computed before, else None (nothing is encoded)."""
+        path = self.path(cache_key(encoder, records))
+        return np.load(path, mmap_mode="r") if path.is_file() else None
+
     def get(self, encoder: Encoder, records: Sequence[ImageRecord], *, batch_size: int = 32,
             num_workers: int = 2, device=None, progress: bool = True, key: str | None = None,
             amp: bool = False) -> np.ndarray:

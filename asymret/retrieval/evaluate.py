@@ -8,12 +8,15 @@ a user's own descriptors get exactly the numbers our trained networks get.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from asymret.errors import DataError, InputError
 from asymret.retrieval import metrics
+
+log = logging.getLogger(__name__)
 
 
 def load_features(path: str | Path, what: str) -> np.ndarray:
@@ -237,6 +240,30 @@ ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symm
 # The network that encodes the queries in each row (whose cost the row pays at search time).
 ROW_QUERY_SIDE = {"gallery": "gallery_net", "sir": "gallery_net", "symmetric": "query_net", "asymmetric": "query_net",
                   "asymmetric_untrained": "query_net"}
+# A row with learned whitening: the row's name + LW ("asymmetric+Lw"), beside the row without it.
+LW = "+Lw"
+# Whose whitening a row applies to BOTH its sides (AML's test code, methods.md §1): asymmetric testing the
+# gallery network's; every other row its one network's own. An ACD pair's gallery row is the reference
+# (pre-co-training) gallery's: pair-file keys, as in Pair.whitenings().
+ROW_WHITENING = {"gallery": "gallery_net", "symmetric": "query_net", "asymmetric": "gallery_net", "sir": "gallery_net",
+                 "asymmetric_untrained": "gallery_net"}
+WHITENED_TITLES = {"gallery": "+ Lw of φg", "symmetric": "+ Lw of φq", "asymmetric": "+ Lw of φg, both sides",
+                   "sir": "+ Lw of φg'", "asymmetric_untrained": "+ Lw of φg, both sides"}
+ROW_TITLES.update({row + LW: f"{title} {WHITENED_TITLES[row]}" for row, title in list(ROW_TITLES.items())})
+ROW_QUERY_SIDE.update({row + LW: side for row, side in list(ROW_QUERY_SIDE.items())})
+
+
+def base_row(row: str) -> str:
+    """The test setting of a row, with or without whitening: ``"asymmetric+Lw"`` -> ``"asymmetric"``."""
+    return row.removesuffix(LW)
+
+
+def row_whitening_source(row: str, co_trained: bool = False) -> str:
+    """The pair-file key of the network whose whitening ``row`` uses on both sides (:data:`ROW_WHITENING`)."""
+    row = base_row(row)
+    if row == "gallery" and co_trained:
+        return "reference_gallery_net"
+    return ROW_WHITENING[row]
 
 
 def open_benchmark(benchmark: str, root, distractors=None):
@@ -298,7 +325,7 @@ def _with_scales(encoder, scales):
     return view
 
 
-def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
+def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
                   device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
                   reference_gallery=None, on_row=None, amp: bool = False) -> dict:
@@ -309,13 +336,19 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     point of asymret); ``sir``: the gallery network with itself when it was co-trained (ACD): pass the
     co-trained network as ``gallery_net`` and the original as ``reference_gallery``, which then gives
     the ``gallery`` row (without a reference, ``sir`` equals ``gallery``).
-    Each side uses its own input spec. The gallery network's whitening, when given, whitens both
-    sides of the gallery and asymmetric rows (as AML does). The frozen gallery network's database
-    embeddings come from the embedding cache when ``cache_dir`` is set. ``topk``: rank by an
-    index's top-k search (:func:`index_ranking`; R1M scale) instead of the exact full ranking.
-    ``on_row(row, queries, database)``, when given, sees the exact (whitened) features each row scores,
-    before it is scored: a caller keeps rankings from them (:mod:`asymret.retrieval.ranks`) without
-    encoding the benchmark twice. ``amp``: encode under bf16 autocast on CUDA (default fp32).
+    Each side uses its own input spec. The frozen gallery network's database embeddings come from the
+    embedding cache when ``cache_dir`` is set. ``topk``: rank by an index's top-k search
+    (:func:`index_ranking`; R1M scale) instead of the exact full ranking. ``amp``: encode under bf16
+    autocast on CUDA (default fp32).
+
+    ``whitenings``: ``{"query_net" | "gallery_net" | "reference_gallery_net": Whitening | None}``
+    (:meth:`~asymret.retrieval.pair.Pair.whitenings`). Every row is scored without whitening and, when
+    its network has one, again as ``<row>+Lw`` with that whitening on both sides (:data:`ROW_WHITENING`:
+    the gallery network's for asymmetric testing, as AML does; each network's own for the others).
+    Each result says which it used under ``"whitening"``: None, or ``{"network", "kind", "input_dim",
+    "dim", ...provenance}``. ``on_row(row, queries, database)``, when given, sees the exact (whitened)
+    features each row scores, before it is scored: a caller keeps rankings from them
+    (:mod:`asymret.retrieval.ranks`) without encoding the benchmark twice.
     """
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
@@ -327,6 +360,20 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
         raise InputError(f"unknown row(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_ROWS)}")
     reference = reference_gallery if reference_gallery is not None else gallery_net
     co_trained = reference is not gallery_net
+    whitenings = {k: v for k, v in (whitenings or {}).items() if v is not None}
+    unknown = set(whitenings) - {"query_net", "gallery_net", "reference_gallery_net"}
+    if unknown:
+        raise InputError(f"unknown whitening key(s) {', '.join(sorted(unknown))}; use query_net, gallery_net, "
+                         "reference_gallery_net")
+    nets = {"query_net": query_net, "gallery_net": gallery_net, "reference_gallery_net": reference}
+    for name, white in whitenings.items():
+        if white.input_dim != nets[name].dim:
+            raise InputError(f"the {name} whitening takes {white.input_dim}-d descriptors but the {name} gives "
+                             f"{nets[name].dim}-d")
+        learned, used = white.info.get("scales"), list(MULTISCALE if multiscale else nets[name].spec.input.scales)
+        if learned is not None and (len(learned) != len(used) or not np.allclose(learned, used)):
+            log.warning("the %s whitening was learned on descriptors at scales %s but this evaluation extracts at %s; "
+                        "its +Lw rows mix the two (learn it at these scales: asymret whiten)", name, learned, used)
     if multiscale:
         query_net, gallery_net = _with_scales(query_net, MULTISCALE), _with_scales(gallery_net, MULTISCALE)
         reference = _with_scales(reference, MULTISCALE)
@@ -348,17 +395,40 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
         r_q = r_db if same else encode(reference, queries)
     q_q = encode(query_net, queries) if need_q else None
     q_db = (q_q if same else encode(query_net, database)) if "symmetric" in rows else None
-    white = whitening if whitening is not None else (lambda x: x)
-    pairs = {"gallery": (white, r_q, r_db), "symmetric": (lambda x: x, q_q, q_db),
-             "asymmetric": (white, q_q, g_db), "sir": (white, g_q, g_db)}
+    features = {"gallery": (r_q, r_db), "symmetric": (q_q, q_db), "asymmetric": (q_q, g_db), "sir": (g_q, g_db)}
     results = {}
     for row in rows:
-        white_row, q, db = pairs[row]
-        q, db = white_row(q), white_row(db)
-        if on_row is not None:
-            on_row(row, q, db)
-        results[row] = score(**ranking_source(q, db, topk))
+        q, db = features[row]
+        source = row_whitening_source(row, co_trained)
+        white = whitenings.get(source)
+        for name, w in ((row, None), (row + LW, white)):
+            if name != row and w is None:
+                continue
+            wq = q if w is None else w(q)
+            wdb = db if w is None else wq if db is q else w(db)  # a leave-one-out split is whitened once
+            if on_row is not None:
+                on_row(name, wq, wdb)
+            results[name] = {**score(**ranking_source(wq, wdb, topk)),
+                             "whitening": None if w is None else {"network": source, **w.describe()}}
     return results
+
+
+def whitening_note(results: dict) -> str | None:
+    """One line under a table with ``+Lw`` rows: what they are and where each whitening was learned."""
+    used = {}
+    for r in results.values():
+        w = r.get("whitening")
+        if w:
+            used.setdefault(w["network"], w)
+    if not used:
+        return None
+    parts = []
+    for network, w in used.items():
+        where = f" on {w['learned_on']}" if w.get("learned_on") else ""
+        amount = f", {w['pairs']} pairs" if w.get("pairs") else f", {w['images']} images" if w.get("images") else ""
+        parts.append(f"{network}: {w['kind']} {w['input_dim']} -> {w['dim']}{where}{amount}")
+    return ("+ Lw: whitening l2n(P (x - m)) (learned: Radenovic's Lw; pca: PCA whitening); asymmetric rows apply the "
+            "gallery network's to both sides, the others their network's own. " + "; ".join(parts))
 
 
 def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -> str:
@@ -382,15 +452,18 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
             return "".join(pct(r[c], 13) for c in names)
     if cost:
         cols.append(f"{'query-side params':>19}{'GFLOPs':>8}")
-    lines = [f"{'':<38}" + "".join(cols)]
+    width = max(38, *(len(ROW_TITLES.get(row, row)) + 2 for row in results))
+    lines = [f"{'':<{width}}" + "".join(cols)]
     for row, r in results.items():
-        line = f"{ROW_TITLES.get(row, row):<38}{cells(r)}"
+        line = f"{ROW_TITLES.get(row, row):<{width}}{cells(r)}"
         if cost and row in ROW_QUERY_SIDE:
             c = cost[ROW_QUERY_SIDE[row]]
             line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
         lines.append(line)
     if not all(r.get("exact", True) for r in results.values()):
         lines.append(TRUNCATED_NOTE)
+    if note := whitening_note(results):
+        lines.append(note)
     if cost:
         g = cost["gallery_net"]
         lines.append(f"database side, every row but symmetric: the gallery network, {g['params'] / 1e6:.2f}M params, "

@@ -176,6 +176,29 @@ class EvalConfig(Strict):
     multiscale: bool = False
 
 
+class WhiteningConfig(Strict):
+    """Learned whitening (Radenović et al. TPAMI 2018; cirtorch ``whitenlearn``) at the end of training:
+    each network's, from the training set's matching pairs, stored in the pair file (docs/whitening.md).
+
+    cirtorch's defaults: every pair (``max_pairs: null``), every dimension kept (``dim: null``). A gallery
+    network whose ``weights:`` file carries a whitening (a converted cirtorch network's ``Lw``, learned on
+    retrieval-SfM-120k-whiten) keeps it (``keep_checkpoint``), as AML tested with it.
+    """
+
+    learn: bool = Field(False, description="learn each network's whitening after the last epoch")
+    kind: Literal["learned", "pca"] = Field("learned", description="learned: from matching pairs (Lw); pca: "
+                                            "unsupervised PCA whitening of the same images")
+    pairs: Literal["auto", "sfm", "labels"] = Field(
+        "auto", description="sfm: SfM-120k's qidxs/pidxs; labels: each image with a random other image of its "
+        "label; auto: sfm when the data has them, else labels")
+    max_pairs: int | None = Field(None, gt=0, description="a random subset of this many pairs (null: all; kind "
+                                  "pca: of this many images)")
+    dim: int | None = Field(None, gt=0, description="dimensions kept, the top ones (null: all)")
+    keep_checkpoint: bool = Field(True, description="a gallery network whose weights file carries a whitening "
+                                  "keeps it; false learns it anew from the training pairs")
+    batch_size: int = Field(32, gt=0, description="images per encoding batch")
+
+
 class ExperimentConfig(Strict):
     name: str = "experiment"
     seed: int = 0
@@ -188,6 +211,17 @@ class ExperimentConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     acd: ACDConfig = Field(default_factory=ACDConfig)
+    whitening: WhiteningConfig = Field(default_factory=WhiteningConfig)
+
+    @model_validator(mode="after")
+    def _spec_whitening(self):
+        for side in ("query_net", "gallery_net"):
+            spec = getattr(self, side)
+            if spec.whitening != "none" or spec.whitening_dim is not None:
+                raise ValueError(f"{side}.whitening / {side}.whitening_dim are not read; post-processing whitening "
+                                 f"is set for the pair in the whitening: section (whitening.learn: true, "
+                                 f"whitening.kind, whitening.dim)")
+        return self
 
     @model_validator(mode="after")
     def _co_training(self):

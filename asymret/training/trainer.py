@@ -449,7 +449,8 @@ class Trainer:
     def export(self) -> Path:
         """``<trained>.pt`` (``query_net.pt``, or ``gallery_net.pt`` for ACD) and ``pair.pt`` from the best
         checkpoint (or the last without validation). An ACD pair also holds the gallery network as it was
-        before co-training, for the gallery-alone and SIR rows of ``asymret evaluate``."""
+        before co-training, for the gallery-alone and SIR rows of ``asymret evaluate``. With
+        ``whitening.learn`` each network's learned whitening goes into the pair (:meth:`learn_whitenings`)."""
         best = self.ckpt_dir / "best.pt"
         net = self.net
         if best.is_file():
@@ -460,14 +461,46 @@ class Trainer:
                 "recipe": "reid" if self.recipe is not None else "aml"}
         if self.trained == "gallery_net":
             meta["acd"] = True
-            return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta,
-                             reference_gallery=self.recipe.reference_gallery)
+            reference = self.recipe.reference_gallery
+            white = self.learn_whitenings({"query_net": self.query_net, "gallery_net": net,
+                                           "reference_gallery_net": reference})
+            return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta, reference_gallery=reference,
+                             whitening=white.get("gallery_net"), query_whitening=white.get("query_net"),
+                             reference_whitening=white.get("reference_gallery_net"))
         gallery = net if self.symmetric else self.gallery_net
         # a converted cirtorch gallery network carries its learned whitening, which both sides then use (AML); a
         # network trained here (symmetric) has moved away from the weights that whitening was learned for
         whitening = None if self.symmetric else read_checkpoint_whitening(
             gallery.spec.weights, multiscale=len(gallery.spec.input.scales) > 1)
-        return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta, whitening=whitening)
+        if whitening is not None and not whitening.info:
+            whitening.info = {"learned_on": f"the gallery network's weights file {gallery.spec.weights}"}
+        learn = {"query_net": net}
+        if whitening is None or not self.cfg.whitening.keep_checkpoint:
+            learn["gallery_net"] = gallery
+        white = self.learn_whitenings(learn)
+        return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta,
+                         whitening=white.get("gallery_net", whitening), query_whitening=white.get("query_net"))
+
+    def learn_whitenings(self, networks: dict) -> dict:
+        """With ``whitening.learn``: each of ``networks``' whitening from the training set's matching pairs
+        (:func:`asymret.training.whiten.learn_whitenings`); a frozen gallery network's embeddings come from
+        the embedding cache, so it does not encode the training images again. Else ``{}``."""
+        cfg = self.cfg
+        if not cfg.whitening.learn:
+            return {}
+        from asymret.training.whiten import learn_whitenings
+
+        embeddings = {}
+        frozen = networks.get("gallery_net")
+        if frozen is not None and frozen is self.gallery_net and self.trained != "gallery_net" and not self.symmetric:
+            embeddings["gallery_net"] = EmbeddingCache(Path(cfg.output_dir) / ".cache").get(
+                frozen, self.records, batch_size=32, num_workers=cfg.data.num_workers, device=self.device,
+                progress=self.progress)
+        source = cfg.data.pkl or cfg.data.csv or cfg.data.root
+        networks = {name: n.to(self.device).eval() for name, n in networks.items()}
+        return learn_whitenings(networks, self.data, cfg.whitening, seed=cfg.seed, embeddings=embeddings,
+                                source_name=f"{cfg.data.format} {source}", device=self.device,
+                                num_workers=cfg.data.num_workers, progress=self.progress)
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> Path:

@@ -117,6 +117,7 @@ def test_evaluate_pair_on_the_mini_render(bench, minis, pair_file, tmp_path, cap
     data = open_dataset(bench, root=root)
     q = encode_records(pair.query_net, data.query, batch_size=16, num_workers=0)
     g = encode_records(pair.gallery_net, data.gallery, batch_size=16, num_workers=0)
+    assert out["asymmetric"].pop("whitening") is None  # the pair holds no learned whitening: no +Lw rows
     assert out["asymmetric"] == pytest.approx(public(evaluate_features_benchmark(bench, root, q, g)), abs=1e-12)
     assert ("Recall@1000" in out["asymmetric"]) == (bench != "msmt17")
     main(["evaluate", "--pair", str(pair_file), "--benchmark", bench, "--root", str(root), "--workers", "0",

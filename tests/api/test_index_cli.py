@@ -86,12 +86,15 @@ def test_search_ranks_the_mini_benchmark_as_evaluate_asymmetric_does(mini, pair_
     expected = np.argsort(-(q @ db.T), axis=1, kind="stable")
     np.testing.assert_array_equal(ranking[:, :10], expected[:, :10])
 
-    # and asymret evaluate's own asymmetric numbers, from that ranking and through an index top-k
-    kw = {"whitening": pair.whitening, "rows": ("asymmetric",), "num_workers": 0}
-    exact = evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], **kw)["asymmetric"]
+    # and asymret evaluate's own asymmetric+Lw numbers (the gallery network's whitening on both sides, as the
+    # index and its search apply it), from that ranking and through an index top-k
+    kw = {"whitenings": pair.whitenings(), "rows": ("asymmetric",), "num_workers": 0}
+    exact = evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], **kw)["asymmetric+Lw"]
+    assert exact.pop("whitening")["network"] == "gallery_net"
     assert metrics.evaluate_revisited(data.gnd, ranking=ranking) == exact
-    assert evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], topk=n,
-                         **kw)["asymmetric"] == exact
+    again = evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], topk=n,
+                          **kw)["asymmetric+Lw"]
+    assert {k: v for k, v in again.items() if k != "whitening"} == exact
 
 
 def test_torchrun_two_processes_build_the_gallery_one_process_builds(mini, pair_file, tmp_path, capsys):

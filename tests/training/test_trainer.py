@@ -106,6 +106,56 @@ def test_a_gallery_weights_file_with_whitening_puts_it_into_the_pair(folder, tmp
     assert load_pair(train(ExperimentConfig.model_validate(alone), progress=False) / "pair.pt").whitening is None
 
 
+def test_whitening_learn_stores_each_networks_lw_learned_on_the_training_pairs(folder, tmp_path):
+    """whitening.learn: the query and gallery networks each get cirtorch's Lw of their own embeddings of the same
+    same-label pairs (one per image, the positive another image of its class); a weights file's whitening is kept
+    unless keep_checkpoint is false; a symmetric run learns one whitening for its one network."""
+    from asymret.retrieval.datasets import LabelledFolder
+    from asymret.retrieval.encode import encode_records
+    from asymret.retrieval.encoders import create_encoder, encoder_checkpoint
+    from asymret.retrieval.whitening import Whitening
+    from asymret.training.whiten import whitening_pairs
+    from tests.retrieval.test_whitening import cirtorch_apply, cirtorch_lw
+
+    over = {"train.epochs": 1, "whitening": {"learn": True}}
+    pair = load_pair(train(ExperimentConfig.model_validate(config(folder, tmp_path, **over)), progress=False)
+                     / "pair.pt")
+    assert pair.whitening is not None and pair.query_whitening is not None
+    data = LabelledFolder(folder)
+    q, p, source = whitening_pairs(data, "auto", None, seed=3)
+    assert source == "labels" and sorted(q) == list(range(24)) and all(data.labels[q] == data.labels[p]) \
+        and all(q != p)
+    for white, net in ((pair.whitening, pair.gallery_net), (pair.query_whitening, pair.query_net)):
+        X = encode_records(net, data.records, num_workers=0, progress=False)
+        m, P = cirtorch_lw(X, q, p)
+        ours, ref = white(X), cirtorch_apply(X, m, P)
+        np.testing.assert_allclose(ours @ ours.T, ref @ ref.T, atol=2e-3)
+        assert white.info["pairs"] == 24 and white.info["pair_source"] == "labels" and white.kind == "learned"
+
+    def exported(name, **more):  # the pair an untrained run of this config exports (no epochs: export only)
+        trainer = Trainer(ExperimentConfig.model_validate(config(folder, tmp_path, name=name, **more)))
+        trainer.run_dir.mkdir(parents=True)
+        return load_pair(trainer.export())
+
+    spec = config(folder, tmp_path)["gallery_net"]
+    cirtorch_like = Whitening(np.zeros(32), np.eye(32)[::-1])
+    torch.save({**encoder_checkpoint(create_encoder(spec)), "whitening": cirtorch_like.state_dict()},
+               tmp_path / "teacher.pt")
+    teacher = {"gallery_net.weights": str(tmp_path / "teacher.pt")}
+    kept = exported("kept", **over, **teacher)
+    assert torch.equal(kept.whitening.P, cirtorch_like.P) and "teacher.pt" in kept.whitening.info["learned_on"]
+    assert kept.query_whitening is not None
+    relearned = exported("relearned", **teacher, whitening={"learn": True, "keep_checkpoint": False, "dim": 8})
+    assert relearned.whitening.dim == 8 and relearned.whitening.info["pairs"] == 24
+    sym = exported("alone", **over, **{"loss.mode": "symmetric", "loss.name": "contrastive"})
+    assert torch.equal(sym.whitening.P, sym.query_whitening.P)  # one network, one whitening
+
+
+def test_spec_whitening_fields_are_refused_in_a_config(folder, tmp_path):
+    with pytest.raises(ValueError, match="whitening.learn: true"):
+        ExperimentConfig.model_validate(config(folder, tmp_path, **{"query_net.whitening": "learned"}))
+
+
 def test_killed_run_resumes_to_the_same_weights(folder, tmp_path):
     full = train(ExperimentConfig.model_validate(config(folder, tmp_path / "a")), progress=False)
     cfg_path = tmp_path / "b.yaml"

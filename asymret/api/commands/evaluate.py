@@ -11,8 +11,18 @@ from asymret.errors import InputError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="evaluate features or a trained pair on a benchmark",
-                                   description="Evaluate on the official protocols (mAP, mP@k, R1, mINP).")
+    parser = subparsers.add_parser(
+        "evaluate", help="evaluate features or a trained pair on a benchmark",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate on the official protocols (mAP, mP@k, R1, mINP).\n\n"
+        "With --pair: the rows gallery (the gallery network alone), symmetric (the query network on both sides),\n"
+        "asymmetric (query network for the queries, gallery network for the database) and, for an ACD pair, sir.\n"
+        "Learned whitening (Lw; Radenovic et al. TPAMI 2018, as cirtorch and AML apply it): when the pair holds a\n"
+        "network's whitening (asymret train with whitening.learn: true, or asymret whiten), each row is shown\n"
+        "without it and again as ROW+Lw with it on both sides: asymmetric+Lw uses the GALLERY network's whitening\n"
+        "for queries and database alike (AML), symmetric+Lw the query network's own, gallery+Lw the gallery's own.\n"
+        "The JSON says under each row's \"whitening\" which one it used (null: none). --no-whitening shows only\n"
+        "the rows without it. See docs/whitening.md.")
     sub = parser.add_subparsers(dest="evaluate_command", metavar="{features}")
     feats = sub.add_parser(
         "features", help="evaluate precomputed L2-normalised features (.npy, rows in list order)",
@@ -44,6 +54,8 @@ def register(subparsers) -> None:
     parser.add_argument("--rows", default=None,
                         help="comma-separated: gallery, symmetric, asymmetric, sir (default: the first three, "
                         "plus sir for a pair whose gallery network was co-trained with ACD)")
+    parser.add_argument("--no-whitening", action="store_true",
+                        help="only the rows without learned whitening (no ROW+Lw rows)")
     parser.add_argument("--topk", type=int, metavar="K",
                         help="rank through an index's top-K search (R1M scale); the report says when a "
                         "positive fell outside the K")
@@ -123,7 +135,8 @@ def run_pair(args: argparse.Namespace) -> int:
         recorder = RankRecorder(args.benchmark, args.root, distractors=args.distractors,
                                 k=args.topk or DEFAULT_K, topk=args.topk)
     result = ev.evaluate_pair(pair.query_net, pair.gallery_net, args.benchmark, args.root,
-                              whitening=pair.whitening, distractors=args.distractors,
+                              whitenings=None if args.no_whitening else pair.whitenings(),
+                              distractors=args.distractors,
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
                               topk=args.topk, reference_gallery=pair.reference_gallery,
