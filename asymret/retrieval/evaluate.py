@@ -8,12 +8,14 @@ a user's own descriptors get exactly the numbers our trained networks get.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from asymret.errors import DataError, InputError
-from asymret.retrieval import metrics
+from asymret.retrieval import metrics, rerank
+from asymret.retrieval.rerank import RerankOptions
 
 
 def load_features(path: str | Path, what: str) -> np.ndarray:
@@ -216,6 +218,73 @@ ROW_QUERY_SIDE = {"gallery": "gallery_net", "sir": "gallery_net", "symmetric": "
                   "asymmetric_untrained": "query_net"}
 
 
+# ------------------------------------------------------------------------------ post-processing
+@dataclass(frozen=True)
+class Postprocessing:
+    """Post-processing rows added beside each evaluated row (:mod:`asymret.retrieval.rerank`).
+
+    ``methods``: any of ``kreciprocal``, ``aqe``, ``alpha_qe``; ``dba``: also every row and method on
+    the database-side augmented database. ``options``: the methods' settings (papers' defaults).
+    """
+
+    methods: tuple[str, ...] = ()
+    dba: bool = False
+    options: RerankOptions = field(default_factory=RerankOptions)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in rerank.METHODS]
+        if unknown:
+            raise InputError(f"unknown re-ranking method(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(rerank.METHODS)}")
+
+    def __bool__(self) -> bool:
+        return bool(self.methods) or self.dba
+
+
+POST_TITLES = {"dba": "DBA", "aqe": "AQE", "alpha_qe": "αQE", "kreciprocal": "k-reciprocal",
+               "kreciprocal_expanded": "k-reciprocal, q-q αQE", "kreciprocal_query": "k-reciprocal, q-q φq"}
+
+
+def base_row(row: str) -> str:
+    """The row a post-processed row derives from: ``asymmetric+dba+alpha_qe`` -> ``asymmetric``."""
+    return row.split("+", 1)[0]
+
+
+def row_title(row: str) -> str:
+    """A row's line in the tables: its setting, then its post-processing."""
+    base, *post = row.split("+")
+    title = ROW_TITLES.get(base, base)
+    if base == "asymmetric" and post and post[-1] == "kreciprocal":
+        post = [*post[:-1], "kreciprocal_query"]  # the query-query space says which of the two it is
+    return " + ".join([title, *(POST_TITLES.get(p, p) for p in post)])
+
+
+def postprocessed(row: str, queries, database, post: Postprocessing, topk: int | None = None):
+    """``(name, metric keyword arguments)`` of each post-processed variant of one row.
+
+    With ``dba``: the row on the augmented database, then each method on it too. k-reciprocal on
+    the asymmetric row comes twice, one per query-query space (:data:`rerank.QQ_SPACES`):
+    ``+kreciprocal`` takes it in the query network's space, ``+kreciprocal_expanded`` between the
+    queries expanded into the gallery's (αQE); other rows compare one network with itself.
+    """
+    opts = post.options
+    bases = [("", database)]
+    if post.dba:
+        bases.append(("+dba", rerank.database_augmentation(database, opts.dba_k, opts.dba_alpha)))
+    for tag, db in bases:
+        if tag:
+            yield row + tag, ranking_source(queries, db, topk)
+        for method in post.methods:
+            spaces = rerank.QQ_SPACES if method == "kreciprocal" and row == "asymmetric" else ("query",)
+            for space in spaces:
+                if topk is not None:
+                    ranking_source(queries, db, topk)  # refuses a topk shallower than the deepest mP@k
+                source = rerank.rerank(method, queries, db, opts, qq_space=space, topk=topk)
+                if "queries" in source:
+                    source = ranking_source(source["queries"], source["database"], topk)
+                yield f"{row}{tag}+{method}{'_expanded' if space == 'expanded' else ''}", source
+
+
 def open_benchmark(benchmark: str, root, distractors=None):
     """The test split of a benchmark: (queries, database, scorer(**ranking source) -> metrics)."""
     from asymret.retrieval.datasets import RevisitedDataset, VeRi776
@@ -253,7 +322,7 @@ def _with_scales(encoder, scales):
 def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
                   device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
-                  reference_gallery=None, on_row=None) -> dict:
+                  reference_gallery=None, on_row=None, postprocessing: Postprocessing | None = None) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
@@ -267,7 +336,9 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     index's top-k search (:func:`index_ranking`; R1M scale) instead of the exact full ranking.
     ``on_row(row, queries, database)``, when given, sees the exact (whitened) features each row scores,
     before it is scored: a caller keeps rankings from them (:mod:`asymret.retrieval.ranks`) without
-    encoding the benchmark twice.
+    encoding the benchmark twice. ``postprocessing`` adds, after each row, its post-processed variants
+    (:func:`postprocessed`: ``asymmetric+alpha_qe``, ``asymmetric+dba``, ...) on the same features;
+    ``on_row`` sees only the rows without post-processing.
     """
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
@@ -308,6 +379,9 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
         if on_row is not None:
             on_row(row, q, db)
         results[row] = score(**ranking_source(q, db, topk))
+        if postprocessing:
+            for name, source in postprocessed(row, q, db, postprocessing, topk):
+                results[name] = score(**source)
     return results
 
 
@@ -330,11 +404,12 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
             return "".join(f"{100 * r[c]:>13.2f}" for c in ("mAP", "mAP_official", "R1", "mINP"))
     if cost:
         cols.append(f"{'query-side params':>19}{'GFLOPs':>8}")
-    lines = [f"{'':<38}" + "".join(cols)]
+    width = max([38, *(len(row_title(row)) + 2 for row in results)])
+    lines = [f"{'':<{width}}" + "".join(cols)]
     for row, r in results.items():
-        line = f"{ROW_TITLES.get(row, row):<38}{cells(r)}"
-        if cost and row in ROW_QUERY_SIDE:
-            c = cost[ROW_QUERY_SIDE[row]]
+        line = f"{row_title(row):<{width}}{cells(r)}"
+        if cost and base_row(row) in ROW_QUERY_SIDE:
+            c = cost[ROW_QUERY_SIDE[base_row(row)]]
             line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
         lines.append(line)
     if not all(r.get("exact", True) for r in results.values()):

@@ -463,7 +463,7 @@ class RerankOptions:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
 
-def rerank(method: str, queries, database, options: RerankOptions = RerankOptions(), *,
+def rerank(method: str, queries, database, options: RerankOptions | None = None, *,
            qq_space: str = "query", topk: int | None = None) -> dict:
     """One post-processing method on an asymmetric (or symmetric) ranking, as metric keyword arguments.
 
@@ -473,6 +473,7 @@ def rerank(method: str, queries, database, options: RerankOptions = RerankOption
     """
     if method not in METHODS:
         raise InputError(f"unknown re-ranking method {method!r}; choose one of {', '.join(METHODS)}")
+    options = options or RerankOptions()
     if method in ("aqe", "alpha_qe"):
         alpha = 0.0 if method == "aqe" else options.qe_alpha
         return {"queries": query_expansion(queries, database, options.qe_n, alpha), "database": database}

@@ -189,6 +189,48 @@ def test_rerank_dispatch(asym):
     np.testing.assert_array_equal(top, np.argsort(full, axis=1, kind="stable")[:, :10])
 
 
+def test_evaluation_rows_score_each_method_on_the_same_features(asym):
+    """evaluate's post-processed rows: each one's metrics from the direct computation of its method."""
+    from asymret.retrieval import metrics
+    from asymret.retrieval.evaluate import Postprocessing, format_pair_table, postprocessed, row_title
+
+    queries, gallery = asym
+    labels_g = np.argmax(gallery @ np.random.default_rng(0).normal(size=(8, 16)).T, axis=1)  # the centre ids
+    labels_q = np.argmax(queries @ np.random.default_rng(0).normal(size=(8, 16)).T, axis=1)
+    pos = [np.flatnonzero(labels_g == c) for c in labels_q]
+    junk = [np.zeros(0, np.int64)] * len(pos)
+    post = Postprocessing(methods=("kreciprocal", "aqe", "alpha_qe"), dba=True)
+    got = {name: metrics.evaluate_reid(pos, junk, **source)
+           for name, source in postprocessed("asymmetric", queries, gallery, post)}
+    dba = rerank.database_augmentation(gallery)
+    expanded = direct_expansion(queries, gallery, 2, 3.0, True).astype(np.float32)
+    want = {
+        "asymmetric+kreciprocal": {"scores": -rerank.re_ranking(euclidean(queries, gallery), euclidean(queries, queries),
+                                                                euclidean(gallery, gallery))},
+        "asymmetric+kreciprocal_expanded": {"scores": -rerank.re_ranking(
+            euclidean(queries, gallery), euclidean(expanded, expanded), euclidean(gallery, gallery))},
+        "asymmetric+aqe": {"queries": rerank.average_query_expansion(queries, gallery), "database": gallery},
+        "asymmetric+alpha_qe": {"queries": expanded, "database": gallery},
+        "asymmetric+dba": {"queries": queries, "database": dba},
+        "asymmetric+dba+alpha_qe": {"queries": rerank.query_expansion(queries, dba), "database": dba},
+    }
+    assert {"asymmetric+dba+kreciprocal", "asymmetric+dba+kreciprocal_expanded", "asymmetric+dba+aqe"} < set(got)
+    assert len(got) == 9  # 4 methods and spaces, then DBA alone and the same 4 on it
+    for name, source in want.items():
+        assert got[name] == pytest.approx(metrics.evaluate_reid(pos, junk, **source), abs=1e-6), name
+    plain = metrics.evaluate_reid(pos, junk, queries=queries, database=gallery)
+    assert got["asymmetric+alpha_qe"]["mAP"] != plain["mAP"] and got["asymmetric+kreciprocal"]["mAP"] != plain["mAP"]
+    # other rows compare one network with itself: one k-reciprocal row
+    assert [n for n, _ in postprocessed("gallery", gallery[:30], gallery, Postprocessing(("kreciprocal",)))] == \
+        ["gallery+kreciprocal"]
+    assert row_title("asymmetric+dba+kreciprocal_expanded") == "asymmetric (φq / φg) + DBA + k-reciprocal, q-q αQE"
+    assert row_title("asymmetric+kreciprocal").endswith("k-reciprocal, q-q φq")
+    table = format_pair_table({"asymmetric": plain, **got}, "veri776")
+    assert all(row_title(name) in table for name in got)
+    with pytest.raises(InputError, match="unknown re-ranking method"):
+        Postprocessing(methods=("qe",))
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda q, g: rerank.re_ranking_sparse(q, g, k1=0), "k1 must be a positive integer"),
     (lambda q, g: rerank.re_ranking_sparse(q, g, lambda_value=1.5), "must lie in \\[0, 1\\]"),

@@ -51,7 +51,36 @@ def register(subparsers) -> None:
                         help="also write DIR/ranks.json (each row's top-20, or top-K with --topk, database ids "
                         "and AP per query, image paths, positives and junk: for 'asymret report') and "
                         "DIR/results.json (what --json prints)")
+    post = parser.add_argument_group(
+        "post-processing", "rows added beside each row, on the same features (docs/rerank.md)")
+    post.add_argument("--rerank", metavar="METHODS",
+                      help="comma-separated: kreciprocal (Zhong et al. 2017), aqe, alpha_qe (Radenovic et al. 2018); "
+                      "on the asymmetric row k-reciprocal comes twice, its query-query distances in the query "
+                      "network's space and between the queries expanded into the gallery's")
+    post.add_argument("--dba", action="store_true", help="also every row (and method) on the database after "
+                      "database-side augmentation")
+    post.add_argument("--k1", type=int, default=20, help="k-reciprocal: neighbourhood size (default 20)")
+    post.add_argument("--k2", type=int, default=6, help="k-reciprocal: local query expansion size (default 6)")
+    post.add_argument("--lambda", dest="lambda_value", type=float, default=0.3,
+                      help="k-reciprocal: weight of the original distance (default 0.3)")
+    post.add_argument("--qe-n", type=int, default=2, help="AQE / alpha-QE: top neighbours averaged (default 2)")
+    post.add_argument("--qe-alpha", type=float, default=3.0, help="alpha-QE: weight exponent (default 3)")
+    post.add_argument("--dba-k", type=int, default=3, help="DBA: top neighbours, itself included (default 3)")
+    post.add_argument("--dba-alpha", type=float, default=3.0, help="DBA: weight exponent (default 3)")
     parser.set_defaults(func=run_pair)
+
+
+def postprocessing(args: argparse.Namespace):
+    """The ``--rerank`` / ``--dba`` options as :class:`~asymret.retrieval.evaluate.Postprocessing` (None if neither)."""
+    from asymret.retrieval.evaluate import Postprocessing
+    from asymret.retrieval.rerank import RerankOptions
+
+    methods = tuple(dict.fromkeys(m.strip() for m in (args.rerank or "").split(",") if m.strip()))
+    if not methods and not args.dba:
+        return None
+    options = RerankOptions(k1=args.k1, k2=args.k2, lambda_value=args.lambda_value, qe_n=args.qe_n,
+                            qe_alpha=args.qe_alpha, dba_k=args.dba_k, dba_alpha=args.dba_alpha)
+    return Postprocessing(methods=methods, dba=args.dba, options=options)
 
 
 def _need(args, *names):
@@ -99,6 +128,7 @@ def run_pair(args: argparse.Namespace) -> int:
     from asymret.training.trainer import resolve_device
 
     rows = tuple(r.strip() for r in (args.rows or "").split(",") if r.strip())
+    post = postprocessing(args)  # bad settings fail before the pair loads
     device = resolve_device(args.device)
     pair = load_pair(args.pair, device=device)
     if not rows:
@@ -114,16 +144,21 @@ def run_pair(args: argparse.Namespace) -> int:
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
                               topk=args.topk, reference_gallery=pair.reference_gallery,
-                              progress=sys.stderr.isatty(), on_row=recorder)
+                              progress=sys.stderr.isatty(), on_row=recorder, postprocessing=post)
     cost = pair_cost(pair.query_net, pair.gallery_net)
+    table = {**{row: ev.public(r) for row, r in result.items()}, "cost": cost}
+    if post:
+        table["postprocessing"] = {"methods": list(post.methods), "dba": post.dba, **vars(post.options)}
     if recorder is not None:
-        _save_ranks(args, recorder, {**{row: ev.public(r) for row, r in result.items()}, "cost": cost})
+        _save_ranks(args, recorder, table)
     if args.json:
-        print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost}))
+        print(json.dumps(table))
     else:
         print(f"{args.benchmark}: query network {pair.query_net.spec.backbone}, "
               f"gallery network {pair.gallery_net.spec.backbone}")
         print(ev.format_pair_table(result, args.benchmark, cost=cost))
+        if post:
+            print(f"post-processing: {post.options.describe()}")
     return 0
 
 
