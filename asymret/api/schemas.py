@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -106,12 +106,19 @@ class Filters(In):
         return self.model_dump(exclude_none=True)
 
 
+RERANK_FIELD = ("post-process the ranking (Flat galleries): 'aqe' / 'alpha_qe' search again with the query "
+                "expanded by its top 2 hits (plain average / weights sim^3); 'kreciprocal' re-ranks the top "
+                "max(100, 2k) hits by k-reciprocal encoding (k1=20, k2=6, lambda=0.3) among themselves")
+Rerank = Literal["aqe", "alpha_qe", "kreciprocal"]
+
+
 class SearchOptions(In):
     k: K = 10
     filters: Filters | None = None
     exclude_same_camera: bool = Field(False, description="re-ID rule: drop hits of the query's identity "
                                                          "(label) seen by the query's camera")
     group_by_label: bool = Field(False, description="also return the hits grouped by identity (label)")
+    rerank: Rerank | None = Field(None, description=RERANK_FIELD)
 
 
 class Query(In):
@@ -136,6 +143,9 @@ class SearchRequest(SearchOptions):
 class Hit(Out):
     id: int
     score: float = Field(description="cosine similarity to the query")
+    rerank_score: float | None = Field(None, description="with rerank, what the hits are ordered by: cosine "
+                                                         "similarity to the expanded query (aqe, alpha_qe), or "
+                                                         "1 - the k-reciprocal distance (kreciprocal)")
     path: str | None
     label: str | None
     camera: str | None

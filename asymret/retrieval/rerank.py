@@ -14,7 +14,7 @@ Every function takes L2-normalised rows (distances come from inner products: ``|
   columns, and the output is the dense ``(Q, G)`` matrix or each query's top ``topk``.
 * :func:`query_expansion` (AQE: Chum et al., ICCV 2007; αQE: Radenović et al., TPAMI 2018) and
   :func:`database_augmentation` (DBA: Arandjelović & Zisserman, CVPR 2012; Gordo et al., IJCV 2017;
-  αDBA weights as Radenović et al., TPAMI 2018): one weighted sum, :func:`_weighted_sum`.
+  αDBA weights as Radenović et al., TPAMI 2018): one weighted sum, :func:`weighted_expansion`.
 
 **Asymmetric retrieval.** The query network encodes the queries, the gallery network the database.
 k-reciprocal re-ranking also needs query-query distances, a symmetric comparison the asymmetric
@@ -372,10 +372,13 @@ def _final(items: _Items, query_v, gallery_columns, farthest: np.ndarray, lambda
 
 
 # ---------------------------------------------------------------------- QE and DBA (shared)
-def _weighted_sum(own: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float,
-                  include_own: bool) -> np.ndarray:
+def weighted_expansion(own: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float,
+                       include_own: bool = True) -> np.ndarray:
     """``normalise([own +] Σ_i max(sim_i, 0)^α x_i)`` per row: the weighted average of αQE and αDBA
-    (the row itself weighs ``1 = (own·own)^α``). ``alpha = 0`` averages (AQE)."""
+    (the row itself weighs ``1 = (own·own)^α``). ``alpha = 0`` averages (AQE).
+
+    ``own`` ``(n, d)``, ``neighbours`` ``(n, m, d)`` and their similarities to ``own`` ``(n, m)``: a
+    caller that already searched (the search API) expands without searching again."""
     w = np.power(np.maximum(sims, 0), alpha, dtype=np.float64)
     acc = np.einsum("qn,qnd->qd", w, neighbours.astype(np.float64))
     if include_own:
@@ -414,7 +417,7 @@ def query_expansion(queries, database, n: int = QE_N, alpha: float = QE_ALPHA, *
         if ids.shape != (len(q), n) or ids.min(initial=0) < 0 or ids.max(initial=0) >= len(db):
             raise InputError(f"ranking must hold each query's top {n} database row numbers, got shape {ids.shape}")
         sims = np.einsum("qd,qnd->qn", q, db[ids])
-    return _weighted_sum(q, db[ids], sims, alpha, include_own=True)
+    return weighted_expansion(q, db[ids], sims, alpha, include_own=True)
 
 
 def average_query_expansion(queries, database, n: int = QE_N, **kw) -> np.ndarray:
@@ -437,7 +440,7 @@ def database_augmentation(database, k: int = DBA_K, alpha: float = DBA_ALPHA) ->
     for a in range(0, len(db), PAIRS_PER_BLOCK):
         rows = db[a:a + PAIRS_PER_BLOCK]
         sims, ids = topk_inner_product(rows, db, min(k, len(db)))
-        out[a:a + len(rows)] = _weighted_sum(rows, db[ids], sims, alpha, include_own=False)
+        out[a:a + len(rows)] = weighted_expansion(rows, db[ids], sims, alpha, include_own=False)
     return out
 
 
