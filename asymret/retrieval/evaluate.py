@@ -254,7 +254,7 @@ def row_title(row: str) -> str:
     """A row's line in the tables: its setting, then its post-processing."""
     base, *post = row.split("+")
     title = ROW_TITLES.get(base, base)
-    if base == "asymmetric" and post and post[-1] == "kreciprocal":
+    if base.startswith("asymmetric") and post and post[-1] == "kreciprocal":
         post = [*post[:-1], "kreciprocal_query"]  # the query-query space says which of the two it is
     return " + ".join([title, *(POST_TITLES.get(p, p) for p in post)])
 
