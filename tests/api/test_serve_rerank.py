@@ -42,6 +42,10 @@ def client(setup):
         yield c
 
 
+def dist(a, b):
+    return np.sqrt(np.maximum(2 - 2 * a.astype(np.float64) @ b.T.astype(np.float64), 0))
+
+
 def search(client, **body) -> list[dict]:
     r = client.post("/v1/galleries/vecs/search", json=body)
     assert r.status_code == 200, r.text
@@ -79,7 +83,6 @@ def test_kreciprocal_reranks_the_shortlist(client, setup):
     g, q = setup["vectors"], setup["query"]
     hits = search(client, queries=[{"vector": q.tolist()}, {"item_id": 3}], k=7, rerank="kreciprocal")
     # the shortlist is the whole 60-item gallery (under 100): the dense reference on query + gallery
-    dist = lambda a, b: np.sqrt(np.maximum(2 - 2 * a.astype(np.float64) @ b.T.astype(np.float64), 0))  # noqa: E731
     final = rerank.re_ranking(dist(q[None], g), np.zeros((1, 1)), dist(g, g))[0]
     order = np.argsort(final, kind="stable")[:7]
     assert [h["id"] for h in hits] == order.tolist()
