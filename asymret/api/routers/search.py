@@ -88,32 +88,40 @@ def reranked(service, gallery, vectors: np.ndarray, options: SearchOptions, quer
     from asymret.retrieval import rerank
 
     defaults = rerank.RerankOptions()
-    item_vectors(gallery, [], f"rerank={options.rerank}")  # a non-Flat gallery is refused before searching
+    purpose = f"rerank={options.rerank}"
+    item_vectors(gallery, [], purpose)  # a non-Flat gallery is refused before searching
     q = gallery.index.as_unit(vectors, "queries")
+
+    def stored(rows):  # every hit's vector, one pass over the gallery's ids for the whole batch
+        ids = sorted({h.id for row in rows for h in row})
+        return dict(zip(ids, item_vectors(gallery, ids, purpose)))
+
     if options.rerank in ("aqe", "alpha_qe"):
         alpha = 0.0 if options.rerank == "aqe" else defaults.qe_alpha
         top = find(service, gallery, q, defaults.qe_n, options, queries)
+        near = stored(top)
         expanded = np.stack([
-            rerank.weighted_expansion(q[i:i + 1], item_vectors(gallery, [h.id for h in row])[None],
+            rerank.weighted_expansion(q[i:i + 1], np.stack([near[h.id] for h in row])[None],
                                       np.array([[h.score for h in row]], np.float32), alpha)[0] if row else q[i]
             for i, row in enumerate(top)])
         hits = find(service, gallery, expanded, options.k, options, queries)
         order_scores = [[h.score for h in row] for row in hits]
+        near = stored(hits)
     else:
         shortlist = find(service, gallery, q, max(RERANK_SHORTLIST, 2 * options.k), options, queries)
+        near = stored(shortlist)
         hits, order_scores = [], []
         for i, row in enumerate(shortlist):
             if not row:
                 hits.append([]), order_scores.append([])
                 continue
-            dist = rerank.re_ranking_sparse(q[i:i + 1], item_vectors(gallery, [h.id for h in row]), k1=defaults.k1,
+            dist = rerank.re_ranking_sparse(q[i:i + 1], np.stack([near[h.id] for h in row]), k1=defaults.k1,
                                             k2=defaults.k2, lambda_value=defaults.lambda_value)[0]
             order = np.argsort(dist, kind="stable")[:options.k]
             hits.append([row[j] for j in order])
             order_scores.append((1 - dist[order]).tolist())
     # each hit's score stays its cosine similarity to the query as sent
-    cosine = [item_vectors(gallery, [h.id for h in row]) @ q[i] if row else [] for i, row in enumerate(hits)]
-    hits = [[replace(h, score=float(c)) for h, c in zip(row, cos)] for row, cos in zip(hits, cosine)]
+    hits = [[replace(h, score=float(near[h.id] @ q[i])) for h in row] for i, row in enumerate(hits)]
     return hits, order_scores
 
 
