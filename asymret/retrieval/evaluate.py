@@ -153,10 +153,15 @@ def ranking_source(queries, database, topk: int | None, deepest: int = max(metri
     """
     if topk is None:
         return {"queries": queries, "database": database}
+    check_depth(topk, deepest)
+    return {"ranking": index_ranking(queries, database, topk)}
+
+
+def check_depth(topk: int, deepest: int = max(metrics.DEFAULT_KAPPAS)) -> None:
+    """InputError when a ranking cut at ``topk`` cannot give the deepest mP@k reported."""
     if topk < deepest:
         raise InputError(f"--topk {topk} is shallower than mP@{deepest}, which needs the top {deepest} of every "
                          f"query; give --topk {deepest} or more (100 or more keeps mAP close to exact)")
-    return {"ranking": index_ranking(queries, database, topk)}
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -278,7 +283,7 @@ def postprocessed(row: str, queries, database, post: Postprocessing, topk: int |
             spaces = rerank.QQ_SPACES if method == "kreciprocal" and row == "asymmetric" else ("query",)
             for space in spaces:
                 if topk is not None:
-                    ranking_source(queries, db, topk)  # refuses a topk shallower than the deepest mP@k
+                    check_depth(topk)
                 source = rerank.rerank(method, queries, db, opts, qq_space=space, topk=topk)
                 if "queries" in source:
                     source = ranking_source(source["queries"], source["database"], topk)

@@ -229,6 +229,14 @@ def test_evaluation_rows_score_each_method_on_the_same_features(asym):
     assert all(row_title(name) in table for name in got)
     with pytest.raises(InputError, match="unknown re-ranking method"):
         Postprocessing(methods=("qe",))
+    # through a top-k ranking (R1M scale): each query's top 30, the same order as the full scores
+    deep = dict(postprocessed("asymmetric", queries, gallery, post, topk=30))
+    for name in ("asymmetric+kreciprocal", "asymmetric+alpha_qe", "asymmetric+dba+kreciprocal_expanded"):
+        full = dict(postprocessed("asymmetric", queries, gallery, post))[name]
+        scores = full["scores"] if "scores" in full else full["queries"] @ full["database"].T
+        np.testing.assert_array_equal(deep[name]["ranking"], np.argsort(-scores, axis=1, kind="stable")[:, :30])
+    with pytest.raises(InputError, match="--topk 5 is shallower than mP@10"):
+        dict(postprocessed("asymmetric", queries, gallery, Postprocessing(("kreciprocal",)), topk=5))
 
 
 @pytest.mark.parametrize("call,message", [
