@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from asymret.retrieval import rerank as rr
+
 ItemId = Annotated[int, Field(ge=0, lt=2**63, description="the item's stable 64-bit id")]
 Text = Annotated[str, Field(max_length=255)]
 Scalar = str | int | float | bool
@@ -106,9 +108,11 @@ class Filters(In):
         return self.model_dump(exclude_none=True)
 
 
-RERANK_FIELD = ("post-process the ranking (Flat galleries): 'aqe' / 'alpha_qe' search again with the query "
-                "expanded by its top 2 hits (plain average / weights sim^3); 'kreciprocal' re-ranks the top "
-                "max(100, 2k) hits by k-reciprocal encoding (k1=20, k2=6, lambda=0.3) among themselves")
+RERANK_SHORTLIST = 100  # hits k-reciprocal re-ranks at least (k1 = 20 needs neighbourhoods to form)
+RERANK_FIELD = (f"post-process the ranking (Flat galleries): 'aqe' / 'alpha_qe' search again with the query "
+                f"expanded by its top {rr.QE_N} hits (plain average / weights sim^{rr.QE_ALPHA:g}); 'kreciprocal' "
+                f"re-ranks the top max({RERANK_SHORTLIST}, 2k) hits by k-reciprocal encoding (k1={rr.K1}, "
+                f"k2={rr.K2}, lambda={rr.LAMBDA}) among themselves")
 Rerank = Literal["aqe", "alpha_qe", "kreciprocal"]
 
 

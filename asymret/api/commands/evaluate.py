@@ -51,6 +51,8 @@ def register(subparsers) -> None:
                         help="also write DIR/ranks.json (each row's top-20, or top-K with --topk, database ids "
                         "and AP per query, image paths, positives and junk: for 'asymret report') and "
                         "DIR/results.json (what --json prints)")
+    from asymret.retrieval import rerank as rr
+
     post = parser.add_argument_group(
         "post-processing", "rows added beside each row, on the same features (docs/rerank.md)")
     post.add_argument("--rerank", metavar="METHODS",
@@ -59,14 +61,19 @@ def register(subparsers) -> None:
                       "network's space and between the queries expanded into the gallery's")
     post.add_argument("--dba", action="store_true", help="also every row (and method) on the database after "
                       "database-side augmentation")
-    post.add_argument("--k1", type=int, default=20, help="k-reciprocal: neighbourhood size (default 20)")
-    post.add_argument("--k2", type=int, default=6, help="k-reciprocal: local query expansion size (default 6)")
-    post.add_argument("--lambda", dest="lambda_value", type=float, default=0.3,
-                      help="k-reciprocal: weight of the original distance (default 0.3)")
-    post.add_argument("--qe-n", type=int, default=2, help="AQE / alpha-QE: top neighbours averaged (default 2)")
-    post.add_argument("--qe-alpha", type=float, default=3.0, help="alpha-QE: weight exponent (default 3)")
-    post.add_argument("--dba-k", type=int, default=3, help="DBA: top neighbours, itself included (default 3)")
-    post.add_argument("--dba-alpha", type=float, default=3.0, help="DBA: weight exponent (default 3)")
+    post.add_argument("--k1", type=int, default=rr.K1, help=f"k-reciprocal: neighbourhood size (default {rr.K1})")
+    post.add_argument("--k2", type=int, default=rr.K2,
+                      help=f"k-reciprocal: local query expansion size (default {rr.K2})")
+    post.add_argument("--lambda", dest="lambda_value", type=float, default=rr.LAMBDA,
+                      help=f"k-reciprocal: weight of the original distance (default {rr.LAMBDA})")
+    post.add_argument("--qe-n", type=int, default=rr.QE_N,
+                      help=f"AQE / alpha-QE: top neighbours averaged (default {rr.QE_N})")
+    post.add_argument("--qe-alpha", type=float, default=rr.QE_ALPHA,
+                      help=f"alpha-QE: weight exponent (default {rr.QE_ALPHA:g})")
+    post.add_argument("--dba-k", type=int, default=rr.DBA_K,
+                      help=f"DBA: top neighbours, itself included (default {rr.DBA_K})")
+    post.add_argument("--dba-alpha", type=float, default=rr.DBA_ALPHA,
+                      help=f"DBA: weight exponent (default {rr.DBA_ALPHA:g})")
     parser.set_defaults(func=run_pair)
 
 

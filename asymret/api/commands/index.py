@@ -49,8 +49,10 @@ def register(subparsers) -> None:
                        "(other columns become attributes), one row per vector")
     build.add_argument("--dba", action="store_true", help="database-side augmentation, once, before adding: each "
                        "vector becomes the weighted sum of its top --dba-k in the database (docs/rerank.md)")
-    build.add_argument("--dba-k", type=int, help="DBA neighbours, the vector itself included (default 3)")
-    build.add_argument("--dba-alpha", type=float, help="DBA weight exponent: similarity^alpha (default 3)")
+    from asymret.retrieval.rerank import DBA_ALPHA, DBA_K
+
+    build.add_argument("--dba-k", type=int, help=f"DBA neighbours, the vector itself included (default {DBA_K})")
+    build.add_argument("--dba-alpha", type=float, help=f"DBA weight exponent: similarity^alpha (default {DBA_ALPHA:g})")
     build.set_defaults(func=run_build)
     add = sub.add_parser("add", parents=[named, encoding], help="encode more images into a gallery",
                          description="Encode more images into an existing gallery with the gallery network "

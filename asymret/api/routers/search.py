@@ -29,6 +29,7 @@ from asymret.api.routers.items import per_image, read_uploads, thumbnail_url
 from asymret.api.schemas import (
     QUERY_NET_FIELD,
     RERANK_FIELD,
+    RERANK_SHORTLIST,
     Encoded,
     Filters,
     K,
@@ -42,8 +43,6 @@ from asymret.errors import InputError
 router = APIRouter(prefix="/v1", tags=["search"])
 QueryNetName = Annotated[str | None, Form(max_length=64, description=QUERY_NET_FIELD)]
 
-
-RERANK_SHORTLIST = 100  # hits k-reciprocal re-ranks at least (k1 = 20 needs neighbourhoods to form)
 
 
 def item_vectors(gallery, item_ids, purpose: str = "search by item id") -> np.ndarray:
