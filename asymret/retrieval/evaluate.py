@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from asymret.errors import DataError, InputError
-from asymret.retrieval import metrics
+from asymret.retrieval import metrics, rerank
+from asymret.retrieval.rerank import RerankOptions
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +175,15 @@ def ranking_source(queries, database, topk: int | None, deepest: int = max(metri
     """
     if topk is None:
         return {"queries": queries, "database": database}
+    check_depth(topk, deepest)
+    return {"ranking": index_ranking(queries, database, topk)}
+
+
+def check_depth(topk: int, deepest: int = max(metrics.DEFAULT_KAPPAS)) -> None:
+    """InputError when a ranking cut at ``topk`` cannot give the deepest mP@k reported."""
     if topk < deepest:
         raise InputError(f"--topk {topk} is shallower than mP@{deepest}, which needs the top {deepest} of every "
                          f"query; give --topk {deepest} or more (100 or more keeps mAP close to exact)")
-    return {"ranking": index_ranking(queries, database, topk)}
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -253,17 +260,81 @@ ROW_TITLES.update({row + LW: f"{title} {WHITENED_TITLES[row]}" for row, title in
 ROW_QUERY_SIDE.update({row + LW: side for row, side in list(ROW_QUERY_SIDE.items())})
 
 
-def base_row(row: str) -> str:
-    """The test setting of a row, with or without whitening: ``"asymmetric+Lw"`` -> ``"asymmetric"``."""
-    return row.removesuffix(LW)
-
-
 def row_whitening_source(row: str, co_trained: bool = False) -> str:
     """The pair-file key of the network whose whitening ``row`` uses on both sides (:data:`ROW_WHITENING`)."""
     row = base_row(row)
     if row == "gallery" and co_trained:
         return "reference_gallery_net"
     return ROW_WHITENING[row]
+
+
+# ------------------------------------------------------------------------------ post-processing
+@dataclass(frozen=True)
+class Postprocessing:
+    """Post-processing rows added beside each evaluated row (:mod:`asymret.retrieval.rerank`).
+
+    ``methods``: any of ``kreciprocal``, ``aqe``, ``alpha_qe``; ``dba``: also every row and method on
+    the database-side augmented database. ``options``: the methods' settings (papers' defaults).
+    """
+
+    methods: tuple[str, ...] = ()
+    dba: bool = False
+    options: RerankOptions = field(default_factory=RerankOptions)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in rerank.METHODS]
+        if unknown:
+            raise InputError(f"unknown re-ranking method(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(rerank.METHODS)}")
+
+    def __bool__(self) -> bool:
+        return bool(self.methods) or self.dba
+
+
+POST_TITLES = {"dba": "DBA", "aqe": "AQE", "alpha_qe": "αQE", "kreciprocal": "k-reciprocal",
+               "kreciprocal_expanded": "k-reciprocal, q-q αQE", "kreciprocal_query": "k-reciprocal, q-q φq"}
+
+
+def base_row(row: str) -> str:
+    """The test setting of a row, whitened or post-processed: ``asymmetric+Lw+alpha_qe`` -> ``asymmetric``."""
+    return row.split("+", 1)[0]
+
+
+def row_title(row: str) -> str:
+    """A row's line in the tables: its setting, then its post-processing."""
+    base, *post = row.split("+")
+    if post and "+" + post[0] == LW:  # the whitened row's own title
+        base, post = base + LW, post[1:]
+    title = ROW_TITLES.get(base, base)
+    if base.startswith("asymmetric") and post and post[-1] == "kreciprocal":
+        post = [*post[:-1], "kreciprocal_query"]  # the query-query space says which of the two it is
+    return " + ".join([title, *(POST_TITLES.get(p, p) for p in post)])
+
+
+def postprocessed(row: str, queries, database, post: Postprocessing, topk: int | None = None):
+    """``(name, metric keyword arguments)`` of each post-processed variant of one row.
+
+    With ``dba``: the row on the augmented database, then each method on it too. k-reciprocal on
+    the asymmetric row comes twice, one per query-query space (:data:`rerank.QQ_SPACES`):
+    ``+kreciprocal`` takes it in the query network's space, ``+kreciprocal_expanded`` between the
+    queries expanded into the gallery's (αQE); other rows compare one network with itself.
+    """
+    opts = post.options
+    bases = [("", database)]
+    if post.dba:
+        bases.append(("+dba", rerank.database_augmentation(database, opts.dba_k, opts.dba_alpha)))
+    for tag, db in bases:
+        if tag:
+            yield row + tag, ranking_source(queries, db, topk)
+        for method in post.methods:
+            spaces = rerank.QQ_SPACES if method == "kreciprocal" and base_row(row) == "asymmetric" else ("query",)
+            for space in spaces:
+                if topk is not None:
+                    check_depth(topk)
+                source = rerank.rerank(method, queries, db, opts, qq_space=space, topk=topk)
+                if "queries" in source:
+                    source = ranking_source(source["queries"], source["database"], topk)
+                yield f"{row}{tag}+{method}{'_expanded' if space == 'expanded' else ''}", source
 
 
 def open_benchmark(benchmark: str, root, distractors=None):
@@ -328,7 +399,8 @@ def _with_scales(encoder, scales):
 def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
                   device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
-                  reference_gallery=None, on_row=None, amp: bool = False) -> dict:
+                  reference_gallery=None, on_row=None, amp: bool = False,
+                  postprocessing: Postprocessing | None = None) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
@@ -349,6 +421,9 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=No
     "dim", ...provenance}``. ``on_row(row, queries, database)``, when given, sees the exact (whitened)
     features each row scores, before it is scored: a caller keeps rankings from them
     (:mod:`asymret.retrieval.ranks`) without encoding the benchmark twice.
+    ``postprocessing`` adds, after each row (whitened or not), its post-processed variants
+    (:func:`postprocessed`: ``asymmetric+alpha_qe``, ``asymmetric+Lw+dba``, ...) on the same features;
+    ``on_row`` sees only the rows without post-processing.
     """
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
@@ -408,8 +483,11 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=No
             wdb = db if w is None else wq if db is q else w(db)  # a leave-one-out split is whitened once
             if on_row is not None:
                 on_row(name, wq, wdb)
-            results[name] = {**score(**ranking_source(wq, wdb, topk)),
-                             "whitening": None if w is None else {"network": source, **w.describe()}}
+            used = None if w is None else {"network": source, **w.describe()}
+            results[name] = {**score(**ranking_source(wq, wdb, topk)), "whitening": used}
+            if postprocessing:
+                for post_name, post_source in postprocessed(name, wq, wdb, postprocessing, topk):
+                    results[post_name] = {**score(**post_source), "whitening": used}
     return results
 
 
@@ -452,12 +530,12 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
             return "".join(pct(r[c], 13) for c in names)
     if cost:
         cols.append(f"{'query-side params':>19}{'GFLOPs':>8}")
-    width = max(38, *(len(ROW_TITLES.get(row, row)) + 2 for row in results))
+    width = max([38, *(len(row_title(row)) + 2 for row in results)])
     lines = [f"{'':<{width}}" + "".join(cols)]
     for row, r in results.items():
-        line = f"{ROW_TITLES.get(row, row):<{width}}{cells(r)}"
-        if cost and row in ROW_QUERY_SIDE:
-            c = cost[ROW_QUERY_SIDE[row]]
+        line = f"{row_title(row):<{width}}{cells(r)}"
+        if cost and base_row(row) in ROW_QUERY_SIDE:
+            c = cost[ROW_QUERY_SIDE[base_row(row)]]
             line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
         lines.append(line)
     if not all(r.get("exact", True) for r in results.values()):

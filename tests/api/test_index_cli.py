@@ -195,3 +195,20 @@ def test_build_from_embeddings_and_metadata(tmp_path, capsys):
     assert "gallery network: unknown network" in run(capsys, "info", *common)
     assert "--meta goes with --embeddings" in fails(capsys, "build", "--name", "f", "--root", tmp_path / "galleries",
                                                     "--images", tmp_path, "--meta", tmp_path / "m.csv")
+
+
+def test_build_with_dba_from_embeddings(tmp_path, capsys):
+    from asymret.retrieval.rerank import database_augmentation
+
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "x.npy", x)
+    root = tmp_path / "galleries"
+    assert "--dba-k and --dba-alpha set database-side augmentation" in fails(
+        capsys, "build", "--name", "d", "--root", root, "--embeddings", tmp_path / "x.npy", "--dba-k", 2)
+    run(capsys, "build", "--name", "d", "--root", root, "--embeddings", tmp_path / "x.npy", "--dba", "--dba-k", 2)
+    assert "vectors processed before adding: database_augmentation (alpha=3.0, k=2)" in run(
+        capsys, "info", "--name", "d", "--root", root)
+    with GalleryStore(root) as store, store.open("d", readonly=True) as gallery:
+        vectors, ids = gallery.index.flat_storage()
+        np.testing.assert_allclose(vectors[np.argsort(ids)], database_augmentation(x, k=2), atol=1e-6)

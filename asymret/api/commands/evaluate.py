@@ -71,7 +71,43 @@ def register(subparsers) -> None:
                         help="also write DIR/ranks.json (each row's top-20, or top-K with --topk, database ids "
                         "and AP per query, image paths, positives and junk: for 'asymret report') and "
                         "DIR/results.json (what --json prints)")
+    from asymret.retrieval import rerank as rr
+
+    post = parser.add_argument_group(
+        "post-processing", "rows added beside each row, on the same features (docs/rerank.md)")
+    post.add_argument("--rerank", metavar="METHODS",
+                      help="comma-separated: kreciprocal (Zhong et al. 2017), aqe, alpha_qe (Radenovic et al. 2018); "
+                      "on the asymmetric row k-reciprocal comes twice, its query-query distances in the query "
+                      "network's space and between the queries expanded into the gallery's")
+    post.add_argument("--dba", action="store_true", help="also every row (and method) on the database after "
+                      "database-side augmentation")
+    post.add_argument("--k1", type=int, default=rr.K1, help=f"k-reciprocal: neighbourhood size (default {rr.K1})")
+    post.add_argument("--k2", type=int, default=rr.K2,
+                      help=f"k-reciprocal: local query expansion size (default {rr.K2})")
+    post.add_argument("--lambda", dest="lambda_value", type=float, default=rr.LAMBDA,
+                      help=f"k-reciprocal: weight of the original distance (default {rr.LAMBDA})")
+    post.add_argument("--qe-n", type=int, default=rr.QE_N,
+                      help=f"AQE / alpha-QE: top neighbours averaged (default {rr.QE_N})")
+    post.add_argument("--qe-alpha", type=float, default=rr.QE_ALPHA,
+                      help=f"alpha-QE: weight exponent (default {rr.QE_ALPHA:g})")
+    post.add_argument("--dba-k", type=int, default=rr.DBA_K,
+                      help=f"DBA: top neighbours, itself included (default {rr.DBA_K})")
+    post.add_argument("--dba-alpha", type=float, default=rr.DBA_ALPHA,
+                      help=f"DBA: weight exponent (default {rr.DBA_ALPHA:g})")
     parser.set_defaults(func=run_pair)
+
+
+def postprocessing(args: argparse.Namespace):
+    """The ``--rerank`` / ``--dba`` options as :class:`~asymret.retrieval.evaluate.Postprocessing` (None if neither)."""
+    from asymret.retrieval.evaluate import Postprocessing
+    from asymret.retrieval.rerank import RerankOptions
+
+    methods = tuple(dict.fromkeys(m.strip() for m in (args.rerank or "").split(",") if m.strip()))
+    if not methods and not args.dba:
+        return None
+    options = RerankOptions(k1=args.k1, k2=args.k2, lambda_value=args.lambda_value, qe_n=args.qe_n,
+                            qe_alpha=args.qe_alpha, dba_k=args.dba_k, dba_alpha=args.dba_alpha)
+    return Postprocessing(methods=methods, dba=args.dba, options=options)
 
 
 def _need(args, *names):
@@ -124,6 +160,7 @@ def run_pair(args: argparse.Namespace) -> int:
     from asymret.training.trainer import resolve_device
 
     rows = tuple(r.strip() for r in (args.rows or "").split(",") if r.strip())
+    post = postprocessing(args)  # bad settings fail before the pair loads
     device = resolve_device(args.device)
     pair = load_pair(args.pair, device=device)
     if not rows:
@@ -140,19 +177,24 @@ def run_pair(args: argparse.Namespace) -> int:
                               multiscale=args.multiscale, rows=rows, batch_size=args.batch_size,
                               num_workers=args.workers, device=device, cache_dir=args.cache_dir,
                               topk=args.topk, reference_gallery=pair.reference_gallery,
-                              progress=sys.stderr.isatty(), on_row=recorder, amp=args.amp)
+                              progress=sys.stderr.isatty(), on_row=recorder, amp=args.amp, postprocessing=post)
     cost = pair_cost(pair.query_net, pair.gallery_net)
     read = ev.dataset_name(args.benchmark, args.root)
+    table = {**{row: ev.public(r) for row, r in result.items()}, "cost": cost, "dataset": read,
+             "precision": "bf16" if args.amp and device.type == "cuda" else "fp32"}
+    if post:
+        table["postprocessing"] = {"methods": list(post.methods), "dba": post.dba, **vars(post.options)}
     if recorder is not None:
-        _save_ranks(args, recorder, {**{row: ev.public(r) for row, r in result.items()}, "cost": cost})
+        _save_ranks(args, recorder, table)
     if args.json:
-        print(json.dumps({**{row: ev.public(r) for row, r in result.items()}, "cost": cost, "dataset": read,
-                          "precision": "bf16" if args.amp and device.type == "cuda" else "fp32"}))
+        print(json.dumps(table))
     else:
         print(f"{read}{'' if read == args.benchmark else f' (read from --root; asked: {args.benchmark})'}: "
               f"query network {pair.query_net.spec.backbone}, gallery network {pair.gallery_net.spec.backbone}"
               f"{', bf16 autocast' if args.amp and device.type == 'cuda' else ''}")
         print(ev.format_pair_table(result, args.benchmark, cost=cost))
+        if post:
+            print(f"post-processing: {post.options.describe()}")
     return 0
 
 
