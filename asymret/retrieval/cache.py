@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,11 @@ def cache_key(encoder: Encoder, records: Sequence[ImageRecord]) -> str:
 
 
 class EmbeddingCache:
-    """``cache.get(encoder, records)`` -> read-only ``(N, dim)`` float32 memmap, computed at most once."""
+    """``cache.get(encoder, records)`` -> read-only ``(N, dim)`` float32 memmap, computed at most once.
+
+    An entry is a folder of named ``.npy`` arrays plus ``meta.json``: ``embeddings.npy`` for :meth:`get`, any
+    names for :meth:`get_arrays` (e.g. the re-ID recipe's raw and local head features of a frozen gallery).
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
@@ -72,25 +76,40 @@ class EmbeddingCache:
         if path.is_file():
             log.debug("embedding cache hit %s", path)
             return np.load(path, mmap_mode="r")
-        embeddings = encode_records(encoder, records, batch_size=batch_size, num_workers=num_workers,
-                                    device=device, progress=progress, amp=amp)
-        self._write(path, embeddings, {"backbone": encoder.spec.backbone, "count": len(records),
-                                       "dim": int(embeddings.shape[1])})
+
+        def compute(folder: Path) -> dict:
+            embeddings = encode_records(encoder, records, batch_size=batch_size, num_workers=num_workers,
+                                        device=device, progress=progress, amp=amp)
+            np.save(folder / path.name, embeddings)
+            return {"backbone": encoder.spec.backbone, "count": len(records), "dim": int(embeddings.shape[1])}
+
+        self._commit(path.parent, compute)
         return np.load(path, mmap_mode="r")
 
+    def get_arrays(self, key: str, names: Sequence[str], compute: Callable[[Path], dict]) -> dict[str, np.ndarray]:
+        """The arrays ``names`` of entry ``key`` as read-only memmaps; when the entry is missing,
+        ``compute(folder)`` first writes ``<name>.npy`` for each name into a fresh folder (e.g. with
+        ``np.lib.format.open_memmap``, so nothing large is held in memory) and returns the entry's metadata."""
+        folder = self.root / key
+        if not all((folder / f"{n}.npy").is_file() for n in names):
+            self._commit(folder, compute)
+        return {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}
+
     @staticmethod
-    def _write(path: Path, embeddings: np.ndarray, meta: dict) -> None:
-        path.parent.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.parent.name}.", dir=path.parent.parent))
+    def _commit(folder: Path, compute: Callable[[Path], dict]) -> None:
+        """Run ``compute`` into a temporary folder, fsync its arrays and rename it to ``folder``."""
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            np.save(tmp / path.name, embeddings)
+            meta = compute(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            with open(tmp / path.name, "rb") as f:
-                os.fsync(f.fileno())
+            for array in tmp.glob("*.npy"):
+                with open(array, "rb") as f:
+                    os.fsync(f.fileno())
             try:
-                os.rename(tmp, path.parent)
+                os.rename(tmp, folder)
             except OSError:  # another process finished the same entry first: keep theirs
-                if not path.is_file():
+                if not folder.is_dir():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ pass, so nothing is padded (padding would enter the GeM mean) and rows keep reco
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -126,12 +126,38 @@ def encode_records(
     ``shard``/``num_shards``: encode only the contiguous slice :func:`shard_bounds` gives
     (``M`` rows), e.g. one per rank for a sharded gallery encoding.
     """
+    start, stop = shard_bounds(len(records), shard, num_shards)
+    records = records[start:stop]
+    device = resolve_device(encoder, device)
+    out = np.empty((len(records), encoder.dim), dtype=np.float32)
+    stream_records(encoder, records, {"embeddings": out},
+                   lambda images: {"embeddings": encode_tensors(encoder, images, device)},
+                   batch_size=batch_size, num_workers=num_workers, device=device, amp=amp, progress=progress)
+    return out
+
+
+def stream_records(
+    encoder: Encoder,
+    records: Sequence[ImageRecord],
+    outputs: dict[str, np.ndarray],
+    compute: Callable[[list[Tensor]], dict[str, Tensor]],
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    device=None,
+    amp: bool | None = None,
+    progress: bool = True,
+) -> None:
+    """Stream ``records`` (opened by workers, ``encoder.transform``-ed) through ``compute`` in inference mode:
+    ``compute(images)`` gets one loader batch (a list of tensors) and returns named ``(b, ...)`` tensors, whose
+    rows are written, in record order, into the preallocated arrays ``outputs[name]`` (e.g. memmaps).
+
+    :func:`encode_records` is this with the encoder's embedding; the re-ID recipe also keeps the raw and local
+    head features of its frozen gallery network (:mod:`asymret.training.reid`).
+    """
     if num_workers is None:  # up to 4 image-opening processes, never more than the cores
         num_workers = min(4, os.cpu_count() or 1)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    start, stop = shard_bounds(len(records), shard, num_shards)
-    records = records[start:stop]
     device = resolve_device(encoder, device)
     loader = DataLoader(
         RecordImages(records, encoder.transform),
@@ -140,7 +166,6 @@ def encode_records(
         collate_fn=list,
         pin_memory=device.type == "cuda",
     )
-    out = np.empty((len(records), encoder.dim), dtype=np.float32)
     row = 0
     bar = tqdm(
         total=len(records), unit="img", desc=f"encoding ({encoder.spec.backbone})", disable=not progress
@@ -150,7 +175,8 @@ def encode_records(
             for item in batch:
                 if isinstance(item, AsymretError):
                     raise item
-            out[row : row + len(batch)] = encode_tensors(encoder, batch, device).cpu().numpy()
+            for name, values in compute(batch).items():
+                out = outputs[name]
+                out[row : row + len(batch)] = values.to(torch.float32).cpu().numpy().astype(out.dtype, copy=False)
             row += len(batch)
             bar.update(len(batch))
-    return out

@@ -100,6 +100,14 @@ class TrainOutput(NamedTuple):
     raw: Tensor  # (B, dim), the same before L2 (pooled feature, or the re-ID head's BN output)
     logits: Tensor | None  # (B, num_classes) with a bnneck head that has a classifier
     pooled: Tensor | None = None  # (B, C) the pooled map before the head: batch-hard triplet's input (re-ID)
+    fmap: Tensor | None = None  # (B, C, h, w) the map that is pooled (UGD's gallery-side local features)
+    stages: tuple[Tensor, ...] | None = None  # the backbone's last four stage maps, when asked for (UGD)
+
+
+def grid_tokens(fmap: Tensor, grid: int) -> Tensor:
+    """``(B, C, h, w) -> (B, grid², C)``: the map average-pooled to ``grid × grid`` cells, one token per cell in
+    row-major order (UGD's local features; D3still code ``DownSampling_Pooling``)."""
+    return F.adaptive_avg_pool2d(fmap, (grid, grid)).flatten(2).transpose(1, 2)
 
 
 @contextmanager
@@ -157,14 +165,54 @@ class Encoder(nn.Module):
             x = x.permute(0, 3, 1, 2)
         return self.projection(x)
 
-    def forward_train(self, images: Tensor) -> TrainOutput:
-        pooled = raw = self.pool(self.feature_map(images))
+    def forward_train(self, images: Tensor, stages: bool = False) -> TrainOutput:
+        """One forward pass; ``stages=True`` also keeps the backbone's last four stage maps
+        (:meth:`stage_modules`), captured by forward hooks on the same pass."""
+        captured: dict[str, Tensor] = {}
+        hooks = []
+        if stages:
+            for name in self.stage_modules():
+                hooks.append(self.backbone.get_submodule(name).register_forward_hook(
+                    lambda _m, _i, out, name=name: captured.__setitem__(name, out)))
+        try:
+            fmap = self.feature_map(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        pooled = raw = self.pool(fmap)
         logits = None
         if self.head is not None:
             raw, logits = self.head(pooled)
         elif self.fc is not None:  # cirtorch ImageRetrievalNet.forward: l2n(whiten(l2n(pool(x))))
             raw = self.fc(F.normalize(pooled, dim=-1))
-        return TrainOutput(F.normalize(raw, dim=-1), raw, logits, pooled)
+        kept = tuple(captured[name] for name in self.stage_modules()) if stages else None
+        return TrainOutput(F.normalize(raw, dim=-1), raw, logits, pooled, fmap, kept)
+
+    def stage_modules(self) -> list[str]:
+        """Names (in ``backbone``) of the last four feature levels of timm's ``feature_info``: the four stages the
+        D3still code calls ``feats`` (ResNet ``layer1``-``layer4``; MobileNetV3-Small 16, 24, 48, 576 channels)."""
+        info = getattr(self.backbone, "feature_info", None)
+        reductions = [level.get("reduction") for level in info[-4:]] if isinstance(info, list) else []
+        # four stages that each downsample (a ViT's blocks all sit at stride 16, and emit tokens, not maps)
+        if len(reductions) < 4 or self._output_fmt != "NCHW" or reductions != sorted(set(reductions)):
+            raise ConfigError(f"backbone {self.spec.backbone} does not expose four convolutional feature stages "
+                              "(timm feature_info); a loss that reads stage maps (ugd) needs a CNN such as a "
+                              "ResNet or MobileNet")
+        return [level["module"] for level in info[-4:]]
+
+    def stage_channels(self) -> list[int]:
+        """Channels of the four :meth:`stage_modules` maps."""
+        self.stage_modules()
+        return [level["num_chs"] for level in self.backbone.feature_info[-4:]]
+
+    def local_features(self, fmap: Tensor, grid: int) -> Tensor:
+        """``(B, grid², dim)``: the re-ID head's BN-neck applied to each cell of :func:`grid_tokens` (UGD's local
+        features of the gallery network: the D3still code runs ``teacher.fc`` on the pooled cells)."""
+        if self.head is None:
+            raise ConfigError(f"local features need the re-ID head on {self.spec.backbone}; set head: bnneck")
+        tokens = grid_tokens(fmap, grid)
+        b, t, c = tokens.shape
+        return self.head.neck(tokens.reshape(b * t, c)).reshape(b, t, -1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_train(images).feature

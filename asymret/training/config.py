@@ -131,6 +131,10 @@ class ReIDConfig(Strict):
     pad: int = Field(10, ge=0, description="P×K batch augmentation: random crop after zero-padding by this many pixels")
     erasing: float = Field(0.5, ge=0, le=1, description="P×K batch augmentation: random erasing probability")
     uncertainty_views: int = Field(4, ge=2, description="attentive loss: gallery views per image for its variance")
+    distill_augment: bool = Field(False, description="give the distillation batch's two views the P×K batch's "
+                                  "augmentation, drawn independently per view, as the D3still / ACD code does; a "
+                                  "frozen gallery network then runs on its view every step instead of being read "
+                                  "from the embedding cache")
 
 
 class ACDConfig(Strict):

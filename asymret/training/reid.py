@@ -8,13 +8,22 @@ Every step holds two batches (the "two-stream batch" of the D3still/ACD code):
 * a **distillation batch** (:class:`~asymret.training.samplers.DistillationSampler`, random images) seen
   at query resolution by the query network and at gallery resolution by the gallery network, for the
   distillation loss named by ``loss.name`` (``fitnet``, ``cc``, ``csd``, ``raml``, ``rop``, ``d3still``,
-  ``mqd``, ``simdistill``, ``attentive``, or an AML loss that reads only ``query``/``gallery``).
+  ``vanilla_kd``, ``pkt``, ``ugd``, ``mqd``, ``simdistill``, ``attentive``, or an AML loss that reads only
+  ``query``/``gallery``). The loss gets exactly the :class:`LossBatch` fields its registration names in
+  ``needs`` (:data:`PROVIDED`), e.g. the raw BN-neck features (``query_raw``, ``gallery_raw``) that the
+  D3still code's distillers receive, the logits, the query network's stage maps and the gallery network's
+  local head features (UGD); the other fields stay None.
 
 Three modes, chosen by the config:
 
 * **frozen gallery** (default): the query network is trained. Its P×K batch is at query resolution;
   the gallery side of the distillation batch comes from the embedding cache (the frozen gallery network
-  encodes every training image once, at gallery resolution).
+  encodes every training image once, at gallery resolution): the L2-normalised embedding, or, for a loss
+  that needs the gallery's head outputs, one cache entry of its raw BN-neck feature (the embedding is its
+  L2 normalisation, the logits its classifier's output) plus, for UGD, its local head features (float16).
+  With ``train.reid.distill_augment`` both views are augmented independently (the D3still code's
+  distillation loader), which no cache can hold: the frozen gallery network then runs on its view each step
+  (eval mode, no gradient).
 * **alone** (``loss.mode: symmetric`` or a supervised loss such as ``reid_supervised``): no gallery
   network, no distillation stream: how a gallery network itself is trained, and the "no teacher" row.
 * **ACD** (``gallery_frozen: false``): the query network is frozen (eval mode, from an earlier run's
@@ -35,12 +44,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from asymret.errors import AsymretError, ConfigError
 from asymret.retrieval.cache import EmbeddingCache, cache_key
-from asymret.retrieval.encode import RecordImages
+from asymret.retrieval.encode import RecordImages, stream_records
 from asymret.retrieval.encoders import Encoder, create_encoder, eval_mode, set_bn_eval
 from asymret.retrieval.transforms import build_reid_train_transform
 from asymret.training.losses import (
@@ -57,8 +68,11 @@ from asymret.training.samplers import DistillationSampler, IdentitySampler
 log = logging.getLogger(__name__)
 
 SUPERVISED = ("reid_supervised", "ce_ls", "triplet_bh")  # a network's own loss: nothing to distil
-# What a distillation batch gives a loss (frozen gallery and ACD alike).
-PROVIDED = ("query", "gallery", "labels", "uncertainty", "query_raw", "gallery_raw")
+# the LossBatch fields the recipe fills on the distillation batch, for the losses that name them in ``needs``
+PROVIDED = frozenset({"query", "gallery", "query_raw", "gallery_raw", "query_logits", "gallery_logits",
+                      "query_stages", "gallery_local", "gallery_local_logits", "labels", "uncertainty"})
+GALLERY_HEAD = frozenset({"gallery_raw", "gallery_logits", "gallery_local", "gallery_local_logits"})
+LOCAL = frozenset({"query_stages", "gallery_local", "gallery_local_logits"})
 
 
 def uses_reid_recipe(cfg) -> bool:
@@ -137,10 +151,28 @@ class ReIDRecipe:
         self._check_classifier(self.trained_net, "gallery_net" if self.co_train else "query_net")
         if self.co_train:
             self._check_classifier(trainer.query_net, "the frozen query network")
+        # what the run's losses read (the union over a loss list); _check_needs has refused what PROVIDED lacks
+        self.needs = frozenset(combined_needs(names)) if self.loss_fn is not None else frozenset()
+        if self.needs & LOCAL and self.co_train:
+            raise ConfigError(f"loss '{cfg.loss.name}' reads local features, which the re-ID recipe provides with a "
+                              "frozen gallery network only; train it with gallery_frozen: true")
+        if self.needs & {"gallery_logits", "gallery_local_logits"}:
+            self._check_classifier(trainer.gallery_net, "the gallery network")
+        for loss in [] if self.loss_fn is None else list(self.loss_fn.modules()):
+            if hasattr(loss, "setup"):  # learned state sized by the networks (ugd's projectors), in a list too
+                loss.setup(trainer.query_net, trainer.gallery_net)
+        if self.loss_fn is not None:
+            self.loss_fn.to(self.device)
         self.uncertainty = None
-        if not self.alone and not self.co_train:
-            trainer.gallery_emb = trainer._gallery_embeddings()
-        if self.loss_fn is not None and "uncertainty" in combined_needs(names):
+        self.gallery_raw: torch.Tensor | None = None  # frozen gallery: (N, dim) raw head features, on the device
+        self.gallery_local: list[np.ndarray] = []  # frozen gallery: (N, cells, dim) float16 memmaps, per grid
+        self.live_gallery = self.rc.distill_augment and not self.alone  # the frozen gallery runs every step
+        if not self.alone and not self.co_train and not self.live_gallery:
+            if self.needs & GALLERY_HEAD:
+                self._gallery_head_outputs()
+            else:
+                trainer.gallery_emb = trainer._gallery_embeddings()
+        if "uncertainty" in self.needs:
             self.uncertainty = self._gallery_uncertainty()
         trainer.loss_fn = self.loss_fn if self.loss_fn is not None else self.supervised
 
@@ -195,6 +227,50 @@ class ReIDRecipe:
         if head.classifier.out_features != self.num_ids:
             raise ConfigError(f"{what} has num_classes: {head.classifier.out_features} but the training set "
                               f"has {self.num_ids} identities; set num_classes: {self.num_ids}")
+
+    def _gallery_head_outputs(self) -> None:
+        """The frozen gallery network's raw BN-neck feature of every training image (and, for UGD, its local head
+        features at the loss's grids), computed once in one pass and cached; the embedding is its L2
+        normalisation, the logits its classifier's output, so nothing else runs the gallery network again."""
+        t, g = self.t, self.t.gallery_net
+        if tuple(g.spec.input.scales) != (1.0,):
+            raise ConfigError(f"loss '{self.cfg.loss.name}' reads the gallery network's raw head outputs, which are "
+                              "single-scale; set gallery_net.input.scales: [1.0]")
+        if g.head is None:
+            raise ConfigError(f"loss '{self.cfg.loss.name}' reads the gallery network's re-ID head outputs; set "
+                              "head: bnneck on gallery_net")
+        grids = tuple(self.loss_fn.local_grids) if "gallery_local" in self.needs else ()
+        names = ["raw", *[f"local{n}" for n in grids]]
+        n, dev = len(t.records), self.device
+
+        def compute(folder: Path) -> dict:
+            outputs = {"raw": np.lib.format.open_memmap(folder / "raw.npy", "w+", np.float32, (n, g.dim))}
+            for grid in grids:  # float16: 4 bytes a value would take 6 GB for VeRi-776's 37,746 images at P = 8
+                outputs[f"local{grid}"] = np.lib.format.open_memmap(folder / f"local{grid}.npy", "w+", np.float16,
+                                                                    (n, grid * grid, g.dim))
+
+            def heads(images):
+                out = g.forward_train(stack_by_shape(images).to(dev, non_blocking=True))
+                return {"raw": out.raw, **{f"local{grid}": g.local_features(out.fmap, grid) for grid in grids}}
+
+            with eval_mode(g):
+                stream_records(g, t.records, outputs, heads, batch_size=32, num_workers=self.cfg.data.num_workers,
+                               device=dev, progress=t.progress)
+            for array in outputs.values():
+                array.flush()
+            return {"backbone": g.spec.backbone, "count": n, "dim": g.dim, "arrays": names, "grids": list(grids)}
+
+        cache = EmbeddingCache(Path(self.cfg.output_dir) / ".cache")
+        key = f"{cache_key(g, t.records)}-reid-{'-'.join(names)}"
+        if t.main:
+            arrays = cache.get_arrays(key, names, compute)
+        if t.world > 1:
+            dist.barrier()
+        if not t.main:
+            arrays = cache.get_arrays(key, names, compute)
+        self.gallery_raw = torch.from_numpy(np.array(arrays["raw"], dtype=np.float32)).to(dev)
+        t.gallery_emb = F.normalize(self.gallery_raw, dim=1)
+        self.gallery_local = [arrays[f"local{grid}"] for grid in grids]
 
     def _gallery_uncertainty(self) -> torch.Tensor:
         """Per-image variance of the gallery embedding over a few views (attentive regression, methods.md §5),
@@ -270,12 +346,20 @@ class ReIDRecipe:
         return min(self.rc.distill_batch_size, len(self.t.records))
 
     def _distill_images(self) -> RecordImages:
-        """Distillation images: query resolution (and gallery resolution too when the gallery is trained)."""
-        q = self.t.query_net.transform
-        if self.co_train:
-            g = self.trained_net.transform
-            return RecordImages(self.t.records, lambda im: (q(im), g(im)))
-        return RecordImages(self.t.records, q)
+        """Distillation images: query resolution (and gallery resolution too when the gallery is trained or runs
+        live); with ``distill_augment`` each view through its own draw of the training augmentation."""
+        t, rc = self.t, self.rc
+
+        def view(net):
+            if rc.distill_augment:
+                return build_reid_train_transform(net.spec.input, rc.flip, rc.pad, rc.erasing)
+            return net.transform
+
+        q = view(t.query_net)
+        if self.co_train or self.live_gallery:
+            g = view(t.gallery_net)
+            return RecordImages(t.records, lambda im: (q(im), g(im)))
+        return RecordImages(t.records, q)
 
     def loaders(self, epoch: int):
         """The epoch's steps: ``(pk_loader, pk_sampler, distill_loader | None, distill_sampler | None)``."""
@@ -301,6 +385,41 @@ class ReIDRecipe:
         if self.co_train:
             self.t.query_net.eval()
 
+    def _loss_batch(self, q, gallery: dict, labels: torch.Tensor, idx: torch.Tensor) -> LossBatch:
+        """The distillation loss's batch: exactly the fields it ``needs``, from the query network's output ``q``
+        (:class:`~asymret.retrieval.encoders.TrainOutput`) and the gallery side's named tensors."""
+        available = {"query": lambda: q.feature, "query_raw": lambda: q.raw, "query_logits": lambda: q.logits,
+                     "query_stages": lambda: q.stages, "labels": lambda: labels,
+                     "uncertainty": lambda: self.uncertainty[idx], **{k: (lambda v=v: v) for k, v in gallery.items()}}
+        return LossBatch(**{name: available[name]() for name in self.needs})
+
+    def _live_gallery_rows(self, images: torch.Tensor) -> dict:
+        """The frozen gallery's side of the distillation batch from its own forward pass on its (augmented) view:
+        eval mode, no gradient, the same fields as :meth:`_frozen_gallery_rows`."""
+        g = self.t.gallery_net
+        with torch.no_grad(), eval_mode(g):
+            out = g.forward_train(images)
+            rows = {"gallery": out.feature, "gallery_raw": out.raw, "gallery_logits": out.logits}
+            if "gallery_local" in self.needs:
+                rows["gallery_local"] = tuple(g.local_features(out.fmap, grid) for grid in self.loss_fn.local_grids)
+                rows["gallery_local_logits"] = tuple(g.head.classifier(t) for t in rows["gallery_local"])
+        return rows
+
+    def _frozen_gallery_rows(self, distill_idx, idx: torch.Tensor) -> dict:
+        """The frozen gallery's side of the distillation batch, from the cache (constants, no gradient)."""
+        rows = {"gallery": self.t.gallery_emb[idx]}
+        head = self.t.gallery_net.head
+        with torch.no_grad():
+            if self.gallery_raw is not None:
+                rows["gallery_raw"] = self.gallery_raw[idx]
+            if "gallery_logits" in self.needs:
+                rows["gallery_logits"] = head.classifier(rows["gallery_raw"])
+            if "gallery_local" in self.needs:
+                rows["gallery_local"] = tuple(torch.from_numpy(np.asarray(a[np.asarray(distill_idx)], np.float32))
+                                              .to(self.device, non_blocking=True) for a in self.gallery_local)
+                rows["gallery_local_logits"] = tuple(head.classifier(t) for t in rows["gallery_local"])
+        return rows
+
     def step(self, pk_images: list, pk_idx, distill_items: list | None, distill_idx) -> LossOutput:
         """One step's loss: the trained network's own loss on the P×K batch plus the distillation terms."""
         dev = self.device
@@ -320,8 +439,8 @@ class ReIDRecipe:
             with torch.no_grad(), eval_mode(self.t.query_net):
                 q = self.t.query_net.forward_train(low)
             g = self.trained_net.forward_train(high)
-            batch = LossBatch(query=q.feature, gallery=g.feature, query_raw=q.raw, gallery_raw=g.raw,
-                              labels=d_labels, uncertainty=None if self.uncertainty is None else self.uncertainty[idx])
+            batch = self._loss_batch(q, {"gallery": g.feature, "gallery_raw": g.raw, "gallery_logits": g.logits},
+                                     d_labels, idx)
             base = self.loss_fn(batch)
             collab = self.trained_net.head.classifier(0.5 * (g.raw + q.raw))
             acd = self.acd(LossBatch(query_logits=q.logits, gallery_logits=g.logits, collab_logits=collab))
@@ -329,9 +448,13 @@ class ReIDRecipe:
             parts.update({"base": base.total.detach(), **{f"base_{k}": v for k, v in base.parts.items()},
                           **{f"acd_{k}": v for k, v in acd.parts.items()}})
             return LossOutput(total, parts)
-        q = self.trained_net.forward_train(stack_by_shape(distill_items).to(dev, non_blocking=True))
-        batch = LossBatch(query=q.feature, gallery=self.t.gallery_emb[idx], query_raw=q.raw, labels=d_labels,
-                          uncertainty=None if self.uncertainty is None else self.uncertainty[idx])
-        base = self.loss_fn(batch)
+        if self.live_gallery:
+            low = stack_by_shape([a for a, _ in distill_items]).to(dev, non_blocking=True)
+            gallery = self._live_gallery_rows(stack_by_shape([b for _, b in distill_items]).to(dev, non_blocking=True))
+        else:
+            low = stack_by_shape(distill_items).to(dev, non_blocking=True)
+            gallery = self._frozen_gallery_rows(distill_idx, idx)
+        q = self.trained_net.forward_train(low, stages="query_stages" in self.needs)
+        base = self.loss_fn(self._loss_batch(q, gallery, d_labels, idx))
         parts.update({"distill": base.total.detach(), **{f"distill_{k}": v for k, v in base.parts.items()}})
         return LossOutput(total + base.total, parts)

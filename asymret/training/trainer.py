@@ -349,10 +349,11 @@ class Trainer:
     def _average_gradients(self) -> None:
         if self.world == 1:
             return
-        for p in self.net.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
+        for group in self.optimizer.param_groups:  # the trained network's and a loss's own (projectors)
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
 
     # ------------------------------------------------------------------------------ validation
 

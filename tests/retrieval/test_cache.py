@@ -57,3 +57,30 @@ def test_key_changes_with_weights_spec_and_images(records):
     assert cache_key(net, records[:4]) != key  # image list
     boxed = [ImageRecord(records[0].path, bbx=(0, 0, 10, 10))] + records[1:]
     assert cache_key(net, boxed) != key  # query crop
+
+
+def test_named_arrays_are_computed_once_and_an_interrupted_entry_leaves_nothing(tmp_path):
+    cache, calls = EmbeddingCache(tmp_path / "cache"), []
+
+    def compute(folder):
+        calls.append(folder)
+        raw = np.lib.format.open_memmap(folder / "raw.npy", "w+", np.float32, (3, 2))
+        raw[:] = np.arange(6).reshape(3, 2)
+        raw.flush()
+        np.save(folder / "local2.npy", np.ones((3, 4, 2), np.float16))
+        return {"count": 3}
+
+    first = cache.get_arrays("k", ["raw", "local2"], compute)
+    assert isinstance(first["raw"], np.memmap) and first["local2"].dtype == np.float16
+    assert np.array_equal(first["raw"], np.arange(6).reshape(3, 2)) and first["local2"].shape == (3, 4, 2)
+    again = cache.get_arrays("k", ["raw", "local2"], compute)
+    assert len(calls) == 1 and np.array_equal(again["raw"], first["raw"])
+    assert (tmp_path / "cache" / "k" / "meta.json").is_file()
+
+    def broken(folder):
+        np.save(folder / "raw.npy", np.zeros(2))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_arrays("other", ["raw"], broken)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k"]  # no half-written entry

@@ -243,3 +243,23 @@ def test_transform_fixed_size_and_normalisation():
     assert out.shape == (3, 32, 16)
     expected = (np.array([255, 51, 0]) / 255 - np.array(mean)) / np.array(std)
     np.testing.assert_allclose(out.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
+
+
+def test_stage_maps_are_the_four_stages_the_d3still_code_calls_feats(images):
+    # D3still's UGD.py: ResNet18 [64, 128, 256, 512], MobileNetV3-Small [16, 24, 48, 576] channels
+    assert create_encoder(spec(backbone="resnet18")).stage_channels() == [64, 128, 256, 512]
+    assert create_encoder(spec(backbone="mobilenetv3_small_100")).stage_channels() == [16, 24, 48, 576]
+    net = create_encoder(spec(head="bnneck", num_classes=5, last_stride=1)).eval()
+    out = net.forward_train(images, stages=True)
+    bb = net.backbone
+    h = bb.maxpool(bb.act1(bb.bn1(bb.conv1(images))))
+    for got, layer in zip(out.stages, (bb.layer1, bb.layer2, bb.layer3, bb.layer4), strict=True):
+        h = layer(h)
+        assert torch.equal(got, h)
+    assert torch.equal(out.fmap, h) and net.forward_train(images).stages is None
+    assert not bb.layer1._forward_hooks  # the hooks are gone after the pass
+    # local features: the head's BN-neck on each cell of the map average-pooled to grid × grid
+    local = net.local_features(out.fmap, 1)
+    assert torch.allclose(local[:, 0], net.head.neck(out.fmap.mean((2, 3))), atol=1e-6)
+    with pytest.raises(ConfigError, match="four convolutional feature stages"):
+        create_encoder(spec(backbone="vit_tiny_patch16_224", input=InputSpec(size=224))).stage_modules()

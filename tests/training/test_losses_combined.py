@@ -93,6 +93,10 @@ def test_combined_loss_errors():
         CombinedLoss([("mqd", 1.0, {}), ("mqd", 2.0, {})])
     with pytest.raises(ConfigError, match="loss 'attentive' has no parameter 'margin'"):
         CombinedLoss([("mqd", 1.0, {}), ("attentive", 1.0, {"margin": 1})])
+    with pytest.raises(ConfigError, match=r"mixes losses summed over the batch's tuples \(contr_plus\)"):
+        CombinedLoss([("contr_plus", 1.0, {}), ("rkd", 1.0, {})])
+    assert CombinedLoss([("contr_plus", 1.0, {}), ("regression", 0.5, {})]).batch_reduction == "sum"
+    assert CombinedLoss([("mqd", 1.0, {}), ("attentive", 0.5, {})]).batch_reduction == "mean"
 
 
 # ---- the config ----------------------------------------------------------------------------------------------

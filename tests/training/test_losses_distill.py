@@ -107,7 +107,10 @@ def ranked(q, g, k=None):
 
 
 def batch(q=None, g=None, **kw):
-    return LossBatch(query=q, gallery=g, **kw)
+    """Both networks' features of the same images: as the embeddings and as the raw features (the D3still
+    distillers read the raw ones and normalise where their formula does; the local-feature losses read the
+    embeddings)."""
+    return LossBatch(query=q, gallery=g, query_raw=q, gallery_raw=g, **kw)
 
 
 # ---- §3 ----------------------------------------------------------------------------------------------
@@ -155,14 +158,16 @@ def test_csd_kl_over_gallery_ranked_list_with_constant_target(k):
 
 
 @pytest.mark.parametrize("compat", [False, True])
-def test_raml_terms_and_the_compat_lambda(compat):
+def test_raml_terms_and_the_compat_lambda_and_eps(compat):
+    # compat: the D3still code's RAML.py, λ1 for both terms and 1e-6 added inside each square
     q, g = pair(b=5, seed=4)
     qn, gn = unit_rows(q), unit_rows(g)
     l1, l2 = 0.7482, 0.7482 if compat else 0.6778
-    absolute = sum((1 - dot(qn[i], gn[i])) ** 2 for i in range(5)) / 5
+    e = 1e-6 if compat else 0.0
+    absolute = sum((1 - dot(qn[i], gn[i]) + e) ** 2 for i in range(5)) / 5
     off = [(i, j) for i in range(5) for j in range(5) if i != j]
-    rel_qg = sum((dot(qn[i], gn[j]) - dot(gn[i], gn[j])) ** 2 for i, j in off) / len(off)
-    rel_qq = sum((dot(qn[i], qn[j]) - dot(gn[i], gn[j])) ** 2 for i, j in off) / len(off)
+    rel_qg = sum((dot(qn[i], gn[j]) - dot(gn[i], gn[j]) + e) ** 2 for i, j in off) / len(off)
+    rel_qq = sum((dot(qn[i], qn[j]) - dot(gn[i], gn[j]) + e) ** 2 for i, j in off) / len(off)
     out = create_loss("raml", compat=compat)(batch(q, g))
     assert_same_loss_and_grads(out.total, 10.0 * (absolute + l1 * rel_qg + l2 * rel_qq), q, g)
     assert torch.isclose(out.parts["rel_qq"], l2 * rel_qq.detach(), **TOL)
@@ -213,26 +218,27 @@ def test_rop_with_acds_soft_gallery_indicator_by_hand():
         create_loss("rop", tau_g=0.0)
 
 
-@pytest.mark.parametrize("k", [None, 4])
-def test_rop_against_loops(k):
+@pytest.mark.parametrize("k, tau_g", [(None, 1e-6), (4, 1e-6), (None, 0.1), (4, 0.1)])
+def test_rop_against_loops(k, tau_g):
+    # tau_g 1e-6: D3still's ROP.py (a step); 0.1: ACD's ROP.py, whose soft gallery indicator passes gradient on
     q, g = pair(b=6, seed=5)
     rows, total = ranked(q, g, k), 0
     for s_g, s_q in rows:
         n = len(s_g)
-        z = sum(math.exp(0.2 * num(s)) for s in s_g)
+        z = sum(torch.exp(0.2 * s) for s in s_g)
         for a in range(n):
-            w_a = math.exp(0.2 * num(s_g[a])) / z * (a + 1)
+            w_a = torch.exp(0.2 * s_g[a]) / z * (a + 1)
             for b in range(n):
-                gap = num(s_g[b] - s_g[a])
-                i_g = 0.5 if gap == 0 else float(gap > 0)  # σ(gap/1e-6) saturates for these gaps
-                i_q = torch.sigmoid((s_q[b] - s_g[a]) / 0.1)
+                if tau_g == 1e-6:
+                    gap = num(s_g[b] - s_g[a])
+                    i_g = 0.5 if gap == 0 else float(gap > 0)  # σ(gap/1e-6) saturates for these gaps
+                else:
+                    i_g = 1 / (1 + torch.exp(-(s_g[b] - s_g[a]) / tau_g))
+                i_q = 1 / (1 + torch.exp(-(s_q[b] - s_g[a]) / 0.1))
                 total = total + w_a * (i_g - i_q) ** 2 / n
     ref = total / len(rows)
-    out = create_loss("rop", k=k)(batch(q, g)).total
-    assert torch.isclose(out, ref, **TOL)
-    gq, gg = grads(out, q, g)
-    torch.testing.assert_close(gq, grads(ref, q)[0], **TOL)
-    assert torch.isfinite(gg).all()  # a co-trained gallery (ACD) gets a finite gradient
+    out = create_loss("rop", k=k, tau_g=tau_g)(batch(q, g)).total
+    assert_same_loss_and_grads(out, ref, q, g)
 
 
 def test_d3still_masks_by_hand():
@@ -256,9 +262,10 @@ def test_d3still_small_case_by_hand():
     assert math.isclose(simple.item(), math.sqrt(2 * 0.125 ** 2 + 2 * 0.6 ** 2) / 3, rel_tol=1e-12)
 
 
-def test_d3still_against_loops_with_constant_masks():
-    q, g = pair(b=8, seed=6)
-    k, rows = 5, ranked(q, g, 5)
+@pytest.mark.parametrize("k", [5, 10])  # 10: the default K
+def test_d3still_against_loops_with_constant_masks(k):
+    q, g = pair(b=12, seed=6)
+    rows = ranked(q, g, k)
     feature = 50 * torch.sqrt(sum((s_g[0] - s_q[0]) ** 2 for s_g, s_q in rows)) / len(rows)
     hard_sum = simple_sum = 0
     for s_g, s_q in rows:
@@ -284,6 +291,145 @@ def test_d3still_is_zero_with_finite_gradient_when_query_equals_gallery():
     out = create_loss("d3still")(batch(q, g)).total
     assert out.item() == 0
     assert all(torch.isfinite(t).all() for t in grads(out, q, g))
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+def test_vanilla_kd_against_loops_and_the_kd_code_form(temperature):
+    z_q, z_g = leaf(5, 7, seed=30, scale=3), leaf(5, 7, seed=31, scale=3)
+    T, total = temperature, 0
+    for i in range(5):
+        p_g = softmax([z_g[i, c] / T for c in range(7)])
+        p_q = softmax([z_q[i, c] / T for c in range(7)])
+        total = total + kl(p_g, p_q)
+    ref = T ** 2 * total / 5
+    out = create_loss("vanilla_kd", temperature=T)(LossBatch(query_logits=z_q, gallery_logits=z_g))
+    assert_same_loss_and_grads(out.total, ref, z_q, z_g)
+    # the D3still code's KD.py form: kl_div(log_softmax(z^q/T), softmax(z^g/T)) summed over classes, batch mean, ·T²
+    code = T ** 2 * F.kl_div(F.log_softmax(z_q / T, 1), F.softmax(z_g / T, 1), reduction="none").sum(1).mean()
+    assert torch.isclose(out.total, code, **TOL)
+    with pytest.raises(InputError, match="num_classes"):
+        create_loss("vanilla_kd")(LossBatch(query_logits=z_q, gallery_logits=z_g[:, :6]))
+
+
+def test_pkt_against_loops_with_its_eps():
+    q, g = pair(b=5, d=4, seed=32)
+    eps = 1e-7
+
+    def conditionals(x):
+        rows = []
+        for i in range(len(x)):
+            norm = torch.sqrt(sum(x[i, d] ** 2 for d in range(x.shape[1])))
+            rows.append([x[i, d] / (norm + eps) for d in range(x.shape[1])])
+        kernel = [[(dot(a, b) + 1) / 2 for b in rows] for a in rows]
+        return [[k / sum(row) for k in row] for row in kernel]
+
+    p_q, p_g = conditionals(q), conditionals(g)
+    ref = 30000.0 * sum(p_g[i][j] * torch.log((p_g[i][j] + eps) / (p_q[i][j] + eps))
+                        for i in range(5) for j in range(5)) / 25
+    out = create_loss("pkt")(batch(q, g))
+    assert_same_loss_and_grads(out.total, ref, q, g)
+    assert out.total.item() > 0
+    # the same features give zero (up to eps), whatever their scale: PKT compares directions only
+    assert create_loss("pkt")(batch(3 * g.detach(), g.detach())).total.abs().item() < 1e-9
+
+
+def _bn_train(x, weight, bias, eps=1e-5):
+    """BatchNorm1d in training mode written out: batch mean, biased variance."""
+    mean = x.mean(0)
+    var = ((x - mean) ** 2).mean(0)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def test_ugd_against_a_written_out_forward():
+    b, c, d, classes = 3, 5, 4, 3
+    query_raw, gallery_raw = pair(b=b, d=d, seed=33)
+    stage3 = leaf(b, c, 4, 4, seed=34)  # the query network's stage-3 map: 4 × 4 cells pooled to P = 2 and 1
+    stages = (None, None, stage3, None)
+    g_local = (leaf(b, 4, d, seed=35).detach(), leaf(b, 1, d, seed=36).detach())
+    labels = torch.tensor([0, 2, 1])
+    g_logits = [leaf(b, 4, classes, seed=37, scale=3).detach(), leaf(b, 1, classes, seed=38, scale=3).detach()]
+    g_logits[1][0, 0, :] = torch.tensor([5.0, 0.0, 0.0])  # image 0's whole-image cell: its identity, kept
+    g_logits[1][1, 0, :] = torch.tensor([5.0, 0.0, 0.0])  # image 1's: another identity, dropped
+    g_logits[1][2, 0, :] = torch.tensor([0.0, 0.0, 5.0])  # image 2's: dropped
+    loss = create_loss("ugd", grid=2, in_dim=c, dim=d)
+    for i, proj in enumerate(loss.projectors):  # non-trivial BN affines, so the test sees them
+        proj[0].weight.data = torch.linspace(0.5, 1.5, c)
+        proj[2].bias.data = torch.linspace(-0.2, 0.2, d) * (i + 1)
+
+    def cells(grid):  # (b·grid², c): means of the grid × grid blocks of the 4 × 4 map, row-major per image
+        step = 4 // grid
+        return torch.stack([stage3[n, :, r * step:(r + 1) * step, s_ * step:(s_ + 1) * step].mean((1, 2))
+                            for n in range(b) for r in range(grid) for s_ in range(grid)])
+
+    def unit(v):
+        return v / torch.sqrt((v ** 2).sum(-1, keepdim=True))
+
+    local_terms = []
+    for grid, proj, t_tok, z in zip((2, 1), loss.projectors, g_local, g_logits):
+        x = _bn_train(cells(grid), proj[0].weight, proj[0].bias)
+        x = _bn_train(x @ proj[1].weight.t(), proj[2].weight, proj[2].bias).reshape(b, grid * grid, d)
+        dists = [torch.sqrt(((unit(t_tok[n, k]) - unit(x[n, k])) ** 2).sum())
+                 for n in range(b) for k in range(grid * grid) if int(z[n, k].argmax()) == int(labels[n])]
+        local_terms.append(sum(dists) / len(dists))
+    glob = sum(torch.sqrt(((unit(gallery_raw[n]) - unit(query_raw[n])) ** 2).sum()) for n in range(b)) / b
+    ref = 1.0 * (2.0 * glob + 2.0 * (local_terms[0] + local_terms[1]))
+    out = loss(LossBatch(query_raw=query_raw, gallery_raw=gallery_raw, query_stages=stages, gallery_local=g_local,
+                         gallery_local_logits=tuple(g_logits), labels=labels))
+    assert_same_loss_and_grads(out.total, ref, query_raw, gallery_raw)
+    torch.testing.assert_close(grads(out.total, stage3)[0], grads(ref, stage3)[0], **TOL)
+    assert set(out.parts) == {"glob", "local", "local_half"}
+    assert torch.isclose(out.parts["local_half"], local_terms[1].detach(), **TOL)  # image 0's cell alone
+
+
+def test_ugd_without_unambiguous_cells_keeps_the_global_term_only():
+    b, d = 2, 4
+    q, g = pair(b=b, d=d, seed=39)
+    loss = create_loss("ugd", grid=2, in_dim=3, dim=d)
+    wrong = torch.zeros(b, 4, 2)
+    wrong[..., 1] = 1.0  # every cell predicts identity 1; the labels are 0
+    out = loss(LossBatch(query_raw=q, gallery_raw=g, query_stages=(None, None, leaf(b, 3, 4, 4, seed=40), None),
+                         gallery_local=(torch.randn(b, 4, d), torch.randn(b, 1, d)),
+                         gallery_local_logits=(wrong, wrong[:, :1]), labels=torch.zeros(b, dtype=torch.long)))
+    glob = (F.normalize(g, dim=1) - F.normalize(q, dim=1)).norm(dim=1).mean()
+    assert torch.isclose(out.total, 2.0 * glob, **TOL)
+    assert out.parts["local"].item() == 0 and out.parts["local_half"].item() == 0
+
+
+def test_ugd_defaults_and_setup_from_the_query_network():
+    from asymret.retrieval.encoders import create_encoder
+
+    loss = create_loss("ugd")
+    assert (loss.weight, loss.alpha, loss.beta, loss.layer, loss.dim) == (1.0, 2.0, 2.0, 3, 512)
+    with pytest.raises(ConfigError, match="grid"):
+        _ = loss.local_grids
+    with pytest.raises(ConfigError, match="setup"):
+        loss(LossBatch(query_raw=torch.ones(2, 4), gallery_raw=torch.ones(2, 4), query_stages=(None,) * 4,
+                       gallery_local=(), gallery_local_logits=(), labels=torch.zeros(2, dtype=torch.long)))
+    query = create_encoder({"backbone": "resnet18", "head": "bnneck", "input": {"size": [128, 64]}})
+    loss.setup(query, None)  # P = 128 // 16 (the D3still code: STUDENT_SIZE_TRAIN[0] // 16); layer3: 256 channels
+    assert loss.local_grids == (8, 4) and loss.in_dim == 256 and len(loss.projectors) == 2
+    assert loss.projectors[0][1].weight.shape == (512, 256)
+    tiny = create_encoder({"backbone": "resnet18", "head": "bnneck", "input": {"size": [16, 16]}})
+    with pytest.raises(ConfigError, match="P ≥ 2"):
+        create_loss("ugd").setup(tiny, None)
+    with pytest.raises(ConfigError, match="stage 1-4"):
+        create_loss("ugd", layer=5)
+
+
+@pytest.mark.parametrize("name", ["csd", "rop", "d3still", "raml", "pkt"])
+def test_similarities_are_float64_under_bf16_autocast(name):
+    """The D3still code computes CSD/ROP/D3still similarities in float64 (autocast leaves float64 alone); ours
+    does so for every similarity-matrix loss: under bf16 autocast the loss equals its float64 value."""
+    q64, g64 = pair(b=16, d=32, seed=41)
+    q32, g32 = q64.detach().float(), g64.detach().float()
+    reference = create_loss(name)(batch(q32.double(), g32.double())).total
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = create_loss(name)(batch(q32, g32)).total
+    assert torch.isclose(got.double(), reference, rtol=1e-6, atol=0), (got.item(), reference.item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = (F.normalize(q32, dim=1) @ F.normalize(g32, dim=1).t()).float()
+    exact = F.normalize(q32.double(), dim=1) @ F.normalize(g32.double(), dim=1).t()
+    assert (rounded.double() - exact).abs().max() > 1e-4  # what a bf16 product would have given instead
 
 
 # ---- §4 ACD ------------------------------------------------------------------------------------------
@@ -424,19 +570,27 @@ def test_reid_supervised_is_ce_plus_triplet():
 
 # ---- registry and gradient sanity --------------------------------------------------------------------
 
-PAIR_LOSSES = ["fitnet", "cc", "csd", "raml", "rop", "d3still", "mqd", "simdistill"]
+PAIR_LOSSES = ["fitnet", "cc", "csd", "raml", "rop", "d3still", "pkt", "mqd", "simdistill"]
 
 
 def test_registry_names_families_and_paper_defaults():
     info = {i.name: i for i in list_losses()}
-    families = {"reid": ["fitnet", "cc", "csd", "raml", "rop", "d3still", "ce_ls", "triplet_bh",
-                         "reid_supervised"], "acd": ["acd"], "local": ["mqd", "simdistill", "attentive"]}
+    families = {"reid": ["fitnet", "cc", "csd", "raml", "rop", "d3still", "vanilla_kd", "pkt", "ugd", "ce_ls",
+                         "triplet_bh", "reid_supervised"], "acd": ["acd"], "local": ["mqd", "simdistill", "attentive"]}
     for family, names in families.items():
         assert all(info[n].family == family for n in names)
     assert info["d3still"].defaults == {"weight": 1.0, "k": 10, "alpha": 50.0, "beta": 2.0, "gamma": 1.0}
     assert info["acd"].defaults == {"alpha": 3.0, "beta": 2.0, "tau": 2.0}
-    assert {n: info[n].defaults["weight"] for n in ("fitnet", "cc", "csd", "raml", "rop", "mqd", "simdistill")} \
-        == {"fitnet": 2.0, "cc": 5.0, "csd": 10.0, "raml": 10.0, "rop": 1.0, "mqd": 1.0, "simdistill": 2.0}
+    assert {n: info[n].defaults["weight"] for n in ("fitnet", "cc", "csd", "raml", "rop", "mqd", "simdistill",
+                                                    "vanilla_kd", "pkt", "ugd")} \
+        == {"fitnet": 2.0, "cc": 5.0, "csd": 10.0, "raml": 10.0, "rop": 1.0, "mqd": 1.0, "simdistill": 2.0,
+            "vanilla_kd": 1.0, "pkt": 30000.0, "ugd": 1.0}
+    assert info["vanilla_kd"].defaults["temperature"] == 2.0 and info["pkt"].defaults["eps"] == 1e-7
+    assert {k: info["ugd"].defaults[k] for k in ("alpha", "beta", "layer")} == {"alpha": 2.0, "beta": 2.0, "layer": 3}
+    # the D3still distillers read the raw BN-neck features (D3still's retrieval_feat), not the L2-normalised ones
+    for name in ("fitnet", "cc", "csd", "raml", "rop", "d3still", "pkt", "ugd"):
+        assert {"query_raw", "gallery_raw"} <= set(info[name].needs) and "query" not in info[name].needs
+    assert info["vanilla_kd"].needs == ("query_logits", "gallery_logits")
     assert info["raml"].defaults["lambda2"] == 0.6778 and info["triplet_bh"].defaults["margin"] == 0.3
 
 
@@ -449,7 +603,21 @@ def test_gradient_reaches_query_against_a_frozen_gallery(name):
     assert torch.isfinite(g_q).all() and g_q.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", PAIR_LOSSES + ["acd", "attentive", "ce_ls", "triplet_bh"])
+@pytest.mark.parametrize("name", PAIR_LOSSES + ["acd", "attentive", "ce_ls", "triplet_bh", "vanilla_kd"])
 def test_missing_batch_field_is_a_config_error(name):
     with pytest.raises(ConfigError, match="needs batch field"):
         create_loss(name)(LossBatch())
+
+
+def test_asymret_losses_lists_the_d3still_baselines(capsys):
+    import json
+
+    from asymret.api.cli import main
+
+    assert main(["losses", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {records[n]["family"] for n in ("vanilla_kd", "pkt", "ugd")} == {"reid"}
+    assert records["pkt"]["defaults"] == {"weight": 30000.0, "eps": 1e-7}
+    assert records["ugd"]["needs"] == ["query_raw", "gallery_raw", "query_stages", "gallery_local",
+                                       "gallery_local_logits", "labels"]
+    assert main(["losses", "ugd"]) == 0 and "Neural Networks 2025" in capsys.readouterr().out

@@ -22,12 +22,13 @@ from asymret.retrieval.mini import ensure_mini
 from asymret.retrieval.pair import load_pair
 from asymret.retrieval.records import load_image
 from asymret.training.config import ExperimentConfig
-from asymret.training.losses import create_loss
+from asymret.training.losses import LOSSES, LossBatch, create_loss
 from asymret.training.reid import stack_by_shape
 from asymret.training.trainer import Trainer, train
 from tests.training.ddp import torchrun_train
 
-DISTILLERS = ["fitnet", "cc", "csd", "raml", "rop", "d3still", "mqd", "simdistill", "attentive"]
+DISTILLERS = ["fitnet", "cc", "csd", "raml", "rop", "d3still", "vanilla_kd", "pkt", "ugd", "mqd", "simdistill",
+              "attentive"]
 
 
 def net(backbone: str, size: int, **kw) -> dict:
@@ -80,7 +81,10 @@ def test_gallery_trained_alone(gallery):
 
 @pytest.mark.parametrize("loss", DISTILLERS)
 def test_each_distiller_trains_the_query_network_against_the_frozen_gallery(mini, gallery, tmp_path, loss):
-    run = train(ExperimentConfig.model_validate(student(mini, tmp_path, gallery, loss)), progress=False)
+    # PKT's weight 30000 is D3still's for 256-image batches (its loss shrinks like 1/B); on these 6 it diverges
+    params = {"weight": 30000.0 * 6 / 256} if loss == "pkt" else {}
+    cfg = {**student(mini, tmp_path, gallery, loss), "loss": {"name": loss, "params": params}}
+    run = train(ExperimentConfig.model_validate(cfg), progress=False)
     pair = load_pair(run / "pair.pt")
     assert equal(pair.gallery_net.state_dict(), state(gallery / "query_net.pt"))  # frozen: bit-identical
     record = json.loads((run / "metrics.jsonl").read_text())
@@ -118,6 +122,132 @@ def test_frozen_gallery_step_equals_its_definition(mini, gallery, tmp_path):
     assert got.item() == pytest.approx((own + 10 * raml).item(), rel=1e-4)
 
 
+def capture_batches(loss_fn, monkeypatch) -> list:
+    """Record every LossBatch the loss receives (and still compute the loss)."""
+    seen, forward = [], loss_fn.forward
+    monkeypatch.setattr(loss_fn, "forward", lambda batch: (seen.append(batch), forward(batch))[1])
+    return seen
+
+
+def one_step(trainer):
+    pk_loader, pk, d_loader, ds = trainer.recipe.loaders(0)
+    torch.manual_seed(0)
+    batches = next(iter(pk_loader)), next(iter(pk)), next(iter(d_loader)), next(iter(ds))
+    trainer.recipe.train_mode()
+    trainer.recipe.step(*batches)
+    return batches[2], batches[3]
+
+
+def resnet_stages(backbone, x) -> list:
+    """A timm ResNet's four stage maps, its modules called one after another (no hooks)."""
+    h = backbone.maxpool(backbone.act1(backbone.bn1(backbone.conv1(x))))
+    stages = []
+    for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        h = layer(h)
+        stages.append(h)
+    return stages
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("loss", ["fitnet", "cc", "csd", "raml", "rop", "d3still", "vanilla_kd", "pkt", "ugd", "mqd"])
+def test_each_distiller_receives_the_tensors_the_d3still_code_feeds_it(mini, gallery, tmp_path, loss, monkeypatch):
+    """One frozen-gallery step: the loss gets exactly its declared fields, equal to the two networks' own outputs
+    on the distillation images: the query network's (with gradient) at query resolution, the frozen gallery
+    network's (constants) at gallery resolution; raw BN-neck features, logits, stage maps, local features."""
+    trainer = Trainer(ExperimentConfig.model_validate(student(mini, tmp_path, gallery, loss)), progress=False)
+    seen = capture_batches(trainer.recipe.loss_fn, monkeypatch)
+    d_images, d_idx = one_step(trainer)
+    (got,) = seen
+    needs = set(LOSSES[loss].needs)
+    assert {f for f in vars(got) if getattr(got, f) is not None} == needs
+
+    x = stack_by_shape(d_images)
+    q_out = trainer.query_net.forward_train(x)  # train mode, as in the step: BN uses the batch's statistics
+    g_net = load_pair(gallery / "pair.pt").gallery_net.eval()
+    with torch.no_grad():
+        hi = torch.stack([g_net.transform(load_image(trainer.records[i])) for i in d_idx])
+        assert hi.shape[-1] == 48 and x.shape[-1] == 32
+        g_out = g_net.forward_train(hi)
+    expected = {"query": q_out.feature, "query_raw": q_out.raw, "query_logits": q_out.logits,
+                "gallery": g_out.feature, "gallery_raw": g_out.raw, "gallery_logits": g_out.logits,
+                "labels": torch.as_tensor(trainer.labels[d_idx])}
+    for field in needs & expected.keys():
+        close(getattr(got, field), expected[field])
+        assert getattr(got, field).requires_grad == field.startswith("query")  # the frozen side is a constant
+    if loss in ("fitnet", "pkt"):  # the raw features really are un-normalised (FitNet regresses them as they are)
+        assert not torch.allclose(got.query_raw.norm(dim=1), torch.ones(len(d_idx)))
+    if loss == "ugd":
+        for got_stage, stage in zip(got.query_stages, resnet_stages(trainer.query_net.backbone, x), strict=True):
+            close(got_stage, stage)
+            assert got_stage.requires_grad
+        with torch.no_grad():
+            fmap = g_net.backbone.forward_features(hi)  # 2 × 2 at 48 px: its cells at P = 32 // 16 = 2 are itself
+            assert fmap.shape[-2:] == (2, 2) and trainer.recipe.loss_fn.local_grids == (2, 1)
+            b, c = fmap.shape[:2]
+            cells = (fmap.flatten(2).transpose(1, 2).reshape(b * 4, c), fmap.mean((2, 3)))
+            local = [g_net.head.neck(t).reshape(b, len(t) // b, -1) for t in cells]
+        for got_local, got_logits, want in zip(got.gallery_local, got.gallery_local_logits, local, strict=True):
+            close(got_local, want, rtol=2e-3, atol=2e-3)  # cached in float16
+            close(got_logits, g_net.head.classifier(got_local))
+            assert not got_local.requires_grad and not got_logits.requires_grad
+
+
+@pytest.mark.parametrize("loss", ["fitnet", "ugd"])
+def test_augmented_distillation_views_reach_the_distiller_from_a_live_frozen_gallery(mini, gallery, tmp_path, loss,
+                                                                                      monkeypatch):
+    """distill_augment: each view gets its own draw of the training augmentation (the D3still code's distillation
+    loader); the frozen gallery then runs on its view in the step, and the loss sees exactly those outputs."""
+    reid = {**base(mini, "")["train"]["reid"], "distill_augment": True}
+    cfg = student(mini, tmp_path, gallery, loss, train={**base(mini, "")["train"], "reid": reid})
+    trainer = Trainer(ExperimentConfig.model_validate(cfg), progress=False)
+    assert trainer.gallery_emb is None and trainer.recipe.gallery_raw is None  # nothing read from the cache
+    seen = capture_batches(trainer.recipe.loss_fn, monkeypatch)
+    d_items, d_idx = one_step(trainer)
+    (got,) = seen
+    low, high = stack_by_shape([a for a, _ in d_items]), stack_by_shape([b for _, b in d_items])
+    plain = torch.stack([trainer.gallery_net.transform(load_image(trainer.records[i])) for i in d_idx])
+    assert high.shape == plain.shape and not torch.equal(high, plain)  # augmented, not the eval view
+    close(got.query_raw, trainer.query_net.forward_train(low).raw)
+    g_net = trainer.gallery_net
+    with torch.no_grad():
+        g_out = g_net.eval().forward_train(high)
+    close(got.gallery_raw, g_out.raw)
+    assert got.query_raw.requires_grad and not got.gallery_raw.requires_grad
+    if loss == "ugd":
+        with torch.no_grad():
+            want = g_net.head.neck(g_out.fmap.flatten(2).transpose(1, 2).reshape(-1, g_out.fmap.shape[1]))
+        close(got.gallery_local[0], want.reshape(len(d_idx), 4, -1))
+        close(got.gallery_local_logits[0], g_net.head.classifier(got.gallery_local[0]))
+
+
+def test_acd_base_loss_receives_the_frozen_query_and_the_trained_gallery(mini, d3still_run, tmp_path, monkeypatch):
+    cfg = acd_config(mini, tmp_path, d3still_run, loss={"name": "fitnet"})
+    trainer = Trainer(ExperimentConfig.model_validate(cfg), progress=False)
+    seen = capture_batches(trainer.recipe.loss_fn, monkeypatch)
+    pk_loader, pk, d_loader, ds = trainer.recipe.loaders(0)
+    torch.manual_seed(0)
+    d_items = next(iter(d_loader))
+    trainer.recipe.train_mode()
+    trainer.recipe.step(next(iter(pk_loader)), next(iter(pk)), d_items, next(iter(ds)))
+    (got,) = seen
+    assert {f for f in vars(got) if getattr(got, f) is not None} == {"query_raw", "gallery_raw"}
+    with torch.no_grad():
+        q_raw = trainer.query_net.forward_train(torch.stack([a for a, _ in d_items])).raw
+    g_raw = trainer.gallery_net.forward_train(torch.stack([b for _, b in d_items])).raw
+    close(got.query_raw, q_raw)
+    close(got.gallery_raw, g_raw)
+    assert not got.query_raw.requires_grad and got.gallery_raw.requires_grad  # ACD: the gallery side is trained
+
+
+def test_local_feature_losses_need_a_frozen_gallery(mini, d3still_run, tmp_path):
+    with pytest.raises(ConfigError, match="gallery_frozen: true"):
+        Trainer(ExperimentConfig.model_validate(acd_config(mini, tmp_path, d3still_run, loss={"name": "ugd"})),
+                progress=False)
+
+
 @pytest.fixture(scope="module")
 def d3still_run(mini, gallery, tmp_path_factory):
     out = tmp_path_factory.mktemp("student")
@@ -126,7 +256,7 @@ def d3still_run(mini, gallery, tmp_path_factory):
 
 def acd_config(mini, out, student_run, **over) -> dict:
     return base(mini, out, name="acd", gallery_frozen=False, acd={"pair": str(student_run / "pair.pt"), "raho_batches": 2},
-                loss={"name": "d3still"}, **over)
+                **{"loss": {"name": "d3still"}, **over})
 
 
 def test_acd_step_equals_its_definition(mini, d3still_run, tmp_path):
@@ -142,14 +272,13 @@ def test_acd_step_equals_its_definition(mini, d3still_run, tmp_path):
 
     g, q = trainer.gallery_net, trainer.query_net
     sup = create_loss("reid_supervised")
-    from asymret.training.losses import LossBatch
 
     out = g.forward_train(stack_by_shape(pk_images))
     own = sup(LossBatch(query=out.pooled, query_logits=out.logits, labels=torch.as_tensor(trainer.labels[pk_idx])))
     with torch.no_grad():
         qo = q.eval().forward_train(torch.stack([a for a, _ in d_items]))
     go = g.forward_train(torch.stack([b for _, b in d_items]))
-    base_loss = create_loss("d3still")(LossBatch(query=qo.feature, gallery=go.feature)).total
+    base_loss = create_loss("d3still")(LossBatch(query_raw=qo.raw, gallery_raw=go.raw)).total
     tau = 2.0
 
     def kl(target, logits, t):  # KL(σ(logits/t) ‖ σ(target/t)) written out, batch mean

@@ -30,7 +30,11 @@ class LossBatch:
     ``negative``   (B, N, D) negatives of each anchor (AML tuples).
     ``labels``     (B,) identity / cluster labels.
     ``query_logits``, ``gallery_logits``, ``collab_logits`` (B, C) classifier outputs (re-ID, ACD).
-    ``query_raw``, ``gallery_raw`` (B, D) un-normalised features where a method needs them.
+    ``query_raw``, ``gallery_raw`` (B, D) un-normalised features where a method needs them (re-ID: the
+                   BN-neck output before L2, what the D3still code's distillers receive as ``retrieval_feat``).
+    ``query_stages`` the query network's last four backbone stage maps (B, C_l, H_l, W_l), l = 1..4 (UGD).
+    ``gallery_local``, ``gallery_local_logits`` one (B, T, D) / (B, T, C) tensor per granularity of the loss's
+                   ``local_grids``: the gallery head's features / logits of its final map's cells (UGD).
     ``uncertainty`` (B,) gallery-side variance per item (attentive regression).
     ``query_confidence``, ``gallery_confidence`` (B,) per-item confidences (simdistill).
     """
@@ -45,6 +49,9 @@ class LossBatch:
     collab_logits: Tensor | None = None
     query_raw: Tensor | None = None
     gallery_raw: Tensor | None = None
+    query_stages: tuple[Tensor, ...] | None = None
+    gallery_local: tuple[Tensor, ...] | None = None
+    gallery_local_logits: tuple[Tensor, ...] | None = None
     uncertainty: Tensor | None = None
     query_confidence: Tensor | None = None
     gallery_confidence: Tensor | None = None
@@ -134,6 +141,13 @@ class CombinedLoss(nn.Module):
         self.losses = nn.ModuleDict({name: create_loss(name, **params) for name, _, params in terms})
         self.weights = {name: float(weight) for name, weight, _ in terms}
         self.needs = tuple(dict.fromkeys(f for name in names for f in LOSSES[name].needs))
+        reductions = {LOSSES[name].batch_reduction for name in names}
+        if len(reductions) > 1:
+            sums = [n for n in names if LOSSES[n].batch_reduction == "sum"]
+            raise ConfigError(f"the loss list mixes losses summed over the batch's tuples ({', '.join(sums)}) with "
+                              "mean-reduced ones, whose gradients processes and accumulated steps combine "
+                              "differently; train them in separate runs")
+        self.batch_reduction = reductions.pop()  # read by the trainer, as a single loss's
 
     def forward(self, batch: LossBatch) -> LossOutput:
         total, parts = None, {}
