@@ -75,9 +75,10 @@ def test_tuple_losses_combine_too():
     pos, neg = F.normalize(torch.randn(3, 1, 4), dim=2), F.normalize(torch.randn(3, 2, 4), dim=2)
     out = build_loss([("contrastive", 1.0, {"margin": 0.7}), ("regression", 0.5, {})])(
         LossBatch(query=q, gallery=g, positive=pos, negative=neg))
-    d_p, d_n = (pos - q[:, None]).norm(dim=2), (neg - q[:, None]).norm(dim=2)
-    contrastive = (0.5 * d_p.pow(2).sum(1) + 0.5 * (0.7 - d_n).clamp_min(0).pow(2).sum(1)).mean()
-    regression = 0.5 * (q - g).pow(2).sum(1).mean()
+    eps = 1e-6  # AML's: d = ‖q − x + ε‖, and both losses sum over the tuples (docs/training.md)
+    d_p, d_n = (q[:, None] - pos + eps).norm(dim=2), (q[:, None] - neg + eps).norm(dim=2)
+    contrastive = (0.5 * d_p.pow(2).sum(1) + 0.5 * (0.7 - d_n).clamp_min(0).pow(2).sum(1)).sum()
+    regression = 0.5 * (q - g + eps).pow(2).sum()
     assert out.total.item() == pytest.approx((contrastive + 0.5 * regression).item(), rel=1e-5)
 
 
