@@ -7,14 +7,14 @@ Conventions (as mmcv/detectron users know them):
 * Mappings merge recursively; any other value (lists included) replaces. ``_delete_: true`` inside a
   mapping replaces the inherited mapping instead of merging into it.
 * Overrides ``a.b=value`` parse ``value`` as YAML (``3``, ``true``, ``[1, 2]``, ``null``) and win
-  over every file.
+  over every file; a number indexes a list (``loss.1.weight=0.5``: the second of several losses).
 * Errors name the dotted key path and the file (or "command line") that set the value.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,21 +113,52 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(tree: dict, overrides: Iterable[str], origins: dict[str, str]) -> dict:
-    tree = copy.deepcopy(tree)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = tree
-        for depth, key in enumerate(keys[:-1]):
+def _list_index(node: list, key: str, text: str, where: str) -> int:
+    """``key`` as an index into the list ``node`` (``loss.1.weight`` is the second loss's weight)."""
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"override '{text}': '{where}' is a list of {len(node)}; index it with 0 to {len(node) - 1}")
+    return int(key)
+
+
+def _set(tree: dict, keys: list[str], value: Any, text: str) -> None:
+    """``tree[k0][k1]... = value``, making missing sections; ``text`` names the override in errors."""
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            child = node[_list_index(node, key, text, ".".join(keys[:depth]))]
+        else:
             child = node.get(key)
             if child is None:
                 child = node[key] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
-                raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
-            node = child
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
+        node = child
+    if isinstance(node, list):
+        node[_list_index(node, keys[-1], text, ".".join(keys[:-1]))] = value
+    else:
         node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: Iterable[str], origins: dict[str, str]) -> dict:
+    """Set each ``a.b=value``; a key part that is a number indexes a list (``loss.0.weight=4``)."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set(tree, keys, value, text)
         origins[".".join(keys)] = CLI
+    return tree
+
+
+def apply_values(tree: dict, values: Mapping[str, Any], origins: dict[str, str], source: str) -> dict:
+    """Like :func:`apply_overrides` for values already parsed (``{"acd.alpha": 3.0}``), set by ``source``."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        keys = str(key).split(".")
+        if not key or any(not part for part in keys):
+            raise ConfigError(f"{source}: key '{key}' must look like key.sub")
+        _set(tree, keys, copy.deepcopy(value), f"{key} (in {source})")
+        origins[key] = source
     return tree
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from asymret.retrieval import rerank as rr
 
 ItemId = Annotated[int, Field(ge=0, lt=2**63, description="the item's stable 64-bit id")]
 Text = Annotated[str, Field(max_length=255)]
@@ -106,12 +108,21 @@ class Filters(In):
         return self.model_dump(exclude_none=True)
 
 
+RERANK_SHORTLIST = 100  # hits k-reciprocal re-ranks at least (k1 = 20 needs neighbourhoods to form)
+RERANK_FIELD = (f"post-process the ranking (Flat galleries): 'aqe' / 'alpha_qe' search again with the query "
+                f"expanded by its top {rr.QE_N} hits (plain average / weights sim^{rr.QE_ALPHA:g}); 'kreciprocal' "
+                f"re-ranks the top max({RERANK_SHORTLIST}, 2k) hits by k-reciprocal encoding (k1={rr.K1}, "
+                f"k2={rr.K2}, lambda={rr.LAMBDA}) among themselves")
+Rerank = Literal["aqe", "alpha_qe", "kreciprocal"]
+
+
 class SearchOptions(In):
     k: K = 10
     filters: Filters | None = None
     exclude_same_camera: bool = Field(False, description="re-ID rule: drop hits of the query's identity "
                                                          "(label) seen by the query's camera")
     group_by_label: bool = Field(False, description="also return the hits grouped by identity (label)")
+    rerank: Rerank | None = Field(None, description=RERANK_FIELD)
 
 
 class Query(In):
@@ -136,6 +147,9 @@ class SearchRequest(SearchOptions):
 class Hit(Out):
     id: int
     score: float = Field(description="cosine similarity to the query")
+    rerank_score: float | None = Field(None, description="with rerank, what the hits are ordered by: cosine "
+                                                         "similarity to the expanded query (aqe, alpha_qe), or "
+                                                         "1 - the k-reciprocal distance (kreciprocal)")
     path: str | None
     label: str | None
     camera: str | None

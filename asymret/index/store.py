@@ -520,8 +520,21 @@ class Gallery:
         with self._lock:
             self._writable()
             with _flocked(self.folder / self.CHECKPOINT_LOCK, fcntl.LOCK_EX):
-                self.index.save(self.folder / self.INDEX, extra={"checkpoint_seq": self._seq})
+                self.index.save(self.folder / self.INDEX, extra={**self.index.extra, "checkpoint_seq": self._seq})
                 self._journal.truncate(0)
+
+    @property
+    def processing(self) -> dict:
+        """What was applied to the stored vectors before they were added (e.g. database-side
+        augmentation), as the builder recorded it: name -> settings."""
+        return dict(self.index.extra.get("processing", {}))
+
+    def record_processing(self, name: str, settings: dict) -> None:
+        """Record (in the index's sidecar, saved now) that the vectors were ``name``-processed with ``settings``."""
+        with self._lock:
+            self._writable()
+            self.index.extra["processing"] = {**self.processing, name: _as_json(settings, "settings")}
+            self.checkpoint()
 
     # ------------------------------------------------------------------------------------- reads
     def search(self, queries, k: int = 10, *, filters: Mapping | None = None, nprobe: int | None = None,
@@ -595,7 +608,7 @@ class Gallery:
         index_file = self.folder / self.INDEX
         return {**_summary({**row._mapping, "count": len(self.index)}), "network_spec": self.network_spec,
                 "index": self.index.info(), "readonly": self.readonly, "last_seq": self._seq,
-                "checkpoint_seq": self.index.extra.get("checkpoint_seq", 0),
+                "checkpoint_seq": self.index.extra.get("checkpoint_seq", 0), "processing": self.processing,
                 "index_bytes": index_file.stat().st_size if index_file.exists() else 0,
                 "journal_bytes": self._journal.size() if self._journal is not None else 0}
 

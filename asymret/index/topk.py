@@ -29,14 +29,16 @@ def _as_matrix(x, name: str, dim: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def topk_inner_product(queries, database, k: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def topk_inner_product(queries, database, k: int, block_size: int = DEFAULT_BLOCK_SIZE, *,
+                       return_min: bool = False):
     """Exact top-``k`` database rows for each query by inner product.
 
     Returns ``(scores, ids)``, each of shape ``(n_queries, min(k, n_database))``, sorted by
     descending score; ``ids`` are row numbers of ``database``. Memory: one score block of at most
     ``SCORES_BUDGET_BYTES`` plus the running top-k, whatever the sizes. Ties at the k-th score may
-    resolve to any of the tied rows.
+    resolve to any of the tied rows. ``return_min``: also each query's smallest inner product over
+    the whole database, read from the same score blocks (k-reciprocal re-ranking normalises by the
+    farthest item; a second scan would cost as much again), as a third array.
     """
     queries = _as_matrix(queries, "queries")
     database = _as_matrix(database, "database", queries.shape[1])
@@ -46,12 +48,14 @@ def topk_inner_product(queries, database, k: int, block_size: int = DEFAULT_BLOC
     chunk = max(1, SCORES_BUDGET_BYTES // (4 * block_size))
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
+    lowest = np.full(len(queries), np.inf, np.float32) if return_min else None
     for s in range(0, len(queries), chunk):
-        scores[s:s + chunk], ids[s:s + chunk] = _topk_chunk(queries[s:s + chunk], database, k, block_size)
-    return scores, ids
+        scores[s:s + chunk], ids[s:s + chunk] = _topk_chunk(
+            queries[s:s + chunk], database, k, block_size, None if lowest is None else lowest[s:s + chunk])
+    return (scores, ids, lowest) if return_min else (scores, ids)
 
 
-def _topk_chunk(queries: np.ndarray, database: np.ndarray, k: int, block_size: int):
+def _topk_chunk(queries: np.ndarray, database: np.ndarray, k: int, block_size: int, lowest=None):
     nq = len(queries)
     best_s = np.full((nq, k), -np.inf, np.float32)
     best_i = np.full((nq, k), -1, np.int64)
@@ -60,6 +64,8 @@ def _topk_chunk(queries: np.ndarray, database: np.ndarray, k: int, block_size: i
     first = min(len(database), block_size, max(8 * k, 2048))
     for start in [0, *range(first, len(database), block_size)]:
         block = queries @ database[start:first if start == 0 else start + block_size].T
+        if lowest is not None:
+            np.minimum(lowest, block.min(axis=1), out=lowest)
         kth = best_s[:, -1].copy()
         flat = None if start == 0 else np.flatnonzero(block >= kth[:, None])
         crowded = np.arange(nq) if flat is None else _crowded_rows(flat, block.shape, k)

@@ -63,9 +63,15 @@ class EmbeddingCache:
     def path(self, key: str) -> Path:
         return self.root / key / "embeddings.npy"
 
+    def peek(self, encoder: Encoder, records: Sequence[ImageRecord]) -> np.ndarray | None:
+        """The entry for ``encoder`` on ``records`` if one was computed before, else None (nothing is encoded)."""
+        path = self.path(cache_key(encoder, records))
+        return np.load(path, mmap_mode="r") if path.is_file() else None
+
     def get(self, encoder: Encoder, records: Sequence[ImageRecord], *, batch_size: int = 32,
-            num_workers: int = 2, device=None, progress: bool = True, key: str | None = None) -> np.ndarray:
-        key = key or cache_key(encoder, records)
+            num_workers: int = 2, device=None, progress: bool = True, key: str | None = None,
+            amp: bool = False) -> np.ndarray:
+        key = (key or cache_key(encoder, records)) + ("-bf16" if amp else "")  # bf16 rows are other rows
         path = self.path(key)
         if path.is_file():
             log.debug("embedding cache hit %s", path)
@@ -73,7 +79,7 @@ class EmbeddingCache:
 
         def compute(folder: Path) -> dict:
             embeddings = encode_records(encoder, records, batch_size=batch_size, num_workers=num_workers,
-                                        device=device, progress=progress)
+                                        device=device, progress=progress, amp=amp)
             np.save(folder / path.name, embeddings)
             return {"backbone": encoder.spec.backbone, "count": len(records), "dim": int(embeddings.shape[1])}
 

@@ -78,9 +78,13 @@ def encode_tensors(encoder: Encoder, images: Sequence[Tensor], device: torch.dev
 
 
 @contextmanager
-def inference(device: torch.device, amp: bool | None):
-    """Inference mode, with bf16 autocast on CUDA unless ``amp`` is False (never on CPU)."""
-    use_amp = (amp is None or amp) and device.type == "cuda"
+def inference(device: torch.device, amp: bool = False):
+    """Inference mode; fp32 unless ``amp``, which autocasts to bf16 on CUDA (never on CPU).
+
+    fp32 is the default because lowering precision changes the embeddings and hence the metrics (EDM,
+    seed 003 §7.4, warns against doing it unmeasured); docs/metrics.md gives the measured difference.
+    """
+    use_amp = bool(amp) and device.type == "cuda"
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         yield
 
@@ -95,7 +99,7 @@ def resolve_device(encoder: Encoder, device) -> torch.device:
 
 
 def encode_images(
-    encoder: Encoder, images: Sequence[Image.Image], device=None, amp: bool | None = None
+    encoder: Encoder, images: Sequence[Image.Image], device=None, amp: bool = False
 ) -> np.ndarray:
     """Embeddings ``(N, dim)`` float32 of PIL images already in memory (e.g. uploaded queries)."""
     device = resolve_device(encoder, device)
@@ -109,7 +113,7 @@ def encode_records(
     batch_size: int = 32,
     num_workers: int | None = None,
     device=None,
-    amp: bool | None = None,
+    amp: bool = False,
     progress: bool = True,
     shard: int = 0,
     num_shards: int = 1,
@@ -117,7 +121,7 @@ def encode_records(
     """Embeddings ``(M, encoder.dim)`` float32 of ``records``, rows in record order.
 
     ``device``: where to run (the encoder is moved there); ``None`` keeps the encoder's device.
-    ``amp``: bf16 autocast on CUDA (``None`` or True), never on CPU.
+    ``amp``: bf16 autocast on CUDA when True (default fp32), never on CPU.
     Multi-scale extraction follows ``encoder.spec.input.scales``.
     ``shard``/``num_shards``: encode only the contiguous slice :func:`shard_bounds` gives
     (``M`` rows), e.g. one per rank for a sharded gallery encoding.

@@ -8,12 +8,17 @@ a user's own descriptors get exactly the numbers our trained networks get.
 from __future__ import annotations
 
 import csv
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from asymret.errors import DataError, InputError
-from asymret.retrieval import metrics
+from asymret.retrieval import metrics, rerank
+from asymret.retrieval.rerank import RerankOptions
+
+log = logging.getLogger(__name__)
 
 
 def load_features(path: str | Path, what: str) -> np.ndarray:
@@ -112,6 +117,25 @@ def evaluate_features_reid(query_meta, gallery_meta, queries, database, camera_r
     return _reid(pos, junk, queries, database)
 
 
+def evaluate_features_benchmark(benchmark: str, root, queries, database, camera_rule: bool = True) -> dict:
+    """MSMT17, In-Shop, SOP or CUB-200-2011 from its official list files under ``root`` (images not needed).
+
+    Rows are the test split's images in list order: ``query`` then ``gallery`` lists for MSMT17 and In-Shop;
+    for SOP and CUB-200-2011 both arrays hold the test split (leave-one-out), e.g. the query network's and
+    the gallery network's features of the same images.
+    """
+    from asymret.retrieval.datasets import open_dataset
+
+    if benchmark not in ACD_BENCHMARKS:
+        raise InputError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(ACD_BENCHMARKS)}")
+    data = open_dataset(benchmark, root=root, check_files=False)
+    _check_rows(queries, len(data.query), "queries", f"the {benchmark} query split")
+    _check_rows(database, len(data.gallery), "database", f"the {benchmark} gallery split")
+    q = metrics.as_features(queries, "queries")
+    db = metrics.as_features(database, "database", dim=q.shape[1])
+    return benchmark_scorer(benchmark, *data.groundtruth(camera_rule=camera_rule))(queries=q, database=db)
+
+
 def _reid(pos, junk, queries, database) -> dict:
     q = metrics.as_features(queries, "queries")
     db = metrics.as_features(database, "database", dim=q.shape[1])
@@ -151,10 +175,15 @@ def ranking_source(queries, database, topk: int | None, deepest: int = max(metri
     """
     if topk is None:
         return {"queries": queries, "database": database}
+    check_depth(topk, deepest)
+    return {"ranking": index_ranking(queries, database, topk)}
+
+
+def check_depth(topk: int, deepest: int = max(metrics.DEFAULT_KAPPAS)) -> None:
+    """InputError when a ranking cut at ``topk`` cannot give the deepest mP@k reported."""
     if topk < deepest:
         raise InputError(f"--topk {topk} is shallower than mP@{deepest}, which needs the top {deepest} of every "
                          f"query; give --topk {deepest} or more (100 or more keeps mAP close to exact)")
-    return {"ranking": index_ranking(queries, database, topk)}
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -186,10 +215,10 @@ REID_COLUMNS = ("mAP", "mAP_official", "R1", "R5", "R10", "mINP")
 
 
 def format_reid(result: dict, title: str = "") -> str:
-    cols = [c for c in REID_COLUMNS if c in result]
+    cols = [c for c in REID_COLUMNS if c in result] + [c for c in result if c.startswith("Recall@")]
     lines = [title] if title else []
     lines.append("".join(f"{c:>13}" for c in cols) + f"{'queries':>9}")
-    lines.append("".join(f"{100 * result[c]:>13.2f}" for c in cols) + f"{result['queries']:>9d}")
+    lines.append("".join(pct(result[c], 13) for c in cols) + f"{result['queries']:>9d}")
     lines.append("mAP: mean of precisions (torchreid/fast-reid); mAP_official: trapezoidal (VeRi MATLAB code)")
     return "\n".join(lines)
 
@@ -206,6 +235,10 @@ def public(result: dict) -> dict:
 
 REVISITED_BENCHMARKS = ("roxford5k", "rparis6k", "mini-roxford")
 REID_BENCHMARKS = ("veri776", "mini-veri")
+# ACD's other benchmarks (datasets.QueryGallerySet readers): the re-ID protocol, plus Recall@K for the three
+# product/bird benchmarks; the literature's Ks for the pair table (every K of metrics.RECALL_KS is in the JSON).
+ACD_BENCHMARKS = ("msmt17", "inshop", "sop", "cub200")
+RECALL_BENCHMARKS = {"inshop": (1, 10, 20, 30), "sop": (1, 10, 100, 1000), "cub200": (1, 10, 20, 30)}
 ROWS = ("gallery", "symmetric", "asymmetric")
 ALL_ROWS = ROWS + ("sir",)
 ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symmetric (φq / φq)",
@@ -214,11 +247,99 @@ ROW_TITLES = {"gallery": "gallery network alone (φg / φg)", "symmetric": "symm
 # The network that encodes the queries in each row (whose cost the row pays at search time).
 ROW_QUERY_SIDE = {"gallery": "gallery_net", "sir": "gallery_net", "symmetric": "query_net", "asymmetric": "query_net",
                   "asymmetric_untrained": "query_net"}
+# A row with learned whitening: the row's name + LW ("asymmetric+Lw"), beside the row without it.
+LW = "+Lw"
+# Whose whitening a row applies to BOTH its sides (AML's test code, methods.md §1): asymmetric testing the
+# gallery network's; every other row its one network's own. An ACD pair's gallery row is the reference
+# (pre-co-training) gallery's: pair-file keys, as in Pair.whitenings().
+ROW_WHITENING = {"gallery": "gallery_net", "symmetric": "query_net", "asymmetric": "gallery_net", "sir": "gallery_net",
+                 "asymmetric_untrained": "gallery_net"}
+WHITENED_TITLES = {"gallery": "+ Lw of φg", "symmetric": "+ Lw of φq", "asymmetric": "+ Lw of φg, both sides",
+                   "sir": "+ Lw of φg'", "asymmetric_untrained": "+ Lw of φg, both sides"}
+ROW_TITLES.update({row + LW: f"{title} {WHITENED_TITLES[row]}" for row, title in list(ROW_TITLES.items())})
+ROW_QUERY_SIDE.update({row + LW: side for row, side in list(ROW_QUERY_SIDE.items())})
+
+
+def row_whitening_source(row: str, co_trained: bool = False) -> str:
+    """The pair-file key of the network whose whitening ``row`` uses on both sides (:data:`ROW_WHITENING`)."""
+    row = base_row(row)
+    if row == "gallery" and co_trained:
+        return "reference_gallery_net"
+    return ROW_WHITENING[row]
+
+
+# ------------------------------------------------------------------------------ post-processing
+@dataclass(frozen=True)
+class Postprocessing:
+    """Post-processing rows added beside each evaluated row (:mod:`asymret.retrieval.rerank`).
+
+    ``methods``: any of ``kreciprocal``, ``aqe``, ``alpha_qe``; ``dba``: also every row and method on
+    the database-side augmented database. ``options``: the methods' settings (papers' defaults).
+    """
+
+    methods: tuple[str, ...] = ()
+    dba: bool = False
+    options: RerankOptions = field(default_factory=RerankOptions)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in rerank.METHODS]
+        if unknown:
+            raise InputError(f"unknown re-ranking method(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(rerank.METHODS)}")
+
+    def __bool__(self) -> bool:
+        return bool(self.methods) or self.dba
+
+
+POST_TITLES = {"dba": "DBA", "aqe": "AQE", "alpha_qe": "αQE", "kreciprocal": "k-reciprocal",
+               "kreciprocal_expanded": "k-reciprocal, q-q αQE", "kreciprocal_query": "k-reciprocal, q-q φq"}
+
+
+def base_row(row: str) -> str:
+    """The test setting of a row, whitened or post-processed: ``asymmetric+Lw+alpha_qe`` -> ``asymmetric``."""
+    return row.split("+", 1)[0]
+
+
+def row_title(row: str) -> str:
+    """A row's line in the tables: its setting, then its post-processing."""
+    base, *post = row.split("+")
+    if post and "+" + post[0] == LW:  # the whitened row's own title
+        base, post = base + LW, post[1:]
+    title = ROW_TITLES.get(base, base)
+    if base.startswith("asymmetric") and post and post[-1] == "kreciprocal":
+        post = [*post[:-1], "kreciprocal_query"]  # the query-query space says which of the two it is
+    return " + ".join([title, *(POST_TITLES.get(p, p) for p in post)])
+
+
+def postprocessed(row: str, queries, database, post: Postprocessing, topk: int | None = None):
+    """``(name, metric keyword arguments)`` of each post-processed variant of one row.
+
+    With ``dba``: the row on the augmented database, then each method on it too. k-reciprocal on
+    the asymmetric row comes twice, one per query-query space (:data:`rerank.QQ_SPACES`):
+    ``+kreciprocal`` takes it in the query network's space, ``+kreciprocal_expanded`` between the
+    queries expanded into the gallery's (αQE); other rows compare one network with itself.
+    """
+    opts = post.options
+    bases = [("", database)]
+    if post.dba:
+        bases.append(("+dba", rerank.database_augmentation(database, opts.dba_k, opts.dba_alpha)))
+    for tag, db in bases:
+        if tag:
+            yield row + tag, ranking_source(queries, db, topk)
+        for method in post.methods:
+            spaces = rerank.QQ_SPACES if method == "kreciprocal" and base_row(row) == "asymmetric" else ("query",)
+            for space in spaces:
+                if topk is not None:
+                    check_depth(topk)
+                source = rerank.rerank(method, queries, db, opts, qq_space=space, topk=topk)
+                if "queries" in source:
+                    source = ranking_source(source["queries"], source["database"], topk)
+                yield f"{row}{tag}+{method}{'_expanded' if space == 'expanded' else ''}", source
 
 
 def open_benchmark(benchmark: str, root, distractors=None):
     """The test split of a benchmark: (queries, database, scorer(**ranking source) -> metrics)."""
-    from asymret.retrieval.datasets import RevisitedDataset, VeRi776
+    from asymret.retrieval.datasets import RevisitedDataset, VeRi776, open_dataset
 
     if benchmark in REVISITED_BENCHMARKS:
         data = RevisitedDataset(root, distractors=distractors)
@@ -237,8 +358,33 @@ def open_benchmark(benchmark: str, root, distractors=None):
             return metrics.evaluate_reid(pos, junk, **source)
 
         return data.query, data.gallery, score
+    if benchmark in ACD_BENCHMARKS:
+        if distractors:
+            raise InputError(f"--distractors applies to revisited benchmarks (R1M), not {benchmark}")
+        data = open_dataset(benchmark, root=root)
+        return data.query, data.gallery, benchmark_scorer(benchmark, *data.groundtruth())
     raise InputError(f"unknown benchmark {benchmark!r}; choose one of "
-                     f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS)}")
+                     f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS + ACD_BENCHMARKS)}")
+
+
+def benchmark_scorer(benchmark: str, positives, junk):
+    """``score(**ranking source) -> metrics`` of an ACD benchmark: re-ID metrics, and Recall@K where the
+    literature reports it."""
+    if benchmark in RECALL_BENCHMARKS:
+        return lambda **source: metrics.evaluate_retrieval(positives, junk, **source)
+    return lambda **source: metrics.evaluate_reid(positives, junk, **source)
+
+
+def dataset_name(benchmark: str, root) -> str:
+    """The name of the data that ``open_benchmark`` reads under ``root``: a revisited folder's ``gnd_<name>.pkl``
+    (``roxford5k`` pointed at a mini folder reads ``mini-roxford``); for re-ID, the benchmark asked for."""
+    from pathlib import Path
+
+    from asymret.retrieval.datasets import RevisitedDataset
+
+    if benchmark in REVISITED_BENCHMARKS and Path(root).expanduser().is_dir():
+        return RevisitedDataset.gnd_path_in(Path(root).expanduser(), None).stem[len("gnd_"):]
+    return benchmark
 
 
 def _with_scales(encoder, scales):
@@ -250,10 +396,11 @@ def _with_scales(encoder, scales):
     return view
 
 
-def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=None, distractors=None,
+def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=None, distractors=None,
                   multiscale: bool = False, rows=ROWS, batch_size: int = 16, num_workers: int = 2,
                   device=None, cache_dir=None, progress: bool = False, topk: int | None = None,
-                  reference_gallery=None, on_row=None) -> dict:
+                  reference_gallery=None, on_row=None, amp: bool = False,
+                  postprocessing: Postprocessing | None = None) -> dict:
     """Encode a benchmark with both networks and score the rows of the seed tables.
 
     ``gallery``: the gallery network alone (its own upper bound); ``symmetric``: the query network
@@ -261,13 +408,22 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
     point of asymret); ``sir``: the gallery network with itself when it was co-trained (ACD): pass the
     co-trained network as ``gallery_net`` and the original as ``reference_gallery``, which then gives
     the ``gallery`` row (without a reference, ``sir`` equals ``gallery``).
-    Each side uses its own input spec. The gallery network's whitening, when given, whitens both
-    sides of the gallery and asymmetric rows (as AML does). The frozen gallery network's database
-    embeddings come from the embedding cache when ``cache_dir`` is set. ``topk``: rank by an
-    index's top-k search (:func:`index_ranking`; R1M scale) instead of the exact full ranking.
-    ``on_row(row, queries, database)``, when given, sees the exact (whitened) features each row scores,
-    before it is scored: a caller keeps rankings from them (:mod:`asymret.retrieval.ranks`) without
-    encoding the benchmark twice.
+    Each side uses its own input spec. The frozen gallery network's database embeddings come from the
+    embedding cache when ``cache_dir`` is set. ``topk``: rank by an index's top-k search
+    (:func:`index_ranking`; R1M scale) instead of the exact full ranking. ``amp``: encode under bf16
+    autocast on CUDA (default fp32).
+
+    ``whitenings``: ``{"query_net" | "gallery_net" | "reference_gallery_net": Whitening | None}``
+    (:meth:`~asymret.retrieval.pair.Pair.whitenings`). Every row is scored without whitening and, when
+    its network has one, again as ``<row>+Lw`` with that whitening on both sides (:data:`ROW_WHITENING`:
+    the gallery network's for asymmetric testing, as AML does; each network's own for the others).
+    Each result says which it used under ``"whitening"``: None, or ``{"network", "kind", "input_dim",
+    "dim", ...provenance}``. ``on_row(row, queries, database)``, when given, sees the exact (whitened)
+    features each row scores, before it is scored: a caller keeps rankings from them
+    (:mod:`asymret.retrieval.ranks`) without encoding the benchmark twice.
+    ``postprocessing`` adds, after each row (whitened or not), its post-processed variants
+    (:func:`postprocessed`: ``asymmetric+alpha_qe``, ``asymmetric+Lw+dba``, ...) on the same features;
+    ``on_row`` sees only the rows without post-processing.
     """
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
@@ -279,10 +435,24 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
         raise InputError(f"unknown row(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_ROWS)}")
     reference = reference_gallery if reference_gallery is not None else gallery_net
     co_trained = reference is not gallery_net
+    whitenings = {k: v for k, v in (whitenings or {}).items() if v is not None}
+    unknown = set(whitenings) - {"query_net", "gallery_net", "reference_gallery_net"}
+    if unknown:
+        raise InputError(f"unknown whitening key(s) {', '.join(sorted(unknown))}; use query_net, gallery_net, "
+                         "reference_gallery_net")
+    nets = {"query_net": query_net, "gallery_net": gallery_net, "reference_gallery_net": reference}
+    for name, white in whitenings.items():
+        if white.input_dim != nets[name].dim:
+            raise InputError(f"the {name} whitening takes {white.input_dim}-d descriptors but the {name} gives "
+                             f"{nets[name].dim}-d")
+        learned, used = white.info.get("scales"), list(MULTISCALE if multiscale else nets[name].spec.input.scales)
+        if learned is not None and (len(learned) != len(used) or not np.allclose(learned, used)):
+            log.warning("the %s whitening was learned on descriptors at scales %s but this evaluation extracts at %s; "
+                        "its +Lw rows mix the two (learn it at these scales: asymret whiten)", name, learned, used)
     if multiscale:
         query_net, gallery_net = _with_scales(query_net, MULTISCALE), _with_scales(gallery_net, MULTISCALE)
         reference = _with_scales(reference, MULTISCALE)
-    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
+    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress, "amp": amp}
 
     def encode(net, records, cacheable=False):
         if cacheable and cache_dir:
@@ -291,24 +461,52 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitening=Non
 
     need_q = {r for r in rows if r in ("symmetric", "asymmetric")}
     own_rows = {"sir"} | (set() if co_trained else {"gallery"})  # rows of gallery_net with itself
+    same = queries is database  # a leave-one-out split (SOP, CUB-200-2011): each network encodes it once
     g_db = encode(gallery_net, database, cacheable=True) if ({"asymmetric"} | own_rows) & set(rows) else None
-    g_q = encode(gallery_net, queries) if own_rows & set(rows) else None
+    g_q = (g_db if same else encode(gallery_net, queries)) if own_rows & set(rows) else None
     r_db, r_q = g_db, g_q
     if co_trained and "gallery" in rows:
-        r_db, r_q = encode(reference, database, cacheable=True), encode(reference, queries)
+        r_db = encode(reference, database, cacheable=True)
+        r_q = r_db if same else encode(reference, queries)
     q_q = encode(query_net, queries) if need_q else None
-    q_db = encode(query_net, database) if "symmetric" in rows else None
-    white = whitening if whitening is not None else (lambda x: x)
-    pairs = {"gallery": (white, r_q, r_db), "symmetric": (lambda x: x, q_q, q_db),
-             "asymmetric": (white, q_q, g_db), "sir": (white, g_q, g_db)}
+    q_db = (q_q if same else encode(query_net, database)) if "symmetric" in rows else None
+    features = {"gallery": (r_q, r_db), "symmetric": (q_q, q_db), "asymmetric": (q_q, g_db), "sir": (g_q, g_db)}
     results = {}
     for row in rows:
-        white_row, q, db = pairs[row]
-        q, db = white_row(q), white_row(db)
-        if on_row is not None:
-            on_row(row, q, db)
-        results[row] = score(**ranking_source(q, db, topk))
+        q, db = features[row]
+        source = row_whitening_source(row, co_trained)
+        white = whitenings.get(source)
+        for name, w in ((row, None), (row + LW, white)):
+            if name != row and w is None:
+                continue
+            wq = q if w is None else w(q)
+            wdb = db if w is None else wq if db is q else w(db)  # a leave-one-out split is whitened once
+            if on_row is not None:
+                on_row(name, wq, wdb)
+            used = None if w is None else {"network": source, **w.describe()}
+            results[name] = {**score(**ranking_source(wq, wdb, topk)), "whitening": used}
+            if postprocessing:
+                for post_name, post_source in postprocessed(name, wq, wdb, postprocessing, topk):
+                    results[post_name] = {**score(**post_source), "whitening": used}
     return results
+
+
+def whitening_note(results: dict) -> str | None:
+    """One line under a table with ``+Lw`` rows: what they are and where each whitening was learned."""
+    used = {}
+    for r in results.values():
+        w = r.get("whitening")
+        if w:
+            used.setdefault(w["network"], w)
+    if not used:
+        return None
+    parts = []
+    for network, w in used.items():
+        where = f" on {w['learned_on']}" if w.get("learned_on") else ""
+        amount = f", {w['pairs']} pairs" if w.get("pairs") else f", {w['images']} images" if w.get("images") else ""
+        parts.append(f"{network}: {w['kind']} {w['input_dim']} -> {w['dim']}{where}{amount}")
+    return ("+ Lw: whitening l2n(P (x - m)) (learned: Radenovic's Lw; pca: PCA whitening); asymmetric rows apply the "
+            "gallery network's to both sides, the others their network's own. " + "; ".join(parts))
 
 
 def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -> str:
@@ -324,21 +522,26 @@ def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -
             return (f"{pct(r['medium']['mAP'], 8)}{pct(r['medium']['mP@10'], 9)}{pct(r['hard']['mAP'], 8)}"
                     f"{pct(r['hard']['mP@10'], 9)}")
     else:
-        cols = ["".join(f"{c:>13}" for c in ("mAP", "mAP_official", "R1", "mINP"))]
+        names = ("mAP", "mAP_official", "R1", "mINP") + tuple(f"Recall@{k}" for k in RECALL_BENCHMARKS.get(
+            benchmark, ()) if k != 1)
+        cols = ["".join(f"{c:>13}" for c in names)]
 
         def cells(r):
-            return "".join(f"{100 * r[c]:>13.2f}" for c in ("mAP", "mAP_official", "R1", "mINP"))
+            return "".join(pct(r[c], 13) for c in names)
     if cost:
         cols.append(f"{'query-side params':>19}{'GFLOPs':>8}")
-    lines = [f"{'':<38}" + "".join(cols)]
+    width = max([38, *(len(row_title(row)) + 2 for row in results)])
+    lines = [f"{'':<{width}}" + "".join(cols)]
     for row, r in results.items():
-        line = f"{ROW_TITLES.get(row, row):<38}{cells(r)}"
-        if cost and row in ROW_QUERY_SIDE:
-            c = cost[ROW_QUERY_SIDE[row]]
+        line = f"{row_title(row):<{width}}{cells(r)}"
+        if cost and base_row(row) in ROW_QUERY_SIDE:
+            c = cost[ROW_QUERY_SIDE[base_row(row)]]
             line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
         lines.append(line)
     if not all(r.get("exact", True) for r in results.values()):
         lines.append(TRUNCATED_NOTE)
+    if note := whitening_note(results):
+        lines.append(note)
     if cost:
         g = cost["gallery_net"]
         lines.append(f"database side, every row but symmetric: the gallery network, {g['params'] / 1e6:.2f}M params, "

@@ -17,6 +17,10 @@ into a :class:`~asymret.index.Gallery` (FAISS index + SQL metadata) that query n
 * **Processes**: under ``torchrun`` rank ``r`` of ``W`` encodes shards ``r, r + W, ...``; after a
   barrier rank 0 adds the shards in order under ids ``first_id + row`` (row = record order),
   skipping ids already present, so a merge killed half-way resumes too. Then ``build/`` goes.
+* **Database-side augmentation** (``dba``): once every shard is encoded, each vector is replaced by
+  the α-weighted sum of its top ``k`` in the whole database (:func:`~asymret.retrieval.rerank.database_augmentation`)
+  before it is added; the gallery records it (``Gallery.processing``). Items added later are not
+  augmented (and do not change their neighbours): rebuild to augment them with the rest.
 * **Sides**: a :class:`SideEncoder` is one side of a pair, its encoder followed by the gallery
   network's whitening, which AML applies to both sides. A gallery stores its gallery side's
   :meth:`SideEncoder.network_spec`; :func:`check_space` refuses a pair whose gallery side differs,
@@ -212,15 +216,32 @@ def read_item_rows(path) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------- building
+def dba_settings(dba, k: int | None = None, alpha: float | None = None) -> dict | None:
+    """The database-side augmentation a build applies: ``{"k", "alpha"}`` (defaults of
+    :mod:`asymret.retrieval.rerank`), or None without ``dba``; bad settings fail before any encoding."""
+    from asymret.retrieval.rerank import DBA_ALPHA, DBA_K, RerankOptions
+
+    if not dba:
+        if k is not None or alpha is not None:
+            raise InputError("--dba-k and --dba-alpha set database-side augmentation; add --dba to apply it")
+        return None
+    settings = {"k": DBA_K if k is None else k, "alpha": DBA_ALPHA if alpha is None else float(alpha)}
+    RerankOptions(dba_k=settings["k"], dba_alpha=settings["alpha"])  # the one check of these numbers
+    return settings
+
+
 def build_gallery(store: GalleryStore, name: str, side: SideEncoder, records: Sequence[ImageRecord], *,
-                  factory: str = "Flat", shard_size: int = SHARD_SIZE, progress: bool = True, **encode) -> dict:
+                  factory: str = "Flat", shard_size: int = SHARD_SIZE, progress: bool = True,
+                  dba: dict | None = None, **encode) -> dict:
     """Create gallery ``name`` and fill it with ``records`` encoded by the gallery side ``side``.
 
-    Resumable and torchrun-aware (module doc); ids are record positions. ``encode``: keyword
+    Resumable and torchrun-aware (module doc); ids are record positions. ``dba``: augment the
+    database once, before adding (:func:`dba_settings`; module doc). ``encode``: keyword
     arguments of :func:`encode_records` (``batch_size``, ``num_workers``, ``device``, ``amp``).
     """
     spec = side.network_spec()
-    plan = {"kind": "build", "factory": factory, **_images_plan(spec, side.dim, records, shard_size)}
+    plan = {"kind": "build", "factory": factory, **_images_plan(spec, side.dim, records, shard_size),
+            **({"dba": dba} if dba else {})}
     return _encode_job(store, name, side, records, plan, progress, encode, network_spec=spec)
 
 
@@ -235,9 +256,11 @@ def add_images(store: GalleryStore, name: str, side: SideEncoder, records: Seque
 
 
 def build_from_embeddings(store: GalleryStore, name: str, vectors: np.ndarray, rows: Sequence[dict] | None = None,
-                          *, factory: str = "Flat", network_spec: dict | None = None, progress: bool = True) -> dict:
+                          *, factory: str = "Flat", network_spec: dict | None = None, progress: bool = True,
+                          dba: dict | None = None) -> dict:
     """Create gallery ``name`` from precomputed ``(n, dim)`` vectors (a memory map is fine), ids
-    ``0..n-1``, with one metadata row per vector. Rerun after a kill, it adds what is missing."""
+    ``0..n-1``, with one metadata row per vector. Rerun after a kill, it adds what is missing.
+    ``dba``: augment them once before adding (:func:`dba_settings`)."""
     start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("building from embeddings encodes nothing to split; run it as one process, not under torchrun")
@@ -250,10 +273,11 @@ def build_from_embeddings(store: GalleryStore, name: str, vectors: np.ndarray, r
     sample = np.ascontiguousarray(vectors[::max(1, len(vectors) // 1024)])
     source = hashlib.sha256(sample.tobytes() + json.dumps(rows[:1024] + [len(rows)]).encode()).hexdigest()
     plan = {"kind": "embeddings", "factory": factory, "dim": int(vectors.shape[1]), "count": len(vectors),
-            "first_id": 0, "source": source, "network": embedding_space(network_spec) if network_spec else None}
+            "first_id": 0, "source": source, "network": embedding_space(network_spec) if network_spec else None,
+            **({"dba": dba} if dba else {})}
     _begin(store, name, plan, network_spec)
     with store.open(name) as gallery:
-        added = _fill(gallery, [vectors], rows, 0, progress)
+        added = _fill(gallery, _augmented(gallery, [vectors], dba), rows, 0, progress)
         count = len(gallery)
     shutil.rmtree(store.folder(name) / BUILD_DIR)
     return _summary(name, count, plan, encoded=0, added=added, start=start)
@@ -305,6 +329,9 @@ def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None
     else:
         with store.open(name, readonly=True) as gallery:
             check_space(gallery, existing)
+            if "database_augmentation" in gallery.processing:
+                log.warning("gallery '%s' was built with database-side augmentation; the images added now are "
+                            "not augmented (rebuild it to augment them with the rest)", name)
         plan = {**plan, "first_id": _next_id(store, name)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, plan)
@@ -330,7 +357,8 @@ def _encode_job(store, name, side, records, plan: dict, progress: bool, encode: 
             return {"rank": rank, "encoded": encoded}
         shards = [_load_shard(folder, s, _shard_rows(plan, s), plan["dim"]) for s in range(_num_shards(plan))]
         with store.open(name) as gallery:
-            added = _fill(gallery, shards, item_rows(records), plan["first_id"], progress)
+            added = _fill(gallery, _augmented(gallery, shards, plan.get("dba")), item_rows(records),
+                          plan["first_id"], progress)
             count = len(gallery)
     shutil.rmtree(folder)
     return _summary(name, count, plan, encoded=encoded, added=added, start=start)
@@ -392,6 +420,21 @@ def _encode_shards(side: SideEncoder, records, folder: Path, plan: dict, rank: i
             atomic_write(_shard_path(folder, s), lambda tmp, x=x: _save_npy(tmp, x))
             bar.update(len(x))
     return remaining
+
+
+def _augmented(gallery: Gallery, chunks: Sequence[np.ndarray], dba: dict | None) -> Sequence[np.ndarray]:
+    """``chunks`` as one augmented array when ``dba`` is set (the whole database in memory, as its
+    neighbours come from all of it), recorded in the gallery; else unchanged."""
+    if not dba:
+        return chunks
+    from asymret.retrieval.rerank import database_augmentation
+
+    start = time.perf_counter()
+    vectors = database_augmentation(np.concatenate([np.asarray(c) for c in chunks]), dba["k"], dba["alpha"])
+    log.info("database-side augmentation of %d vectors (top %d, alpha %g) in %.1f s", len(vectors), dba["k"],
+             dba["alpha"], time.perf_counter() - start)
+    gallery.record_processing("database_augmentation", dba)
+    return [vectors]
 
 
 def _fill(gallery: Gallery, chunks: Sequence[np.ndarray], rows: Sequence[dict], first_id: int, progress: bool) -> int:

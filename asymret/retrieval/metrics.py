@@ -532,3 +532,46 @@ def reid_groundtruth(query_ids, query_cams, gallery_ids, gallery_cams=None, *, c
         positives.append(pos.astype(np.int64))
         junk.append(np.asarray(jk, dtype=np.int64))
     return positives, junk
+
+
+# ----------------------------------------------------------------------- fine-grained retrieval: Recall@K
+
+
+RECALL_KS = (1, 10, 20, 30, 100, 1000)  # In-Shop reports 1-30, SOP 1-1000 (Oh Song et al. 2016; Liu et al. 2016)
+
+
+def evaluate_retrieval(positives: Sequence[np.ndarray], junk: Sequence[np.ndarray], *, scores=None,
+                       ranking=None, queries=None, database=None, recall_ks: Sequence[int] = RECALL_KS,
+                       cmc_ranks: Sequence[int] = (1, 5, 10), per_query: bool = False) -> dict:
+    """The re-ID metrics of :func:`evaluate_reid` plus Recall@K, for In-Shop, SOP and CUB-200-2011.
+
+    Recall@K (Oh Song et al., CVPR 2016; Liu et al., DeepFashion, CVPR 2016): a query is a hit at K when one
+    of its K nearest gallery items, junk removed (in a leave-one-out split: the query itself), shares its
+    class; Recall@K is the fraction of hits. That is the CMC at rank K after junk removal, so it is taken
+    from :func:`evaluate_reid` (over the same queries: those with a positive). With a truncated ``ranking``
+    a query's hit at K is unknown when its first positive was not retrieved and its junk-free list is
+    shorter than K; Recall@K is then None (not a guess), like mP@k in :func:`evaluate_revisited`.
+    Build ``positives``/``junk`` with :func:`reid_groundtruth` (``query_gallery_index`` for leave-one-out).
+    """
+    ks = [int(k) for k in recall_ks]
+    if any(k < 1 for k in ks):
+        raise InputError(f"Recall@K needs K of at least 1, got {ks}")
+    ranks = sorted(set(cmc_ranks) | set(ks))
+    result = evaluate_reid(positives, junk, scores=scores, ranking=ranking, queries=queries, database=database,
+                           cmc_ranks=ranks, per_query=per_query)
+    unknown_from = None  # the smallest K at which some query's hit is unknown
+    if ranking is not None:
+        ranking = np.asarray(ranking)
+        pos = positions_from_ranking(ranking, positives)
+        jpos = positions_from_ranking(ranking, junk)
+        valid = np.array([len(p) > 0 for p in positives])
+        found = np.array([(p != MISSING).any() for p in pos])
+        retrieved = (ranking >= 0).sum(axis=1) - np.array([(j != MISSING).sum() for j in jpos])
+        open_ = valid & ~found
+        if open_.any():
+            unknown_from = int(retrieved[open_].min()) + 1
+    out = {k: v for k, v in result.items() if not (k.startswith("R") and k[1:].isdigit()
+                                                    and int(k[1:]) not in cmc_ranks)}
+    for k in ks:
+        out[f"Recall@{k}"] = None if unknown_from is not None and k >= unknown_from else result[f"R{k}"]
+    return out

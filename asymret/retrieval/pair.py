@@ -1,20 +1,24 @@
 """The pair file (``pair.pt``): everything ``asymret serve --pair`` needs, in one file.
 
-It holds both encoders' full specs and weights, the optional whitening (the gallery network's,
-applied to both sides in asymmetric testing) and metadata (created, asymret version, run name).
-``format_version`` is an int; each version keeps its own loader so old files keep loading, and a
-file from a newer asymret is refused with a clear message.
+It holds both encoders' full specs and weights, each network's optional learned whitening and
+metadata (created, asymret version, run name). ``format_version`` is an int; each version keeps its
+own loader so old files keep loading, and a file from a newer asymret is refused with a clear message.
 
-Layout of format 2 (a ``torch.save`` dict of plain data and tensors, read with ``weights_only``)::
+Layout of format 3 (a ``torch.save`` dict of plain data and tensors, read with ``weights_only``)::
 
-    {"format": "asymret.pair", "format_version": 1,
+    {"format": "asymret.pair", "format_version": 3,
      "query_net": {"spec": {...}, "state_dict": {...}}, "gallery_net": {...},
-     "whitening": None | {"kind", "m", "P"}, "meta": {"created", "asymret_version", ...},
-     "reference_gallery_net": None | {"spec", "state_dict"}}
+     "whitening": None | {"kind", "m", "P", ["info"]}, "meta": {"created", "asymret_version", ...},
+     "reference_gallery_net": None | {"spec", "state_dict"},
+     "query_whitening": None | {...}, "reference_gallery_whitening": None | {...}}
 
-``reference_gallery_net`` (new in format 2) is the gallery network as it was before ACD co-training:
-the gallery-alone row of ``asymret evaluate``, next to SIR (the co-trained gallery with itself).
-Format 1 is format 2 without that key.
+``whitening`` is the **gallery network's**: asymmetric testing, ``asymret index build`` and ``serve``
+apply it to both sides (AML). ``query_whitening`` (new in format 3) is the query network's own, for
+the symmetric rows; ``reference_gallery_whitening`` the pre-co-training gallery's, for an ACD pair's
+gallery-alone row (docs/whitening.md). ``reference_gallery_net`` (new in format 2) is the gallery
+network as it was before ACD co-training: the gallery-alone row of ``asymret evaluate``, next to SIR
+(the co-trained gallery with itself). Format 2 is format 3 without the two ``*_whitening`` keys,
+format 1 is format 2 without ``reference_gallery_net``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from asymret.retrieval.encoders import (
 from asymret.retrieval.whitening import Whitening
 
 FORMAT = "asymret.pair"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -51,13 +55,20 @@ class Pair:
 
     query_net: Encoder
     gallery_net: Encoder
-    whitening: Whitening | None = None
+    whitening: Whitening | None = None  # the gallery network's: both sides of asymmetric search
     meta: dict = field(default_factory=dict)
     reference_gallery: Encoder | None = None  # the gallery before co-training (ACD), else None
+    query_whitening: Whitening | None = None  # the query network's own: symmetric rows
+    reference_whitening: Whitening | None = None  # the reference gallery's own (ACD): its gallery-alone row
 
     @property
     def co_trained(self) -> bool:
         return self.reference_gallery is not None
+
+    def whitenings(self) -> dict[str, Whitening | None]:
+        """Each network's whitening by the pair-file key of its network (what ``evaluate_pair`` takes)."""
+        return {"query_net": self.query_whitening, "gallery_net": self.whitening,
+                "reference_gallery_net": self.reference_whitening}
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -81,8 +92,19 @@ def save_pair(
     whitening: Whitening | None = None,
     meta: dict | None = None,
     reference_gallery: Encoder | None = None,
+    query_whitening: Whitening | None = None,
+    reference_whitening: Whitening | None = None,
 ) -> Path:
-    """Write a pair file atomically (temporary file, then rename). ``meta``: JSON-like extras, e.g. ``{"run": name}``."""
+    """Write a pair file atomically (temporary file, then rename). ``meta``: JSON-like extras, e.g. ``{"run": name}``.
+
+    ``whitening`` is the gallery network's, ``query_whitening`` the query network's and
+    ``reference_whitening`` the reference gallery's; each must take its network's embedding size.
+    """
+    for name, net, white in (("gallery_net", gallery_net, whitening), ("query_net", query_net, query_whitening),
+                             ("reference_gallery_net", reference_gallery, reference_whitening)):
+        if white is not None and (net is None or white.input_dim != net.dim):
+            raise InputError(f"the {name} whitening takes {white.input_dim}-d descriptors but the {name} "
+                             f"{'is absent' if net is None else f'gives {net.dim}-d'}; learn it on that network")
     meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "asymret_version": __version__,
@@ -100,6 +122,8 @@ def save_pair(
         "whitening": whitening.state_dict() if whitening is not None else None,
         "meta": meta,
         "reference_gallery_net": encoder_checkpoint(reference_gallery) if reference_gallery is not None else None,
+        "query_whitening": query_whitening.state_dict() if query_whitening is not None else None,
+        "reference_gallery_whitening": reference_whitening.state_dict() if reference_whitening is not None else None,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,8 +155,9 @@ def load_pair(path: str | Path, device="cpu") -> Pair:
     pair.gallery_net.to(device).eval()
     if pair.reference_gallery is not None:
         pair.reference_gallery.to(device).eval()
-    if pair.whitening is not None:
-        pair.whitening.to(device)
+    for white in (pair.whitening, pair.query_whitening, pair.reference_whitening):
+        if white is not None:
+            white.to(device)
     return pair
 
 
@@ -169,5 +194,23 @@ def _load_v2(payload: dict, path: Path) -> Pair:
     return pair
 
 
+def _whitening_v3(entry, path: Path, name: str, net: Encoder | None) -> Whitening | None:
+    if entry is None:
+        return None
+    white = Whitening.from_state_dict(entry)
+    if net is None or white.input_dim != net.dim:
+        raise DataError(f"{path}: the {name} takes {white.input_dim}-d descriptors but its network gives "
+                        f"{'none' if net is None else f'{net.dim}-d'}; learn it again with asymret whiten")
+    return white
+
+
+def _load_v3(payload: dict, path: Path) -> Pair:
+    pair = _load_v2(payload, path)
+    pair.query_whitening = _whitening_v3(payload.get("query_whitening"), path, "query_whitening", pair.query_net)
+    pair.reference_whitening = _whitening_v3(payload.get("reference_gallery_whitening"), path,
+                                             "reference_gallery_whitening", pair.reference_gallery)
+    return pair
+
+
 # One loader per format version ever written; add one (never edit an old one) when the layout changes.
-LOADERS = {1: _load_v1, 2: _load_v2}
+LOADERS = {1: _load_v1, 2: _load_v2, 3: _load_v3}

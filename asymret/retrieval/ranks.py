@@ -36,7 +36,7 @@ class RankRecorder:
 
     def __init__(self, benchmark: str, root, distractors=None, k: int = DEFAULT_K, topk: int | None = None):
         from asymret.retrieval.datasets import RevisitedDataset, VeRi776
-        from asymret.retrieval.evaluate import REID_BENCHMARKS, REVISITED_BENCHMARKS
+        from asymret.retrieval.evaluate import ACD_BENCHMARKS, REID_BENCHMARKS, REVISITED_BENCHMARKS
 
         if k < 1:
             raise InputError(f"the number of ranked images to keep must be at least 1, got {k}")
@@ -52,9 +52,16 @@ class RankRecorder:
             self.protocol, self.ap_protocol = "reid", None
             self.positives, self.junk = data.groundtruth()
             self.query_records, self.database_records = data.query, data.gallery
+        elif benchmark in ACD_BENCHMARKS:  # MSMT17 (camera rule), In-Shop, SOP/CUB (the query itself is junk)
+            from asymret.retrieval.datasets import open_dataset
+
+            data = open_dataset(benchmark, root=root, check_files=False)
+            self.protocol, self.ap_protocol = "reid", None
+            self.positives, self.junk = data.groundtruth()
+            self.query_records, self.database_records = data.query, data.gallery
         else:
             raise InputError(f"unknown benchmark {benchmark!r}; choose one of "
-                             f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS)}")
+                             f"{', '.join(REVISITED_BENCHMARKS + REID_BENCHMARKS + ACD_BENCHMARKS)}")
         self.rows: dict[str, dict] = {}
 
     def score(self, source: dict) -> dict:

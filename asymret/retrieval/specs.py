@@ -69,6 +69,10 @@ class EncoderSpec(Strict):
         "pooled vector (cirtorch's end-to-end whitening layer ``whiten``; a fresh one starts an unaligned space)")
     fc_dim: int | None = Field(None, gt=0, description="head: fc: its output size (default: its input size)")
     num_classes: int | None = Field(None, gt=0, description="identity classifier size for the re-ID head")
-    whitening: Literal["none", "learned", "pca"] = "none"
-    whitening_dim: int | None = Field(None, gt=0)
+    # Not read: kept so that specs written by earlier versions (pair files, weights files) still load. A
+    # network's post-processing whitening is learned per pair (training's whitening: section, asymret
+    # whiten) and stored in the pair file beside the spec (asymret.retrieval.pair).
+    whitening: Literal["none", "learned", "pca"] = Field("none", description="not read; see whitening: in the "
+                                                         "experiment config")
+    whitening_dim: int | None = Field(None, gt=0, description="not read; see whitening.dim")
     input: InputSpec = Field(default_factory=InputSpec)

@@ -17,7 +17,7 @@ from asymret.retrieval.transforms import AugmentSpec
 class DataConfig(Strict):
     """Training data: a reader from ``asymret.retrieval.datasets`` and its arguments."""
 
-    format: Literal["sfm120k", "folder", "csv", "veri776"] = "folder"
+    format: Literal["sfm120k", "folder", "csv", "veri776", "msmt17", "inshop", "sop", "cub200"] = "folder"
     root: str = Field("", description="dataset root (images); for sfm120k the ims/ folder")
     pkl: str | None = Field(None, description="sfm120k: the retrieval-SfM-120k training pickle")
     csv: str | None = Field(None, description="csv: path,label[,camera] file")
@@ -42,11 +42,65 @@ class MiningConfig(Strict):
     pool_size: int = Field(20000, gt=0, description="random pool the hard negatives are mined from")
 
 
+class LossTerm(Strict):
+    """One loss of several trained together: ``weight · L_name`` (L with its own ``params``)."""
+
+    name: str
+    weight: float = Field(1.0, ge=0, description="multiplies this loss's total (which includes its own weight "
+                          "parameter, where it has one)")
+    params: dict = Field(default_factory=dict, description="overrides of the paper defaults")
+
+
 class LossConfig(Strict):
+    """One loss (``{name, params, mode}``) or several summed with weights.
+
+    Several losses are written as a list, ``loss: [{name: mqd, weight: 4}, {name: attentive, weight: 1}]``,
+    or as ``loss: {terms: [...], mode: ...}`` when ``mode`` is needed too; ``name`` then reads
+    ``mqd+attentive`` (set by the list, not by hand).
+    """
+
     name: str = "contr_plus"
     params: dict = Field(default_factory=dict, description="overrides of the paper defaults")
     mode: Literal["asymmetric", "symmetric"] = Field(
         "asymmetric", description="symmetric: every tuple member through the query network (no teacher)")
+    terms: list[LossTerm] = Field(default_factory=list, description="several losses in one run, summed with their "
+                                  "weights (written as a list under loss:)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_form(cls, data):
+        if isinstance(data, list):
+            if not data:
+                raise ValueError("an empty list names no loss; give {name: ...} or a list of {name, weight, params}")
+            data = {"terms": data}
+        if not isinstance(data, dict) or not data.get("terms"):
+            return data
+        terms = data["terms"]
+        names = [t.get("name") if isinstance(t, dict) else None for t in terms] if isinstance(terms, list) else []
+        if not names or not all(isinstance(n, str) for n in names):
+            return data  # the field validation names the malformed term
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"the loss list names {', '.join(map(repr, doubled))} more than once; list each loss "
+                             "once, with its weight")
+        joined = "+".join(names)
+        if data.get("name", joined) != joined:
+            raise ValueError(f"loss.name is set by a list of losses ({joined!r}); leave it out, not {data['name']!r} "
+                             "(to replace an inherited list: loss: {_delete_: true, name: ...})")
+        if data.get("params"):
+            raise ValueError("with a list of losses, give params inside each one ({name, weight, params}), "
+                             "not in loss.params")
+        return {**data, "name": joined}
+
+    def specs(self) -> list[tuple[str, float, dict]]:
+        """``(name, weight, params)`` of every loss of the run: one (weight 1) unless ``terms`` lists several."""
+        if self.terms:
+            return [(t.name, t.weight, dict(t.params)) for t in self.terms]
+        return [(self.name, 1.0, dict(self.params))]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.specs()]
 
 
 class OptimConfig(Strict):
@@ -106,7 +160,9 @@ class TrainConfig(Strict):
         "auto: reid for the re-ID, local-feature and ACD losses, else aml")
     epochs: int = Field(100, gt=0)
     batch_size: int = Field(5, gt=0, description="tuples (AML) or images per step")
-    accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
+    accumulate: int = Field(1, ge=1, description=(
+        "gradient accumulation steps (AML's update_every): the gradients of k steps are summed for the AML "
+        "tuple losses, which sum over tuples as their code does, and averaged for mean-reduced losses"))
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
     bn_eval: bool = Field(True, description="keep BatchNorm in eval mode (AML)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
@@ -117,10 +173,34 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    benchmark: Literal["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri", "none"] = "none"
+    benchmark: Literal["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri", "msmt17", "inshop", "sop",
+                       "cub200", "none"] = "none"
     root: str = ""
     distractors: str | None = None
     multiscale: bool = False
+
+
+class WhiteningConfig(Strict):
+    """Learned whitening (Radenović et al. TPAMI 2018; cirtorch ``whitenlearn``) at the end of training:
+    each network's, from the training set's matching pairs, stored in the pair file (docs/whitening.md).
+
+    cirtorch's defaults: every pair (``max_pairs: null``), every dimension kept (``dim: null``). A gallery
+    network whose ``weights:`` file carries a whitening (a converted cirtorch network's ``Lw``, learned on
+    retrieval-SfM-120k-whiten) keeps it (``keep_checkpoint``), as AML tested with it.
+    """
+
+    learn: bool = Field(False, description="learn each network's whitening after the last epoch")
+    kind: Literal["learned", "pca"] = Field("learned", description="learned: from matching pairs (Lw); pca: "
+                                            "unsupervised PCA whitening of the same images")
+    pairs: Literal["auto", "sfm", "labels"] = Field(
+        "auto", description="sfm: SfM-120k's qidxs/pidxs; labels: each image with a random other image of its "
+        "label; auto: sfm when the data has them, else labels")
+    max_pairs: int | None = Field(None, gt=0, description="a random subset of this many pairs (null: all; kind "
+                                  "pca: of this many images)")
+    dim: int | None = Field(None, gt=0, description="dimensions kept, the top ones (null: all)")
+    keep_checkpoint: bool = Field(True, description="a gallery network whose weights file carries a whitening "
+                                  "keeps it; false learns it anew from the training pairs")
+    batch_size: int = Field(32, gt=0, description="images per encoding batch")
 
 
 class ExperimentConfig(Strict):
@@ -135,6 +215,17 @@ class ExperimentConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     acd: ACDConfig = Field(default_factory=ACDConfig)
+    whitening: WhiteningConfig = Field(default_factory=WhiteningConfig)
+
+    @model_validator(mode="after")
+    def _spec_whitening(self):
+        for side in ("query_net", "gallery_net"):
+            spec = getattr(self, side)
+            if spec.whitening != "none" or spec.whitening_dim is not None:
+                raise ValueError(f"{side}.whitening / {side}.whitening_dim are not read; post-processing whitening "
+                                 f"is set for the pair in the whitening: section (whitening.learn: true, "
+                                 f"whitening.kind, whitening.dim)")
+        return self
 
     @model_validator(mode="after")
     def _co_training(self):

@@ -54,7 +54,15 @@ from asymret.retrieval.cache import EmbeddingCache, cache_key
 from asymret.retrieval.encode import RecordImages, stream_records
 from asymret.retrieval.encoders import Encoder, create_encoder, eval_mode, set_bn_eval
 from asymret.retrieval.transforms import build_reid_train_transform
-from asymret.training.losses import LOSSES, LossBatch, LossOutput, create_loss
+from asymret.training.losses import (
+    LOSSES,
+    LossBatch,
+    LossOutput,
+    build_loss,
+    combined_needs,
+    create_loss,
+    loss_infos,
+)
 from asymret.training.samplers import DistillationSampler, IdentitySampler
 
 log = logging.getLogger(__name__)
@@ -68,11 +76,12 @@ LOCAL = frozenset({"query_stages", "gallery_local", "gallery_local_logits"})
 
 
 def uses_reid_recipe(cfg) -> bool:
-    """``train.recipe: auto`` picks the re-ID recipe for re-ID, local-feature and ACD losses."""
+    """``train.recipe: auto`` picks the re-ID recipe for re-ID, local-feature and ACD losses (any of them, for
+    several losses in one run)."""
     if cfg.train.recipe != "auto":
         return cfg.train.recipe == "reid"
-    info = LOSSES.get(cfg.loss.name)
-    return not cfg.gallery_frozen or (info is not None and info.family in ("reid", "local", "acd"))
+    families = {LOSSES[name].family for name in cfg.loss.names if name in LOSSES}
+    return not cfg.gallery_frozen or bool(families & {"reid", "local", "acd"})
 
 
 def view_transforms(base, n: int) -> list:
@@ -115,15 +124,23 @@ class ReIDRecipe:
         cfg = trainer.cfg
         self.cfg, self.rc, self.device = cfg, cfg.train.reid, trainer.device
         self.co_train = not cfg.gallery_frozen
-        self.alone = cfg.loss.mode == "symmetric" or cfg.loss.name in SUPERVISED
+        names = cfg.loss.names
+        self.alone = cfg.loss.mode == "symmetric" or (not cfg.loss.terms and cfg.loss.name in SUPERVISED)
         self.reference_gallery: Encoder | None = None
         self.supervised = create_loss("reid_supervised", **{**self.rc.supervised, **(
             cfg.loss.params if cfg.loss.name == "reid_supervised" else {})}).to(self.device)
+        own = [n for n in names if n in SUPERVISED]
+        if cfg.loss.terms and own:
+            raise ConfigError(f"the re-ID recipe adds the network's own loss (reid_supervised: CE + batch-hard "
+                              f"triplet) to every step; remove {', '.join(map(repr, own))} from the loss list and set "
+                              "its weights in train.reid.supervised (ce_weight, triplet_weight)")
         if cfg.loss.name in SUPERVISED and cfg.loss.name != "reid_supervised":
             raise ConfigError(f"in the re-ID recipe the network's own loss is always reid_supervised (CE + "
                               f"batch-hard triplet); use loss.name: reid_supervised (with params) instead of "
                               f"'{cfg.loss.name}'")
-        self.loss_fn = None if self.alone else create_loss(cfg.loss.name, **cfg.loss.params).to(self.device)
+        if not self.alone:
+            self._check_needs(names)
+        self.loss_fn = None if self.alone else build_loss(cfg.loss.specs()).to(self.device)
         self.acd = (create_loss("acd", alpha=cfg.acd.alpha, beta=cfg.acd.beta, tau=cfg.acd.tau).to(self.device)
                     if self.co_train else None)
         if self.co_train and cfg.loss.mode == "symmetric":
@@ -134,18 +151,17 @@ class ReIDRecipe:
         self._check_classifier(self.trained_net, "gallery_net" if self.co_train else "query_net")
         if self.co_train:
             self._check_classifier(trainer.query_net, "the frozen query network")
-        self.needs = frozenset(LOSSES[cfg.loss.name].needs) if self.loss_fn is not None else frozenset()
-        extra = self.needs - PROVIDED
-        if extra:
-            raise ConfigError(f"loss '{cfg.loss.name}' needs {', '.join(sorted(extra))}, which the re-ID "
-                              "recipe does not provide; use a distillation loss (asymret losses)")
+        # what the run's losses read (the union over a loss list); _check_needs has refused what PROVIDED lacks
+        self.needs = frozenset(combined_needs(names)) if self.loss_fn is not None else frozenset()
         if self.needs & LOCAL and self.co_train:
             raise ConfigError(f"loss '{cfg.loss.name}' reads local features, which the re-ID recipe provides with a "
                               "frozen gallery network only; train it with gallery_frozen: true")
         if self.needs & {"gallery_logits", "gallery_local_logits"}:
             self._check_classifier(trainer.gallery_net, "the gallery network")
-        if hasattr(self.loss_fn, "setup"):  # learned state sized by the networks (ugd's projectors)
-            self.loss_fn.setup(trainer.query_net, trainer.gallery_net)
+        for loss in [] if self.loss_fn is None else list(self.loss_fn.modules()):
+            if hasattr(loss, "setup"):  # learned state sized by the networks (ugd's projectors), in a list too
+                loss.setup(trainer.query_net, trainer.gallery_net)
+        if self.loss_fn is not None:
             self.loss_fn.to(self.device)
         self.uncertainty = None
         self.gallery_raw: torch.Tensor | None = None  # frozen gallery: (N, dim) raw head features, on the device
@@ -159,6 +175,24 @@ class ReIDRecipe:
         if "uncertainty" in self.needs:
             self.uncertainty = self._gallery_uncertainty()
         trainer.loss_fn = self.loss_fn if self.loss_fn is not None else self.supervised
+
+    @staticmethod
+    def _check_needs(names: list[str]) -> None:
+        """Every loss must read only what a distillation batch gives (AML's tuples and ACD's logits it does not)."""
+        for info in loss_infos(names):
+            extra = set(info.needs) - set(PROVIDED)
+            if not extra:
+                continue
+            msg = f"loss '{info.name}' needs {', '.join(sorted(extra))}, which the re-ID recipe does not provide"
+            if {"positive", "negative"} & extra and len(names) > 1:
+                others = ", ".join(n for n in names if n != info.name)
+                msg += (f"; AML tuple losses train in the AML recipe (anchor, positive, negatives) and cannot be "
+                        f"combined with {others} in one run")
+            elif "acd" in names:
+                msg += "; ACD's loss is added by gallery_frozen: false (acd.alpha, acd.beta), not listed under loss"
+            else:
+                msg += "; use a distillation loss (asymret losses)"
+            raise ConfigError(msg)
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -411,7 +445,8 @@ class ReIDRecipe:
             collab = self.trained_net.head.classifier(0.5 * (g.raw + q.raw))
             acd = self.acd(LossBatch(query_logits=q.logits, gallery_logits=g.logits, collab_logits=collab))
             total = total + self.cfg.acd.base_weight * base.total + acd.total
-            parts.update({"base": base.total.detach(), **{f"acd_{k}": v for k, v in acd.parts.items()}})
+            parts.update({"base": base.total.detach(), **{f"base_{k}": v for k, v in base.parts.items()},
+                          **{f"acd_{k}": v for k, v in acd.parts.items()}})
             return LossOutput(total, parts)
         if self.live_gallery:
             low = stack_by_shape([a for a, _ in distill_items]).to(dev, non_blocking=True)

@@ -43,7 +43,7 @@ from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
 from asymret.retrieval.transforms import build_train_transform
 from asymret.training.config import DataConfig, ExperimentConfig
-from asymret.training.losses import LOSSES, LossBatch, create_loss
+from asymret.training.losses import LossBatch, build_loss, combined_needs, loss_infos
 from asymret.training.mining import Tuples, mine_negatives, sample_pairs
 from asymret.training.reid import uses_reid_recipe
 from asymret.training.tensorboard import log_scalars
@@ -64,6 +64,8 @@ def open_training_set(cfg: DataConfig):
         return D.CsvDataset(cfg.csv, root=cfg.root or None)
     if cfg.format == "veri776":
         return D.LabelledSet(D.VeRi776(cfg.root).train)
+    if cfg.format in ("msmt17", "inshop", "sop", "cub200"):  # their train split (ACD's other benchmarks)
+        return D.LabelledSet(D.open_dataset(cfg.format, root=cfg.root).train)
     return D.LabelledFolder(cfg.root)
 
 
@@ -128,22 +130,30 @@ class Trainer:
         self.data = open_training_set(cfg.data)
         self.records = self.data.records
         self.labels = np.asarray(self.data.labels)
-        if cfg.loss.name not in LOSSES:
-            create_loss(cfg.loss.name)  # raises the ConfigError that lists the known names
-        self.info = LOSSES[cfg.loss.name]
-        self.tuple_mode = "negative" in self.info.needs or "positive" in self.info.needs
+        infos = loss_infos(cfg.loss.names)  # an unknown name is the ConfigError that lists the known ones
+        needs = combined_needs(cfg.loss.names)
+        self.tuple_mode = "negative" in needs or "positive" in needs
         self.symmetric = cfg.loss.mode == "symmetric"
         self.gallery_emb = None
         self.recipe = None
         if uses_reid_recipe(cfg):
             self._init_reid()
             return
-        if self.symmetric and not self.tuple_mode:
-            raise ConfigError(f"loss '{cfg.loss.name}' distils from a gallery network; it has no symmetric "
+        distillers = [i.name for i in infos if not {"positive", "negative"} & set(i.needs)]
+        if self.symmetric and distillers:
+            raise ConfigError(f"loss '{distillers[0]}' distils from a gallery network; it has no symmetric "
                               "mode (set loss.mode: asymmetric)")
+        # AML batches: tuples (anchor, its gallery embedding, positive, negatives) or random images with labels
+        provided = {"query", "gallery", "positive", "negative"} if self.tuple_mode else {"query", "gallery", "labels"}
+        for info in infos:
+            extra = sorted(set(info.needs) - provided)
+            if extra:
+                batches = "tuples" if self.tuple_mode else "batches of random images"
+                raise ConfigError(f"loss '{info.name}' needs {', '.join(extra)}, which the AML recipe's {batches} do not "
+                                  "provide; train it with train.recipe: reid (or auto), apart from AML tuple losses")
 
         self.query_net = create_encoder(cfg.query_net).to(self.device)
-        self.loss_fn = create_loss(cfg.loss.name, **cfg.loss.params).to(self.device)
+        self.loss_fn = build_loss(cfg.loss.specs()).to(self.device)
         self.gallery_net = None
         self.trained, self.net = "query_net", self.query_net
         if not self.symmetric:
@@ -263,7 +273,8 @@ class Trainer:
         a, p, n = tup
         b, k = len(a), n.shape[1]
         if self.symmetric:
-            q_a, q_p, q_n = q[:b], q[b:2 * b], q[2 * b:].reshape(b, k, -1)
+            # explicit sizes: with no negatives (k = 0, the Table 5 ablations) -1 could be anything
+            q_a, q_p, q_n = q[:b], q[b:2 * b], q[2 * b:].reshape(b, k, q.shape[1])
             return LossBatch(query=q_a, gallery=q_a, positive=q_p[:, None], negative=q_n)
         g = self.gallery_emb
 
@@ -271,7 +282,7 @@ class Trainer:
             return g[torch.as_tensor(ix, device=self.device)]
 
         return LossBatch(query=q, gallery=take(a), positive=take(p)[:, None],
-                         negative=take(n.reshape(-1)).reshape(b, k, -1))
+                         negative=take(n.reshape(-1)).reshape(b, k, g.shape[1]))
 
     def _epoch_steps(self):
         """This epoch's steps as ``(count, iterator of zero-argument loss computations)``."""
@@ -309,6 +320,10 @@ class Trainer:
         bar = tqdm(steps, total=n_steps, desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    disable=not self.progress, unit="step", leave=False)
         self.optimizer.zero_grad(set_to_none=True)
+        # A loss that sums over the step's tuples (AML's, as in its code) keeps summing across processes and
+        # accumulated steps, so any split of the tuples gives the same gradient; a mean-reduced loss averages.
+        sums = self.recipe is None and getattr(self.loss_fn, "batch_reduction", "mean") == "sum"
+        scale = float(self.world) if sums else 1.0 / t.accumulate
         for step, compute in enumerate(bar):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = compute()
@@ -318,7 +333,7 @@ class Trainer:
                 raise TrainingError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"
                                     f"{' (' + parts + ')' if parts else ''}; lower train.optim.lr or check "
                                     "the data; the last good checkpoint is kept")
-            (loss / t.accumulate).backward()
+            (loss * scale).backward()
             if (step + 1) % t.accumulate == 0 or step + 1 == n_steps:
                 self._average_gradients()
                 self.optimizer.step()
@@ -435,7 +450,8 @@ class Trainer:
     def export(self) -> Path:
         """``<trained>.pt`` (``query_net.pt``, or ``gallery_net.pt`` for ACD) and ``pair.pt`` from the best
         checkpoint (or the last without validation). An ACD pair also holds the gallery network as it was
-        before co-training, for the gallery-alone and SIR rows of ``asymret evaluate``."""
+        before co-training, for the gallery-alone and SIR rows of ``asymret evaluate``. With
+        ``whitening.learn`` each network's learned whitening goes into the pair (:meth:`learn_whitenings`)."""
         best = self.ckpt_dir / "best.pt"
         net = self.net
         if best.is_file():
@@ -446,14 +462,46 @@ class Trainer:
                 "recipe": "reid" if self.recipe is not None else "aml"}
         if self.trained == "gallery_net":
             meta["acd"] = True
-            return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta,
-                             reference_gallery=self.recipe.reference_gallery)
+            reference = self.recipe.reference_gallery
+            white = self.learn_whitenings({"query_net": self.query_net, "gallery_net": net,
+                                           "reference_gallery_net": reference})
+            return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta, reference_gallery=reference,
+                             whitening=white.get("gallery_net"), query_whitening=white.get("query_net"),
+                             reference_whitening=white.get("reference_gallery_net"))
         gallery = net if self.symmetric else self.gallery_net
         # a converted cirtorch gallery network carries its learned whitening, which both sides then use (AML); a
         # network trained here (symmetric) has moved away from the weights that whitening was learned for
         whitening = None if self.symmetric else read_checkpoint_whitening(
             gallery.spec.weights, multiscale=len(gallery.spec.input.scales) > 1)
-        return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta, whitening=whitening)
+        if whitening is not None and not whitening.info:
+            whitening.info = {"learned_on": f"the gallery network's weights file {gallery.spec.weights}"}
+        learn = {"query_net": net}
+        if whitening is None or not self.cfg.whitening.keep_checkpoint:
+            learn["gallery_net"] = gallery
+        white = self.learn_whitenings(learn)
+        return save_pair(self.run_dir / "pair.pt", net, gallery, meta=meta,
+                         whitening=white.get("gallery_net", whitening), query_whitening=white.get("query_net"))
+
+    def learn_whitenings(self, networks: dict) -> dict:
+        """With ``whitening.learn``: each of ``networks``' whitening from the training set's matching pairs
+        (:func:`asymret.training.whiten.learn_whitenings`); a frozen gallery network's embeddings come from
+        the embedding cache, so it does not encode the training images again. Else ``{}``."""
+        cfg = self.cfg
+        if not cfg.whitening.learn:
+            return {}
+        from asymret.training.whiten import learn_whitenings
+
+        embeddings = {}
+        frozen = networks.get("gallery_net")
+        if frozen is not None and frozen is self.gallery_net and self.trained != "gallery_net" and not self.symmetric:
+            embeddings["gallery_net"] = EmbeddingCache(Path(cfg.output_dir) / ".cache").get(
+                frozen, self.records, batch_size=32, num_workers=cfg.data.num_workers, device=self.device,
+                progress=self.progress)
+        source = cfg.data.pkl or cfg.data.csv or cfg.data.root
+        networks = {name: n.to(self.device).eval() for name, n in networks.items()}
+        return learn_whitenings(networks, self.data, cfg.whitening, seed=cfg.seed, embeddings=embeddings,
+                                source_name=f"{cfg.data.format} {source}", device=self.device,
+                                num_workers=cfg.data.num_workers, progress=self.progress)
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> Path:

@@ -21,8 +21,8 @@ def test_quick_demo_then_evaluate_pair(demo, capsys):
     rows = ("gallery", "asymmetric_untrained", "asymmetric", "symmetric")
     assert set(table) == {*rows, "distractors", "cost"}
     for row in rows:
-        assert set(table[row]) == {"easy", "medium", "hard"}
-        assert all(0 <= table[row][p]["mAP"] <= 1 for p in table[row])
+        assert set(table[row]) == {"easy", "medium", "hard", "whitening"} and table[row]["whitening"] is None
+        assert all(0 <= table[row][p]["mAP"] <= 1 for p in ("easy", "medium", "hard"))
     assert table["distractors"] == 6  # the tiny mini benchmark's distractor list
     q, g = table["cost"]["query_net"], table["cost"]["gallery_net"]
     assert q["params"] == g["params"] > 2_000_000  # one MobileNetV2-1.0 backbone on each side
@@ -38,10 +38,18 @@ def test_quick_demo_then_evaluate_pair(demo, capsys):
     for row in ("gallery", "symmetric", "asymmetric"):
         assert again[row]["medium"]["mAP"] == pytest.approx(table[row]["medium"]["mAP"], abs=1e-6)
     assert again["cost"] == table["cost"]  # evaluate --json carries the same cost fields as the demo
+    assert again["dataset"] == "mini-roxford" and again["precision"] == "fp32"
     assert main(argv[:-1] + ["--rows", "asymmetric"]) == 0
     printed = capsys.readouterr().out
     assert "asymmetric (φq / φg)" in printed and "symmetric (φq / φq)" not in printed
     assert "query-side params" in printed and "0.049" in printed
+    # the label is what was read: the mini folder's gnd_mini-roxford.pkl, whatever --benchmark said
+    assert main(argv[:3] + ["--benchmark", "roxford5k"] + argv[5:-1] + ["--rows", "asymmetric"]) == 0
+    assert capsys.readouterr().out.startswith("mini-roxford (read from --root; asked: roxford5k): query network")
+    # --amp (bf16 autocast) only acts on CUDA: on the CPU the numbers are the fp32 ones
+    assert main(argv + ["--rows", "asymmetric", "--amp"]) == 0
+    amp = json.loads(capsys.readouterr().out)
+    assert amp["asymmetric"]["medium"]["mAP"] == again["asymmetric"]["medium"]["mAP"]
 
 
 def test_quick_demo_table_shows_cost_beside_each_row(demo, capsys):

@@ -86,12 +86,15 @@ def test_search_ranks_the_mini_benchmark_as_evaluate_asymmetric_does(mini, pair_
     expected = np.argsort(-(q @ db.T), axis=1, kind="stable")
     np.testing.assert_array_equal(ranking[:, :10], expected[:, :10])
 
-    # and asymret evaluate's own asymmetric numbers, from that ranking and through an index top-k
-    kw = {"whitening": pair.whitening, "rows": ("asymmetric",), "num_workers": 0}
-    exact = evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], **kw)["asymmetric"]
+    # and asymret evaluate's own asymmetric+Lw numbers (the gallery network's whitening on both sides, as the
+    # index and its search apply it), from that ranking and through an index top-k
+    kw = {"whitenings": pair.whitenings(), "rows": ("asymmetric",), "num_workers": 0}
+    exact = evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], **kw)["asymmetric+Lw"]
+    assert exact.pop("whitening")["network"] == "gallery_net"
     assert metrics.evaluate_revisited(data.gnd, ranking=ranking) == exact
-    assert evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], topk=n,
-                         **kw)["asymmetric"] == exact
+    again = evaluate_pair(pair.query_net, pair.gallery_net, "mini-roxford", mini["roxford"], topk=n,
+                          **kw)["asymmetric+Lw"]
+    assert {k: v for k, v in again.items() if k != "whitening"} == exact
 
 
 def test_torchrun_two_processes_build_the_gallery_one_process_builds(mini, pair_file, tmp_path, capsys):
@@ -192,3 +195,20 @@ def test_build_from_embeddings_and_metadata(tmp_path, capsys):
     assert "gallery network: unknown network" in run(capsys, "info", *common)
     assert "--meta goes with --embeddings" in fails(capsys, "build", "--name", "f", "--root", tmp_path / "galleries",
                                                     "--images", tmp_path, "--meta", tmp_path / "m.csv")
+
+
+def test_build_with_dba_from_embeddings(tmp_path, capsys):
+    from asymret.retrieval.rerank import database_augmentation
+
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "x.npy", x)
+    root = tmp_path / "galleries"
+    assert "--dba-k and --dba-alpha set database-side augmentation" in fails(
+        capsys, "build", "--name", "d", "--root", root, "--embeddings", tmp_path / "x.npy", "--dba-k", 2)
+    run(capsys, "build", "--name", "d", "--root", root, "--embeddings", tmp_path / "x.npy", "--dba", "--dba-k", 2)
+    assert "vectors processed before adding: database_augmentation (alpha=3.0, k=2)" in run(
+        capsys, "info", "--name", "d", "--root", root)
+    with GalleryStore(root) as store, store.open("d", readonly=True) as gallery:
+        vectors, ids = gallery.index.flat_storage()
+        np.testing.assert_allclose(vectors[np.argsort(ids)], database_augmentation(x, k=2), atol=1e-6)

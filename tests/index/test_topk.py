@@ -48,6 +48,16 @@ def test_ties_and_query_chunks(monkeypatch):
     assert_exact(scores, ids, queries, database, 12)
 
 
+def test_return_min_reads_the_farthest_row_from_the_same_blocks(monkeypatch):
+    monkeypatch.setattr(topk_module, "SCORES_BUDGET_BYTES", 4 * 64 * 4)  # 4 queries per chunk
+    database, queries = unit(900, 12, seed=9), unit(11, 12, seed=10)
+    scores, ids, lowest = topk_inner_product(queries, database, 5, block_size=64, return_min=True)
+    np.testing.assert_allclose(lowest, (queries @ database.T).min(axis=1), atol=1e-6)
+    plain = topk_inner_product(queries, database, 5, block_size=64)
+    np.testing.assert_array_equal(scores, plain[0])
+    np.testing.assert_array_equal(ids, plain[1])
+
+
 def test_bad_input():
     with pytest.raises(InputError, match="shape"):
         topk_inner_product(unit(3, 8), unit(10, 9), 2)

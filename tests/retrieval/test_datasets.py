@@ -434,7 +434,7 @@ def test_csv_missing_file(tmp_path):
 # --- registry -------------------------------------------------------------------------------------
 
 def test_open_dataset_by_name(tmp_path):
-    assert set(DATASETS) == {"revisited", "veri776", "sfm120k", "folder", "csv"}
+    assert set(DATASETS) == {"revisited", "veri776", "sfm120k", "folder", "csv", "msmt17", "inshop", "sop", "cub200"}
     write_image(tmp_path / "a.jpg")
     (tmp_path / "list.csv").write_text("path,label\na.jpg,x\n")
     ds = open_dataset("csv", csv_path=tmp_path / "list.csv")

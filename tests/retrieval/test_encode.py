@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from asymret.errors import ImageError, InputError
-from asymret.retrieval.encode import encode_images, encode_records, shard_bounds
+from asymret.retrieval.encode import encode_images, encode_records, inference, shard_bounds
 from asymret.retrieval.encoders import create_encoder
 from asymret.retrieval.records import ImageRecord, load_image
 from asymret.retrieval.specs import MULTISCALE, EncoderSpec, InputSpec
@@ -100,12 +101,25 @@ def test_a_missing_image_raises_its_own_one_sentence_error(encoder, records, tmp
     assert str(info.value) == f"image not found: {tmp_path / 'gone.jpg'}"
 
 
+def test_encoding_is_fp32_unless_amp_is_asked(monkeypatch):
+    seen = []
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype=None, enabled=True:
+                        seen.append((device_type, enabled)) or real("cpu", enabled=False))
+    for device, amp in (("cuda", False), ("cuda", True), ("cpu", True)):
+        with inference(torch.device(device), amp):
+            pass
+    assert seen == [("cuda", False), ("cuda", True), ("cpu", False)]
+
+
 @pytest.mark.gpu
-def test_bf16_autocast_on_cuda_stays_close_to_float32(encoder, records):
+def test_cuda_encodes_in_fp32_by_default_and_bf16_autocast_stays_close(encoder, records):
     cpu = encode_records(encoder, records, num_workers=0, progress=False, device="cpu")
     gpu = encode_records(encoder, records, num_workers=0, progress=False, device="cuda")
+    amp = encode_records(encoder, records, num_workers=0, progress=False, device="cuda", amp=True)
     encoder.cpu()
-    assert np.min(np.sum(cpu * gpu, axis=1)) > 0.99
+    assert np.min(np.sum(cpu * gpu, axis=1)) > 0.99999
+    assert np.min(np.sum(cpu * amp, axis=1)) > 0.99
 
 
 def test_images_of_one_shape_share_a_forward_pass(encoder, records, monkeypatch):

@@ -239,6 +239,44 @@ def test_build_from_embeddings_trains_ivf_and_keeps_rows(store, tmp_path):
     assert hits[2][0].item.label == f"id{expected[2, 0] % 7}" and hits[2][0].item.attributes == {"city": "paris"}
 
 
+def dba_direct(x, k=3, alpha=3.0):
+    """Each row from its k most similar rows (itself included) by a full sort, weights sim^alpha."""
+    x = np.asarray(x, np.float64)
+    sims = x @ x.T
+    out = []
+    for i in range(len(x)):
+        top = np.argsort(-sims[i], kind="stable")[:k]
+        y = sum(max(sims[i, j], 0) ** alpha * x[j] for j in top)
+        out.append(y / np.linalg.norm(y))
+    return np.array(out)
+
+
+def test_dba_is_applied_once_at_build_and_recorded(store, side, folder, reference, caplog):
+    records = gb.read_images(folder)
+    with pytest.raises(InputError, match="positive integer"):
+        gb.dba_settings(True, k=0)
+    with pytest.raises(InputError, match="add --dba"):
+        gb.dba_settings(False, k=2)
+    gb.build_gallery(store, "dba", side, records, shard_size=3, dba=gb.dba_settings(True, k=2, alpha=1.0), **ENCODE)
+    _, vectors, _ = stored(store, "dba")
+    np.testing.assert_allclose(vectors, dba_direct(reference, k=2, alpha=1.0), atol=1e-5)
+    with store.open("dba", readonly=True) as gallery:
+        assert gallery.processing == {"database_augmentation": {"k": 2, "alpha": 1.0}}
+        assert gallery.info()["processing"] == gallery.processing
+    with caplog.at_level("WARNING"):
+        gb.add_images(store, "dba", side, records[:1], **ENCODE)
+    assert "the images added now are not augmented" in caplog.text
+    _, vectors, _ = stored(store, "dba")
+    np.testing.assert_allclose(vectors[-1], reference[0], atol=1e-5)  # added as encoded
+
+    x = reference.astype(np.float32)
+    gb.build_from_embeddings(store, "dba_vectors", x, dba=gb.dba_settings(True), progress=False)
+    _, vectors, _ = stored(store, "dba_vectors")
+    np.testing.assert_allclose(vectors, dba_direct(x), atol=1e-5)
+    with store.open("dba_vectors", readonly=True) as gallery:
+        assert gallery.processing == {"database_augmentation": {"k": 3, "alpha": 3.0}}
+
+
 # ----------------------------------------------------------------------------- index-backed ranking
 def test_index_ranking_agrees_with_exact_evaluation_when_k_covers_the_positives():
     rng = np.random.default_rng(0)

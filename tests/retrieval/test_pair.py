@@ -142,4 +142,54 @@ def test_format_2_keeps_the_gallery_before_co_training(tmp_path, nets):
     plain = load_pair(save_pair(tmp_path / "plain.pt", query_net, gallery_net))
     assert not plain.co_trained and plain.reference_gallery is None
     payload = torch.load(tmp_path / "plain.pt", weights_only=True)
-    assert payload["format_version"] == 2 and payload["reference_gallery_net"] is None
+    assert payload["format_version"] == FORMAT_VERSION and payload["reference_gallery_net"] is None
+
+
+def test_format_3_keeps_each_networks_whitening(tmp_path, nets):
+    """The gallery network's whitening (asymmetric search, serving), the query network's own (symmetric rows)
+    and an ACD pair's reference gallery's, each with its provenance."""
+    query_net, gallery_net = nets
+    rng = np.random.default_rng(1)
+    gallery_w = Whitening.learn(rng.normal(size=(80, gallery_net.dim)), np.arange(40), np.arange(40, 80), dim=8,
+                                info={"learned_on": "sfm120k x.pkl", "pairs": 40})
+    query_w = Whitening.learn_pca(rng.normal(size=(50, query_net.dim)))
+    reference_w = Whitening.learn_pca(rng.normal(size=(50, gallery_net.dim)), dim=4)
+    path = save_pair(tmp_path / "p.pt", query_net, gallery_net, gallery_w, reference_gallery=gallery_net,
+                     query_whitening=query_w, reference_whitening=reference_w)
+    pair = load_pair(path)
+    white = pair.whitenings()
+    for name, w in (("gallery_net", gallery_w), ("query_net", query_w), ("reference_gallery_net", reference_w)):
+        assert torch.equal(white[name].P, w.P) and torch.equal(white[name].m, w.m) and white[name].kind == w.kind
+    assert pair.whitening is white["gallery_net"] and white["gallery_net"].info == {"learned_on": "sfm120k x.pkl",
+                                                                                    "pairs": 40}
+    with pytest.raises(InputError, match="query_net whitening takes 512-d"):
+        save_pair(tmp_path / "bad.pt", query_net, gallery_net, query_whitening=reference_w)
+    with pytest.raises(InputError, match="reference_gallery_net is absent"):
+        save_pair(tmp_path / "bad.pt", query_net, gallery_net, reference_whitening=reference_w)
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_hand_written_version_2_file_keeps_loading_without_the_query_whitening(tmp_path, nets, whitening):
+    """Format 2 (before each network had its own whitening): its one whitening is the gallery network's."""
+    query_net, gallery_net = nets
+    payload = {
+        "format": "asymret.pair", "format_version": 2,
+        "query_net": encoder_checkpoint(query_net), "gallery_net": encoder_checkpoint(gallery_net),
+        "whitening": whitening.state_dict(), "meta": {"created": "2025-01-01T00:00:00+00:00"},
+        "reference_gallery_net": None,
+    }
+    torch.save(payload, tmp_path / "v2.pt")
+    pair = load_pair(tmp_path / "v2.pt")
+    assert torch.equal(pair.whitening.P, whitening.P) and pair.whitening.info == {}
+    assert pair.query_whitening is None and pair.reference_whitening is None
+    assert pair.whitenings() == {"query_net": None, "gallery_net": pair.whitening, "reference_gallery_net": None}
+
+
+def test_a_stored_whitening_that_does_not_fit_its_network_is_a_data_error(tmp_path, nets):
+    query_net, gallery_net = nets
+    path = save_pair(tmp_path / "p.pt", query_net, gallery_net)
+    payload = torch.load(path, weights_only=True)
+    payload["query_whitening"] = Whitening.learn_pca(np.random.default_rng(0).normal(size=(20, 7))).state_dict()
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(DataError, match="asymret whiten"):
+        load_pair(tmp_path / "bad.pt")

@@ -1,5 +1,6 @@
 """AML losses (methods.md §2) against independent computations: explicit Python loops over tuples and
-pairs, hand-computed tiny cases, and pytorch-metric-learning where its definitions coincide."""
+pairs, the AML reference code's formulas written out (its D×N tuple layout, one backward per tuple),
+hand-computed tiny cases, and pytorch-metric-learning where its definitions coincide."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pytorch_metric_learning import distances, losses, reducers
 from asymret.api.cli import main
 from asymret.errors import ConfigError, InputError
 from asymret.training.losses import LOSSES, LossBatch, create_loss
-from asymret.training.losses.aml import multi_similarity_loss
+from asymret.training.losses.aml import contrastive_loss, multi_similarity_loss, tuple_distances
 
 B, P, N, D = 6, 2, 5, 8
 MARGIN = {"contrastive": 0.7, "triplet": 0.1}
@@ -39,8 +40,11 @@ def tuples():
     return LossBatch(query=query, gallery=gallery, positive=around(P), negative=around(N))
 
 
-def dist(x, y):
-    return math.dist(x.tolist(), y.tolist())
+EPS = 1e-6  # AML/cirtorch add it to every coordinate of q − g before the norm
+
+
+def dist(x, y, eps=EPS):
+    return math.sqrt(sum((a - b + eps) ** 2 for a, b in zip(x.tolist(), y.tolist())))
 
 
 def dot(x, y):
@@ -58,7 +62,7 @@ def contrastive_by_loops(b, m, with_self=False):
         for y, x in pairs:
             d = dist(b.query[a], x)
             total += 0.5 * y * d**2 + 0.5 * (1 - y) * max(0.0, m - d) ** 2
-    return total / len(b.query)
+    return total  # summed over the tuples, as AML back-propagates each tuple and accumulates
 
 
 def triplet_by_loops(b, m):
@@ -66,8 +70,8 @@ def triplet_by_loops(b, m):
     for a in range(len(b.query)):
         for p in b.positive[a]:
             for n in b.negative[a]:
-                total += max(0.0, dist(b.query[a], p) ** 2 - dist(b.query[a], n) ** 2 + m)
-    return total / len(b.query)
+                total += max(0.0, dist(b.query[a], p, 0) ** 2 - dist(b.query[a], n, 0) ** 2 + m)
+    return total
 
 
 def ms_by_loops(b, alpha, beta, base):
@@ -76,7 +80,7 @@ def ms_by_loops(b, alpha, beta, base):
         pos = sum(math.exp(-alpha * (dot(b.query[a], p) - base)) for p in b.positive[a])
         neg = sum(math.exp(beta * (dot(b.query[a], n) - base)) for n in b.negative[a])
         total += math.log(1 + pos) / alpha + math.log(1 + neg) / beta
-    return total / len(b.query)
+    return total
 
 
 def test_the_fixture_hits_both_sides_of_every_hinge(tuples):
@@ -105,13 +109,17 @@ def test_contr_plus_by_hand():
     neg = torch.tensor([[[0.8, 0.6], [-1.0, 0.0]]], dtype=torch.float64)  # d² = 0.4 inside m; d = 2 outside
     batch = LossBatch(query=q, gallery=g_a, positive=pos, negative=neg)
     expected = 1.0 + 0.5 * (0.7 - math.sqrt(0.4)) ** 2
-    assert create_loss("contr_plus")(batch).total.item() == pytest.approx(expected, abs=1e-12)
+    assert create_loss("contr_plus")(batch).total.item() == pytest.approx(expected, abs=1e-5)  # the ε residual
+    e = EPS  # with ε written out: ‖(1,−1)+ε‖², ‖(ε,ε)‖², ‖(0.2,−0.6)+ε‖
+    exact = (0.5 * ((1 + e) ** 2 + (-1 + e) ** 2) + 0.5 * (2 * e * e)
+             + 0.5 * (0.7 - math.sqrt((0.2 + e) ** 2 + (-0.6 + e) ** 2)) ** 2)
+    assert create_loss("contr_plus")(batch).total.item() == pytest.approx(exact, abs=1e-14)
 
 
 def test_contr_plus_without_tuple_members_is_regression(tuples):
     empty = tuples.positive[:, :0]
     alone = LossBatch(query=tuples.query, gallery=tuples.gallery, positive=empty, negative=empty)
-    expected = sum(0.5 * dist(q, g) ** 2 for q, g in zip(tuples.query, tuples.gallery)) / B
+    expected = sum(0.5 * dist(q, g) ** 2 for q, g in zip(tuples.query, tuples.gallery))
     assert create_loss("contr_plus")(alone).total.item() == pytest.approx(expected, abs=1e-9)
     assert create_loss("regression")(tuples).total.item() == pytest.approx(expected, abs=1e-9)
 
@@ -132,6 +140,54 @@ def test_multi_similarity_does_not_overflow_in_float32():
     got = multi_similarity_loss(s_pos, s_neg)
     expected = math.log(1 + math.exp(-2 * 0.4)) / 2 + math.log(1 + math.exp(100) + math.exp(-16)) / 40
     assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---- tuple losses: the AML reference code's formulas ------------------------------------------------
+# budnikm/aml ``lib/layers/functional.py`` takes one tuple as a D×N matrix of columns [q_a, members...] with
+# labels [-1, 1 (positive), 0 (negative)...]; ``training.py`` calls it once per tuple and back-propagates
+# each tuple's loss, so a step's gradient is that of the sum over its tuples. Written out here on columns.
+
+def aml_reference(name, b, margin=None):
+    total = 0.0
+    for a in range(len(b.query)):
+        members = [b.gallery[a]] if name == "regression" else (
+            ([b.gallery[a]] if name == "contr_plus" else []) + list(b.positive[a]) + list(b.negative[a]))
+        n_pos = 1 if name == "regression" else (name == "contr_plus") + b.positive.shape[1]
+        x = torch.stack([b.query[a], *members], 1)  # D × N
+        label = torch.tensor([-1] + [1] * n_pos + [0] * (len(members) - n_pos), dtype=torch.float64)
+        if name in ("contrastive", "contr_plus", "regression"):  # ``contrastive_loss(x, label, margin, eps)``
+            x1, x2, lbl = x[:, :1].expand(-1, len(members)), x[:, 1:], label[1:]
+            dd = torch.pow(x1 - x2 + EPS, 2).sum(0).sqrt()
+            total += (0.5 * lbl * dd**2 + 0.5 * (1 - lbl) * torch.clamp((margin or 0.7) - dd, min=0) ** 2).sum()
+        elif name == "triplet":  # ``triplet_loss``: squared distances, no ε
+            xa, xp, xn = x[:, label == -1], x[:, label == 1], x[:, label == 0]
+            for p in range(xp.shape[1]):
+                dp = (xa - xp[:, p:p + 1]).pow(2).sum(0)
+                total += torch.clamp(dp - (xa - xn).pow(2).sum(0) + (margin or 0.1), min=0).sum()
+        elif name == "multi_similarity":  # ``MultiSimilarityLoss``: row 0 of xᵀx, thresh 0.5, scales 2 / 40
+            sim = (x.t() @ x)[0]
+            total += (torch.log(1 + torch.exp(-2.0 * (sim[label == 1] - 0.5)).sum()) / 2.0
+                      + torch.log(1 + torch.exp(40.0 * (sim[label == 0] - 0.5)).sum()) / 40.0)
+    return total
+
+
+@pytest.mark.parametrize("name", ["contrastive", "contr_plus", "triplet", "multi_similarity", "regression"])
+def test_tuple_losses_equal_the_aml_reference_in_value_and_gradient(tuples, name):
+    q_ours = tuples.query.clone().requires_grad_(True)
+    q_ref = tuples.query.clone().requires_grad_(True)
+    ours = create_loss(name)(LossBatch(query=q_ours, gallery=tuples.gallery, positive=tuples.positive,
+                                       negative=tuples.negative)).total
+    ref = aml_reference(name, LossBatch(query=q_ref, gallery=tuples.gallery, positive=tuples.positive,
+                                        negative=tuples.negative))
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    ours.backward(), ref.backward()
+    torch.testing.assert_close(q_ours.grad, q_ref.grad, rtol=1e-10, atol=1e-12)
+    assert LOSSES[name].batch_reduction == "sum"
+
+
+def test_relational_losses_keep_the_mean_over_the_batch():
+    # RKD and DarkRank are computed once on the step's batch in the AML code ('rand' mode), with means.
+    assert LOSSES["rkd"].batch_reduction == LOSSES["darkrank"].batch_reduction == "mean"
 
 
 # ---- tuple losses: pytorch-metric-learning ---------------------------------------------------------
@@ -157,29 +213,32 @@ def test_contrastive_matches_pml_per_pair(tuples):
     per_tuple = torch.zeros(B, dtype=torch.float64)
     for part, anchors in (("pos_loss", a1), ("neg_loss", a2)):
         per_tuple.index_add_(0, anchors, 0.5 * per_pair[part]["losses"] ** 2)
-    assert create_loss("contrastive")(tuples).total.item() == pytest.approx(per_tuple.mean().item(), abs=1e-9)
+    ours = contrastive_loss(tuple_distances(tuples.query, tuples.positive, eps=0),
+                            tuple_distances(tuples.query, tuples.negative, eps=0))  # PML has no ε
+    assert ours.item() == pytest.approx(per_tuple.sum().item(), abs=1e-9)
+    assert create_loss("contrastive")(tuples).total.item() == pytest.approx(per_tuple.sum().item(), rel=1e-4)
 
 
 def test_triplet_matches_pml(tuples):
     # Same formula with squared L2 distances (LpDistance power 2); PML sums the given triplets
-    # (SumReducer), AML then averages over the B tuples.
+    # (SumReducer), as AML sums over the B tuples.
     refs = flat_members(tuples)[0]
     triplets = (torch.arange(B).repeat_interleave(P * N),
                 torch.arange(B * P).repeat_interleave(N),
                 B * P + torch.arange(B * N).view(B, 1, N).expand(B, P, N).reshape(-1))
     pml = losses.TripletMarginLoss(margin=0.1, reducer=reducers.SumReducer(),
                                    distance=distances.LpDistance(normalize_embeddings=False, power=2))
-    expected = pml(tuples.query, indices_tuple=triplets, ref_emb=refs).item() / B
+    expected = pml(tuples.query, indices_tuple=triplets, ref_emb=refs).item()
     assert create_loss("triplet")(tuples).total.item() == pytest.approx(expected, abs=1e-9)
 
 
 def test_multi_similarity_matches_pml(tuples):
-    # Same formula (PML's ``base`` is λ) and PML's default MeanReducer averages over anchors, as AML
-    # averages over tuples. AML's s(a, y) is a plain dot product of L2-normalised vectors.
+    # Same formula (PML's ``base`` is λ); PML's default MeanReducer averages over anchors where AML sums
+    # over tuples, hence × B. AML's s(a, y) is a plain dot product of L2-normalised vectors.
     refs, a1, p, a2, n = flat_members(tuples)
     pml = losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5,
                                      distance=distances.DotProductSimilarity(normalize_embeddings=False))
-    expected = pml(tuples.query, indices_tuple=(a1, p, a2, n), ref_emb=refs).item()
+    expected = pml(tuples.query, indices_tuple=(a1, p, a2, n), ref_emb=refs).item() * B
     assert create_loss("multi_similarity")(tuples).total.item() == pytest.approx(expected, abs=1e-9)
 
 
@@ -194,7 +253,7 @@ def rkd_by_loops(q, g):
     n = len(q)
 
     def distances(x):
-        d = [[dist(x[i], x[j]) for j in range(n)] for i in range(n)]
+        d = [[dist(x[i], x[j], 0) for j in range(n)] for i in range(n)]
         mean = sum(v for row in d for v in row if v > 0) / (n * n - n)
         return [[v / mean for v in row] for row in d]
 
@@ -226,8 +285,8 @@ def test_rkd_matches_loops_with_weights_2_and_1(tuples):
 def darkrank_by_loops(q, g, alpha=3.0, beta=3.0, list_len=4):
     total = 0.0
     for i in range(len(q)):
-        others = sorted((j for j in range(len(q)) if j != i), key=lambda j: dist(g[i], g[j]))[:list_len]
-        s = [-alpha * dist(q[i], q[j]) ** beta for j in others]
+        others = sorted((j for j in range(len(q)) if j != i), key=lambda j: dist(g[i], g[j], 0))[:list_len]
+        s = [-alpha * dist(q[i], q[j], 0) ** beta for j in others]
         total -= sum(s[k] - math.log(sum(math.exp(v) for v in s[k:])) for k in range(list_len))
     return total / len(q)
 

@@ -326,12 +326,13 @@ def test_evaluate_cli_adds_the_sir_row_for_cotrained_galleries(mini, d3still_run
     assert main(["evaluate", "--pair", str(run / "pair.pt"), "--benchmark", "mini-veri", "--root", str(mini),
                  "--workers", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert list(result) == ["gallery", "symmetric", "asymmetric", "sir", "cost"]
+    assert list(result) == ["gallery", "symmetric", "asymmetric", "sir", "cost", "dataset", "precision"]
     assert set(result["sir"]) >= {"mAP", "mAP_official", "R1", "mINP"}
     assert set(result["cost"]) == {"query_net", "gallery_net"}  # the row's query side pays its query_net's cost
     assert main(["evaluate", "--pair", str(d3still_run / "pair.pt"), "--benchmark", "mini-veri", "--root",
                  str(mini), "--workers", "0", "--json"]) == 0
-    assert list(json.loads(capsys.readouterr().out)) == ["gallery", "symmetric", "asymmetric", "cost"]
+    assert list(json.loads(capsys.readouterr().out)) == ["gallery", "symmetric", "asymmetric", "cost", "dataset",
+                                                         "precision"]
 
 
 def test_reid_config_errors(mini, gallery, tmp_path):

@@ -106,6 +106,56 @@ def test_a_gallery_weights_file_with_whitening_puts_it_into_the_pair(folder, tmp
     assert load_pair(train(ExperimentConfig.model_validate(alone), progress=False) / "pair.pt").whitening is None
 
 
+def test_whitening_learn_stores_each_networks_lw_learned_on_the_training_pairs(folder, tmp_path):
+    """whitening.learn: the query and gallery networks each get cirtorch's Lw of their own embeddings of the same
+    same-label pairs (one per image, the positive another image of its class); a weights file's whitening is kept
+    unless keep_checkpoint is false; a symmetric run learns one whitening for its one network."""
+    from asymret.retrieval.datasets import LabelledFolder
+    from asymret.retrieval.encode import encode_records
+    from asymret.retrieval.encoders import create_encoder, encoder_checkpoint
+    from asymret.retrieval.whitening import Whitening
+    from asymret.training.whiten import whitening_pairs
+    from tests.retrieval.test_whitening import cirtorch_apply, cirtorch_lw
+
+    over = {"train.epochs": 1, "whitening": {"learn": True}}
+    pair = load_pair(train(ExperimentConfig.model_validate(config(folder, tmp_path, **over)), progress=False)
+                     / "pair.pt")
+    assert pair.whitening is not None and pair.query_whitening is not None
+    data = LabelledFolder(folder)
+    q, p, source = whitening_pairs(data, "auto", None, seed=3)
+    assert source == "labels" and sorted(q) == list(range(24)) and all(data.labels[q] == data.labels[p]) \
+        and all(q != p)
+    for white, net in ((pair.whitening, pair.gallery_net), (pair.query_whitening, pair.query_net)):
+        X = encode_records(net, data.records, num_workers=0, progress=False)
+        m, P = cirtorch_lw(X, q, p)
+        ours, ref = white(X), cirtorch_apply(X, m, P)
+        np.testing.assert_allclose(ours @ ours.T, ref @ ref.T, atol=2e-3)
+        assert white.info["pairs"] == 24 and white.info["pair_source"] == "labels" and white.kind == "learned"
+
+    def exported(name, **more):  # the pair an untrained run of this config exports (no epochs: export only)
+        trainer = Trainer(ExperimentConfig.model_validate(config(folder, tmp_path, name=name, **more)))
+        trainer.run_dir.mkdir(parents=True)
+        return load_pair(trainer.export())
+
+    spec = config(folder, tmp_path)["gallery_net"]
+    cirtorch_like = Whitening(np.zeros(32), np.eye(32)[::-1])
+    torch.save({**encoder_checkpoint(create_encoder(spec)), "whitening": cirtorch_like.state_dict()},
+               tmp_path / "teacher.pt")
+    teacher = {"gallery_net.weights": str(tmp_path / "teacher.pt")}
+    kept = exported("kept", **over, **teacher)
+    assert torch.equal(kept.whitening.P, cirtorch_like.P) and "teacher.pt" in kept.whitening.info["learned_on"]
+    assert kept.query_whitening is not None
+    relearned = exported("relearned", **teacher, whitening={"learn": True, "keep_checkpoint": False, "dim": 8})
+    assert relearned.whitening.dim == 8 and relearned.whitening.info["pairs"] == 24
+    sym = exported("alone", **over, **{"loss.mode": "symmetric", "loss.name": "contrastive"})
+    assert torch.equal(sym.whitening.P, sym.query_whitening.P)  # one network, one whitening
+
+
+def test_spec_whitening_fields_are_refused_in_a_config(folder, tmp_path):
+    with pytest.raises(ValueError, match="whitening.learn: true"):
+        ExperimentConfig.model_validate(config(folder, tmp_path, **{"query_net.whitening": "learned"}))
+
+
 def test_killed_run_resumes_to_the_same_weights(folder, tmp_path):
     full = train(ExperimentConfig.model_validate(config(folder, tmp_path / "a")), progress=False)
     cfg_path = tmp_path / "b.yaml"
@@ -133,6 +183,23 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(folder,
         train(ExperimentConfig.model_validate(cfg), progress=False)
 
 
+@pytest.mark.parametrize("loss, mode", [("contrastive", "asymmetric"), ("contr_plus", "asymmetric"),
+                                        ("contrastive", "symmetric")])
+def test_tuples_without_negatives_train(folder, tmp_path, loss, mode):
+    """AML Tables 5/6, rows "Pos" and "SELF + Pos": no negatives are mined and the loss is the positives' part."""
+    cfg = ExperimentConfig.model_validate(config(folder, tmp_path, loss={"name": loss, "mode": mode},
+                                                 **{"train.mining": {"tuples_per_epoch": 4, "num_negatives": 0},
+                                                    "train.epochs": 1}))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.make_tuples(np.random.default_rng(0)).negatives.shape == (4, 0)
+    trainer.fit()
+    record = json.loads((trainer.run_dir / "metrics.jsonl").read_text())
+    assert "d_neg" not in record and np.isfinite(record["loss"]) and record["loss"] > 0
+    assert ("d_self" in record) == (loss == "contr_plus")
+    # with no negatives contrastive is ½ d² over the positives (and SELF): at least ½ mean(d)² by Jensen
+    assert record["loss"] >= 0.5 * record["d_pos"] ** 2 - 1e-6
+
+
 def test_config_errors(folder, tmp_path):
     with pytest.raises(ConfigError, match="unknown loss 'contrplus'"):
         Trainer(ExperimentConfig.model_validate(config(folder, tmp_path, **{"loss.name": "contrplus"})))
@@ -155,3 +222,16 @@ def test_two_process_gloo_equals_one_process_with_the_global_batch(folder, tmp_p
     torchrun_train(ddp, tmp_path / "ddp.yaml")
     assert same(weights(tmp_path / "single" / "run" / "query_net.pt"),
                 weights(tmp_path / "ddp" / "run" / "query_net.pt"), atol=1e-5)
+
+
+def test_accumulated_steps_sum_the_aml_tuple_losses_like_one_larger_step(folder, tmp_path):
+    """AML sums over a step's tuples (its code accumulates one backward per tuple), so 2 accumulated steps of
+    2 tuples give the gradient of one step of 4: the same weights after training (SGD, as above)."""
+    sgd = {"optimizer": "sgd", "lr": 0.05}
+    one = config(folder, tmp_path / "one", **{"train.batch_size": 4, "train.epochs": 1, "train.optim": sgd})
+    train(ExperimentConfig.model_validate(one), progress=False)
+    acc = config(folder, tmp_path / "acc", **{"train.batch_size": 2, "train.accumulate": 2, "train.epochs": 1,
+                                              "train.optim": sgd})
+    train(ExperimentConfig.model_validate(acc), progress=False)
+    assert same(weights(tmp_path / "one" / "run" / "query_net.pt"),
+                weights(tmp_path / "acc" / "run" / "query_net.pt"), atol=1e-5)

@@ -1,4 +1,5 @@
-"""``asymret data mini OUT [--seed N] [--size small|medium] [--force]``: render the bundled mini benchmark.
+"""``asymret data mini OUT [--seed N] [--size small|medium] [--force]``: render the bundled mini benchmark;
+``asymret data mini-acd OUT ...``: the same for ACD's other benchmarks (MSMT17, In-Shop, SOP, CUB-200-2011).
 
 Builds ``OUT/mini-roxford`` (revisited-Oxford layout, with revisitop1m-style distractors),
 ``OUT/mini-sfm`` (retrieval-SfM-120k layout, for training) and ``OUT/mini-veri`` (VeRi-776 layout)
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from asymret.retrieval.mini import build_mini, ensure_mini
+from asymret.retrieval.mini_acd import build_mini_acd, ensure_mini_acd
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +30,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mini.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build")
     mini.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
     mini.set_defaults(func=run_mini)
+    acd = commands.add_parser(
+        "mini-acd", help="render mini versions of ACD's other benchmarks (mini-msmt17, mini-inshop, mini-sop, "
+        "mini-cub200) into OUT", description="Render MSMT17, In-Shop, SOP and CUB-200-2011 in miniature, each in "
+        "its official layout, from the photographs inside scikit-image (docs/reid.md).")
+    acd.add_argument("out", type=Path, metavar="OUT", help="folder to write the datasets into")
+    acd.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    acd.add_argument("--size", choices=("small", "medium"), default="small",
+                     help="small: about 1,200 images in all, seconds; medium: about 4,000, a minute")
+    acd.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build")
+    acd.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
+    acd.set_defaults(func=run_mini_acd)
 
 
 def run_mini(args: argparse.Namespace) -> int:
@@ -35,6 +48,19 @@ def run_mini(args: argparse.Namespace) -> int:
     build = build_mini if args.force else ensure_mini
     info = build(args.out, seed=args.seed, size=args.size, workers=args.workers)
     print(format_summary(info, time.perf_counter() - start))
+    return 0
+
+
+def run_mini_acd(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    build = build_mini_acd if args.force else ensure_mini_acd
+    info = build(args.out, seed=args.seed, size=args.size, workers=args.workers)
+    lines = [(f"ACD mini benchmarks ({info['size']}, seed {info['seed']}) in {info['root']}  "
+             f"[{time.perf_counter() - start:.1f} s]")]
+    for name in ("msmt17", "inshop", "sop", "cub200"):
+        counts = ", ".join(f"{k} {v}" for k, v in info["counts"][f"mini-{name}"].items())
+        lines.append(f"  {info[name]}: {counts}   (asymret evaluate --benchmark {name} --root {info[name]})")
+    print("\n".join(lines))
     return 0
 
 

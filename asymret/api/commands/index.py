@@ -47,6 +47,12 @@ def register(subparsers) -> None:
     build.add_argument("--embeddings", metavar="X.npy", help="precomputed vectors, one row per item")
     build.add_argument("--meta", metavar="M.csv", help="with --embeddings: a header with path,label,camera "
                        "(other columns become attributes), one row per vector")
+    build.add_argument("--dba", action="store_true", help="database-side augmentation, once, before adding: each "
+                       "vector becomes the weighted sum of its top --dba-k in the database (docs/rerank.md)")
+    from asymret.retrieval.rerank import DBA_ALPHA, DBA_K
+
+    build.add_argument("--dba-k", type=int, help=f"DBA neighbours, the vector itself included (default {DBA_K})")
+    build.add_argument("--dba-alpha", type=float, help=f"DBA weight exponent: similarity^alpha (default {DBA_ALPHA:g})")
     build.set_defaults(func=run_build)
     add = sub.add_parser("add", parents=[named, encoding], help="encode more images into a gallery",
                          description="Encode more images into an existing gallery with the gallery network "
@@ -123,6 +129,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     if bool(args.images) == bool(args.embeddings):
         raise InputError("give --images DIR|LIST|CSV to encode, or --embeddings X.npy to load (one of them)")
+    dba = gb.dba_settings(args.dba, args.dba_k, args.dba_alpha)
     if args.embeddings:
         from asymret.retrieval.evaluate import load_features
 
@@ -131,13 +138,14 @@ def run_build(args: argparse.Namespace) -> int:
             summary = gb.build_from_embeddings(
                 store, args.name, load_features(args.embeddings, "embeddings"),
                 gb.read_item_rows(args.meta) if args.meta else None, factory=args.factory,
-                network_spec=side.network_spec() if side is not None else None, progress=sys.stderr.isatty())
+                network_spec=side.network_spec() if side is not None else None, progress=sys.stderr.isatty(),
+                dba=dba)
     else:
         if args.meta:
             raise InputError("--meta goes with --embeddings; with --images the rows come from the images")
         records, side, device = _images_and_side(args)
         with _store(args) as store:
-            summary = gb.build_gallery(store, args.name, side, records, factory=args.factory,
+            summary = gb.build_gallery(store, args.name, side, records, factory=args.factory, dba=dba,
                                        **_encode_args(args, device))
     _print_summary(summary, args.root)
     return 0
@@ -186,6 +194,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"gallery '{info['name']}': {info['count']:,} items, {info['dim']}-d, index {info['factory']} "
           f"({info['metric']}), {info['index_bytes'] / 2**20:.1f} MiB on disk")
     print(f"  gallery network: {gb.describe_network(info['network_spec'])}")
+    for step, settings in info["processing"].items():
+        print(f"  vectors processed before adding: {step} ({', '.join(f'{k}={v}' for k, v in settings.items())})")
     print(f"  created {info['created_at']}, updated {info['updated_at']}")
     pending = info["pending_build"]
     if pending:

@@ -42,7 +42,8 @@ def _find(infos: list[LossInfo], name: str) -> LossInfo:
 
 def as_record(info: LossInfo) -> dict:
     return {"name": info.name, "family": info.family, "summary": info.summary, "source": info.source,
-            "equation": info.equation, "defaults": info.defaults, "needs": list(info.needs)}
+            "equation": info.equation, "defaults": info.defaults, "needs": list(info.needs),
+            "batch_reduction": info.batch_reduction}
 
 
 def _defaults_text(info: LossInfo) -> str:
@@ -61,5 +62,7 @@ def format_table(infos: list[LossInfo]) -> str:
 
     lines = [line(header)]
     for info, row in zip(infos, rows):
-        lines += [line(row), f"    {info.summary}", f"    = {info.equation}", ""]
+        over = "summed over the batch's tuples, as its reference code" if info.batch_reduction == "sum" else \
+            "mean over the batch"
+        lines += [line(row), f"    {info.summary}", f"    = {info.equation}   ({over})", ""]
     return "\n".join(lines).rstrip()

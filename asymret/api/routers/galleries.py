@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 
 def gallery_info(service, gallery) -> dict:
     info = gallery.info()
-    index = {**info["index"], **{key: info[key] for key in ("index_bytes", "journal_bytes", "last_seq")}}
+    index = {**info["index"], **{key: info[key] for key in ("index_bytes", "journal_bytes", "last_seq", "processing")}}
     return {**info, "index": index, "compatible": service.compatible(gallery)}
 
 

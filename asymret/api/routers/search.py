@@ -4,11 +4,20 @@ of the gallery.
 The re-ID rule "exclude same identity on same camera" (Market-1501/VeRi protocols) drops hits whose
 label and camera both equal the query's; hits are fetched in growing rounds (k, 4k, 16k, ...) until
 ``k`` survive the rule or the gallery is exhausted, so the answer is exact.
+
+``rerank`` (a search option; :mod:`asymret.retrieval.rerank`) post-processes each query's ranking with
+the gallery's stored vectors (a Flat gallery): ``aqe`` / ``alpha_qe`` expand the query with its top
+:data:`~asymret.retrieval.rerank.QE_N` hits (those the filters and rules keep) and search again;
+``kreciprocal`` re-ranks the top ``max(RERANK_SHORTLIST, 2k)`` hits by k-reciprocal encoding among the
+query and those hits (a local re-ranking: the gallery's neighbourhoods are taken within the shortlist;
+with one query the query-query block is the query itself, so no query-query space is needed).
+Each hit keeps ``score``, its cosine similarity to the query as sent, and gets ``rerank_score``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated
 
 import numpy as np
@@ -19,9 +28,12 @@ from asymret.api.routers.deps import GalleryName, Reader
 from asymret.api.routers.items import per_image, read_uploads, thumbnail_url
 from asymret.api.schemas import (
     QUERY_NET_FIELD,
+    RERANK_FIELD,
+    RERANK_SHORTLIST,
     Encoded,
     Filters,
     K,
+    Rerank,
     SearchOptions,
     SearchRequest,
     SearchResponse,
@@ -32,29 +44,84 @@ router = APIRouter(prefix="/v1", tags=["search"])
 QueryNetName = Annotated[str | None, Form(max_length=64, description=QUERY_NET_FIELD)]
 
 
-def item_vectors(gallery, item_ids: list[int]) -> np.ndarray:
-    """The stored vectors of existing items (a Flat gallery keeps them exactly)."""
+
+def item_vectors(gallery, item_ids, purpose: str = "search by item id") -> np.ndarray:
+    """The stored vectors of existing items, in the order of ``item_ids`` (a Flat gallery keeps them exactly)."""
     try:
         vectors, ids = gallery.index.flat_storage()
     except InputError:
-        raise InputError(f"search by item id needs a Flat gallery (exact vectors); '{gallery.name}' is "
-                         f"{gallery.factory}: search it by vector or image instead") from None
-    return np.stack([vectors[np.flatnonzero(ids == i)[-1]] for i in item_ids])
+        raise InputError(f"{purpose} needs a Flat gallery (exact vectors); '{gallery.name}' is "
+                         f"{gallery.factory}: search it without that option, or rebuild it as Flat") from None
+    wanted = np.asarray(item_ids, np.int64)
+    rows = np.flatnonzero(np.isin(ids, wanted))  # one pass over the ids, whatever the number wanted
+    where = dict(zip(ids[rows].tolist(), rows.tolist()))  # the last entry of an id wins
+    return vectors[[where[int(i)] for i in wanted]].reshape(len(wanted), vectors.shape[1])
 
 
 def run_search(service, gallery, vectors: np.ndarray, options: SearchOptions, queries: list[dict]) -> list[dict]:
     """Hits per query; ``queries[i]`` may hold ``label``/``camera`` (re-ID rule) and ``self_id``."""
     if options.exclude_same_camera and any(q.get("label") is None or q.get("camera") is None for q in queries):
         raise InputError("exclude_same_camera needs each query's label and camera; give them, or drop the option")
+    if options.rerank is None:
+        hits = find(service, gallery, vectors, options.k, options, queries)
+        return [_result(gallery.name, row, options.group_by_label) for row in hits]
+    hits, rerank_scores = reranked(service, gallery, vectors, options, queries)
+    return [_result(gallery.name, row, options.group_by_label, s) for row, s in zip(hits, rerank_scores)]
+
+
+def find(service, gallery, vectors: np.ndarray, k: int, options: SearchOptions, queries: list[dict]) -> list[list]:
+    """The ``k`` best hits per query that pass the filters and the rules (store ``Hit`` objects)."""
     filters = options.filters.as_store_filters() if options.filters else None
-    k = options.k
     fetch = k + any(q.get("self_id") is not None for q in queries)
     while True:
         rows = service.search(gallery, vectors, fetch, filters)
         kept = [[h for h in row if not _dropped(h, q, options.exclude_same_camera)] for row, q in zip(rows, queries)]
         if all(len(hits) >= k or len(row) < fetch for hits, row in zip(kept, rows)):
-            return [_result(gallery.name, hits[:k], options.group_by_label) for hits in kept]
+            return [hits[:k] for hits in kept]
         fetch *= 4
+
+
+def reranked(service, gallery, vectors: np.ndarray, options: SearchOptions, queries: list[dict]):
+    """Hits per query in the order of ``options.rerank`` (module doc), with their cosine ``score`` to the
+    query as sent, and the scores they are ordered by."""
+    from asymret.retrieval import rerank
+
+    defaults = rerank.RerankOptions()
+    purpose = f"rerank={options.rerank}"
+    item_vectors(gallery, [], purpose)  # a non-Flat gallery is refused before searching
+    q = gallery.index.as_unit(vectors, "queries")
+
+    def stored(rows):  # every hit's vector, one pass over the gallery's ids for the whole batch
+        ids = sorted({h.id for row in rows for h in row})
+        return dict(zip(ids, item_vectors(gallery, ids, purpose)))
+
+    if options.rerank in ("aqe", "alpha_qe"):
+        alpha = 0.0 if options.rerank == "aqe" else defaults.qe_alpha
+        top = find(service, gallery, q, defaults.qe_n, options, queries)
+        near = stored(top)
+        expanded = np.stack([
+            rerank.weighted_expansion(q[i:i + 1], np.stack([near[h.id] for h in row])[None],
+                                      np.array([[h.score for h in row]], np.float32), alpha)[0] if row else q[i]
+            for i, row in enumerate(top)])
+        hits = find(service, gallery, expanded, options.k, options, queries)
+        order_scores = [[h.score for h in row] for row in hits]
+        near = stored(hits)
+    else:
+        shortlist = find(service, gallery, q, max(RERANK_SHORTLIST, 2 * options.k), options, queries)
+        near = stored(shortlist)
+        hits, order_scores = [], []
+        for i, row in enumerate(shortlist):
+            if not row:
+                hits.append([]), order_scores.append([])
+                continue
+            dist = rerank.re_ranking_sparse(q[i:i + 1], np.stack([near[h.id] for h in row]), k1=defaults.k1,
+                                            k2=defaults.k2, lambda_value=defaults.lambda_value)[0]
+            order = np.argsort(dist, kind="stable")[:options.k]
+            hits.append([row[j] for j in order])
+            order_scores.append((1 - dist[order]).tolist())
+    # each hit's score stays its cosine similarity to the query as sent
+    hits = [[replace(h, score=float(near[h.id] @ q[i])) for h in row] for i, row in enumerate(hits)]
+    return hits, order_scores
 
 
 def _dropped(hit, query: dict, same_camera_rule: bool) -> bool:
@@ -63,9 +130,12 @@ def _dropped(hit, query: dict, same_camera_rule: bool) -> bool:
     return same_camera_rule and hit.item.label == query["label"] and hit.item.camera == query["camera"]
 
 
-def _result(gallery: str, hits, group_by_label: bool) -> dict:
+def _result(gallery: str, hits, group_by_label: bool, rerank_scores=None) -> dict:
     out = [{"id": h.id, "score": h.score, "path": h.item.path, "label": h.item.label, "camera": h.item.camera,
             "attributes": h.item.attributes, "thumbnail_url": thumbnail_url(gallery, h.id)} for h in hits]
+    if rerank_scores is not None:
+        for hit, s in zip(out, rerank_scores):
+            hit["rerank_score"] = float(s)
     if not group_by_label:
         return {"hits": out}
     groups: dict = {}
@@ -103,7 +173,8 @@ def search_image(name: GalleryName, service: Reader,
                  group_by_label: Annotated[bool, Form()] = False,
                  label: Annotated[list[str] | None, Form(description="each query's identity (re-ID rule)")] = None,
                  camera: Annotated[list[str] | None, Form(description="each query's camera (re-ID rule)")] = None,
-                 query_net: QueryNetName = None):
+                 query_net: QueryNetName = None,
+                 rerank: Annotated[Rerank | None, Form(description=RERANK_FIELD)] = None):
     """The QUERY network named by ``query_net`` encodes the images (batched with concurrent requests
     for the same network); the gallery answers."""
     start = time.perf_counter()
@@ -112,7 +183,7 @@ def search_image(name: GalleryName, service: Reader,
     service.require_compatible(gallery)
     _, images = read_uploads(service, image)
     options = SearchOptions(k=k, filters=parse_filters(filters), exclude_same_camera=exclude_same_camera,
-                            group_by_label=group_by_label)
+                            group_by_label=group_by_label, rerank=rerank)
     queries = [{"label": lb, "camera": c} for lb, c in zip(per_image(label, len(images), "label"),
                                                          per_image(camera, len(images), "camera"))]
     results = run_search(service, gallery, service.query_vectors(images, net), options, queries)

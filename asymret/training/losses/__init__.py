@@ -7,10 +7,14 @@ from asymret.training.losses import (
 )
 from asymret.training.losses.registry import (  # noqa: F401
     LOSSES,
+    CombinedLoss,
     LossBatch,
     LossInfo,
     LossOutput,
+    build_loss,
+    combined_needs,
     create_loss,
     list_losses,
+    loss_infos,
     register_loss,
 )

@@ -5,10 +5,14 @@ Tuple losses (``contrastive``, ``contr_plus``, ``triplet``, ``multi_similarity``
 ``batch.query`` (B, D) went through the query network; ``batch.positive`` (B, P, D) and
 ``batch.negative`` (B, N, D) are the other members of each anchor's tuple (gallery side in asymmetric
 training, query side in the symmetric baseline: the trainer decides, these losses never detach them).
-Reduction as in the AML code: sum over a tuple's pairs, mean over the B tuples. (The AML code
-back-propagates each tuple's sum and accumulates gradients over the 5 tuples of a step, i.e. 5x the
-gradient of this mean.) An empty member set (P or N = 0) contributes nothing, which gives the ablations
-of Table 5 (e.g. positives only).
+Reduction as in the AML code: a sum over a tuple's pairs and a **sum over the B tuples** of the step
+(AML ``training.py`` back-propagates each tuple's summed loss and accumulates the gradients over the
+step's 5 tuples; the paper's lr 1e-6 is for that scale). ``regression`` sums over the B images likewise.
+Distances add the AML code's eps = 1e-6 to ``q − g`` before the norm (cirtorch ``contrastive_loss``);
+triplet's squared distances and multi-similarity's dot products have none, as there. An empty member
+set (P or N = 0) contributes nothing, which gives the ablations of Table 5 (e.g. positives only).
+These losses carry ``batch_reduction = "sum"``: the trainer then sums (not averages) the gradients
+of several processes and of accumulated steps, so that any split of a step's tuples gives its gradient.
 
 Relational losses (``rkd``, ``darkrank``) compare the relations among the B items as seen by the query
 network (``batch.query``) and by the gallery network (``batch.gallery``, used without gradient).
@@ -28,12 +32,16 @@ AML = "Budnik & Avrithis, CVPR 2021"
 
 # ---- distances and similarities ------------------------------------------------------------------
 
-def tuple_distances(anchor: Tensor, members: Tensor, eps: float = 1e-12) -> Tensor:
-    """``d(a, y) = ‖q_a − g_y‖`` between each anchor (B, D) and its tuple members (B, K, D): (B, K).
+EPS = 1e-6  # the AML/cirtorch code's eps inside the distance
 
-    Clamped under the square root so that coinciding vectors get a zero gradient, not NaN.
+
+def tuple_distances(anchor: Tensor, members: Tensor, eps: float = EPS) -> Tensor:
+    """``d(a, y) = ‖q_a − g_y + ε‖`` between each anchor (B, D) and its tuple members (B, K, D): (B, K).
+
+    ε = 1e-6 is added to every coordinate of the difference, as in cirtorch's ``contrastive_loss``
+    (``pow(x1 − x2 + eps, 2).sum().sqrt()``); it also keeps the gradient finite where q_a = g_y.
     """
-    return (members - anchor.unsqueeze(1)).pow(2).sum(-1).clamp_min(eps).sqrt()
+    return (anchor.unsqueeze(1) - members + eps).pow(2).sum(-1).clamp_min(1e-24).sqrt()
 
 
 def tuple_similarities(anchor: Tensor, members: Tensor) -> Tensor:
@@ -51,34 +59,34 @@ def pairwise_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
 # ---- the formulas ----------------------------------------------------------------------------------
 
 def contrastive_loss(d_pos: Tensor, d_neg: Tensor, margin: float = 0.7) -> Tensor:
-    """AML Eq. (4), Hadsell et al. 2006: ``Σ_p ½ d_p² + Σ_n ½ max(0, m − d_n)²`` per tuple, mean over tuples.
+    """AML Eq. (4), Hadsell et al. 2006: ``Σ_p ½ d_p² + Σ_n ½ max(0, m − d_n)²`` per tuple, summed over tuples.
 
     ``d_pos`` (B, P), ``d_neg`` (B, N). Default m = 0.7 (0.85 in the cirtorch ResNet101 recipe).
     """
     pos = 0.5 * d_pos.pow(2).sum(1)
     neg = 0.5 * F.relu(margin - d_neg).pow(2).sum(1)
-    return (pos + neg).mean()
+    return (pos + neg).sum()
 
 
 def triplet_loss(d_pos: Tensor, d_neg: Tensor, margin: float = 0.1) -> Tensor:
-    """AML Eq. (5): ``Σ_p Σ_n max(0, d_p² − d_n² + m)`` on squared distances per tuple, mean over tuples.
+    """AML Eq. (5): ``Σ_p Σ_n max(0, d_p² − d_n² + m)`` on squared distances, summed over tuples.
 
     ``d_pos`` (B, P), ``d_neg`` (B, N); AML tuples have P = 1. Default m = 0.1.
     """
     violation = d_pos.pow(2).unsqueeze(2) - d_neg.pow(2).unsqueeze(1) + margin
-    return F.relu(violation).sum((1, 2)).mean()
+    return F.relu(violation).sum()
 
 
 def multi_similarity_loss(s_pos: Tensor, s_neg: Tensor, alpha: float = 2.0, beta: float = 40.0,
                           base: float = 0.5) -> Tensor:
-    """AML Eq. (6), Wang et al. CVPR 2019 without pair mining, mean over tuples:
+    """AML Eq. (6), Wang et al. CVPR 2019 without pair mining, summed over tuples:
     ``1/α log(1 + Σ_p e^{−α(s_p − λ)}) + 1/β log(1 + Σ_n e^{β(s_n − λ)})``, λ = ``base``.
 
     ``s_pos`` (B, P), ``s_neg`` (B, N). Defaults α = 2, β = 40, λ = 0.5.
     """
     pos = _log_one_plus_sum_exp(-alpha * (s_pos - base)) / alpha
     neg = _log_one_plus_sum_exp(beta * (s_neg - base)) / beta
-    return (pos + neg).mean()
+    return (pos + neg).sum()
 
 
 def _log_one_plus_sum_exp(x: Tensor) -> Tensor:
@@ -86,9 +94,13 @@ def _log_one_plus_sum_exp(x: Tensor) -> Tensor:
     return torch.logsumexp(F.pad(x, (1, 0)), dim=-1)
 
 
-def regression_loss(query: Tensor, gallery: Tensor) -> Tensor:
-    """AML Eq. (7): ``½ ‖q_a − g_a‖²``, mean over the batch; no labels, no mining, random images."""
-    return 0.5 * (query - gallery).pow(2).sum(1).mean()
+def regression_loss(query: Tensor, gallery: Tensor, eps: float = EPS) -> Tensor:
+    """AML Eq. (7): ``½ ‖q_a − g_a + ε‖²``, summed over the batch; no labels, no mining, random images.
+
+    The AML code runs it as the contrastive loss with the gallery embedding as the only positive, hence
+    the same ε = 1e-6 and the sum over images.
+    """
+    return 0.5 * (query - gallery + eps).pow(2).sum()
 
 
 def rkd_distance_loss(query: Tensor, gallery: Tensor) -> Tensor:
@@ -140,7 +152,7 @@ def _means(**terms: Tensor) -> dict[str, Tensor]:
 
 # ---- registered losses -----------------------------------------------------------------------------
 
-@register_loss("contrastive", family="aml", source=f"{AML}, Eq. (4)",
+@register_loss("contrastive", family="aml", batch_reduction="sum", source=f"{AML}, Eq. (4)",
                summary="contrastive loss between the query-side anchor and its tuple (1 positive, "
                        "hard negatives)",
                equation="Σ_j ½ y_j d_j² + ½ (1−y_j) max(0, m − d_j)²",
@@ -156,7 +168,7 @@ class ContrastiveLoss(nn.Module):
         return LossOutput(contrastive_loss(d_pos, d_neg, self.margin), _means(d_pos=d_pos, d_neg=d_neg))
 
 
-@register_loss("contr_plus", family="aml", source=f"{AML}, Eq. (10)",
+@register_loss("contr_plus", family="aml", batch_reduction="sum", source=f"{AML}, Eq. (10)",
                summary="Contr+: contrastive with the anchor's own gallery embedding g_a as one more "
                        "positive (SELF); the paper's best asymmetric loss with labels",
                equation="½ ‖q_a − g_a‖² + Σ_j ½ y_j d_j² + ½ (1−y_j) max(0, m − d_j)²",
@@ -175,7 +187,7 @@ class ContrPlusLoss(nn.Module):
         return LossOutput(total, _means(d_self=d_self, d_pos=d_pos, d_neg=d_neg))
 
 
-@register_loss("triplet", family="aml", source=f"{AML}, Eq. (5)",
+@register_loss("triplet", family="aml", batch_reduction="sum", source=f"{AML}, Eq. (5)",
                summary="triplet loss on squared distances, anchor vs its positive and each negative",
                equation="Σ_n max(0, ‖q_a − g_p‖² − ‖q_a − g_n‖² + m)",
                needs=("query", "positive", "negative"))
@@ -186,11 +198,11 @@ class TripletLoss(nn.Module):
 
     def forward(self, batch: LossBatch) -> LossOutput:
         query, positive, negative = require(batch, self.loss_name, "query", "positive", "negative")
-        d_pos, d_neg = tuple_distances(query, positive), tuple_distances(query, negative)
+        d_pos, d_neg = tuple_distances(query, positive, eps=0), tuple_distances(query, negative, eps=0)  # no ε there
         return LossOutput(triplet_loss(d_pos, d_neg, self.margin), _means(d_pos=d_pos, d_neg=d_neg))
 
 
-@register_loss("multi_similarity", family="aml", source=f"{AML}, Eq. (6)",
+@register_loss("multi_similarity", family="aml", batch_reduction="sum", source=f"{AML}, Eq. (6)",
                summary="multi-similarity loss (Wang et al. 2019, no pair mining) on the asymmetric "
                        "similarities of the tuple",
                equation="1/α log(1 + Σ_p e^{−α(s_p − λ)}) + 1/β log(1 + Σ_n e^{β(s_n − λ)})",
@@ -207,7 +219,7 @@ class MultiSimilarityLoss(nn.Module):
         return LossOutput(total, _means(s_pos=s_pos, s_neg=s_neg))
 
 
-@register_loss("regression", family="aml", source=f"{AML}, Eq. (7)",
+@register_loss("regression", family="aml", batch_reduction="sum", source=f"{AML}, Eq. (7)",
                summary="regress the query embedding onto the gallery embedding of the same image; "
                        "no labels, random images",
                equation="½ ‖q_a − g_a‖²",

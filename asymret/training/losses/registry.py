@@ -9,7 +9,7 @@ state where a method has some, e.g. a projector) and calls that function.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -72,6 +72,7 @@ class LossInfo:
     equation: str
     needs: tuple[str, ...]
     family: str
+    batch_reduction: str = "mean"
 
     @property
     def defaults(self) -> dict:
@@ -84,14 +85,22 @@ LOSSES: dict[str, LossInfo] = {}
 
 
 def register_loss(name: str, *, summary: str, source: str, equation: str, needs: tuple[str, ...],
-                  family: str) -> Callable[[type], type]:
-    """Register an ``nn.Module`` class whose ``__init__`` keyword defaults are the paper's defaults."""
+                  family: str, batch_reduction: str = "mean") -> Callable[[type], type]:
+    """Register an ``nn.Module`` class whose ``__init__`` keyword defaults are the paper's defaults.
+
+    ``batch_reduction`` says how the loss reduces over the items (tuples) of a batch: ``"mean"``, or
+    ``"sum"`` where the reference code sums (AML's tuple losses). The trainer reads it to combine the
+    gradients of several processes or accumulated steps the same way (summed, or averaged).
+    """
+    if batch_reduction not in ("mean", "sum"):
+        raise ValueError(f"batch_reduction must be 'mean' or 'sum', not {batch_reduction!r}")
 
     def wrap(cls: type) -> type:
         if name in LOSSES:
             raise ValueError(f"loss '{name}' registered twice")
-        LOSSES[name] = LossInfo(name, cls, summary, source, equation, tuple(needs), family)
+        LOSSES[name] = LossInfo(name, cls, summary, source, equation, tuple(needs), family, batch_reduction)
         cls.loss_name = name
+        cls.batch_reduction = batch_reduction
         return cls
 
     return wrap
@@ -109,6 +118,70 @@ def create_loss(name: str, **params) -> nn.Module:
         raise ConfigError(f"loss '{name}' has no parameter {', '.join(map(repr, unknown))}; "
                           f"its parameters are: {', '.join(info.defaults) or 'none'}")
     return info.cls(**params)
+
+
+class CombinedLoss(nn.Module):
+    """Several losses in one run: ``L = Σ_i w_i · L_i`` over one :class:`LossBatch` (e.g. 3DG-STFM Eq. (9),
+    ``λ2 L_MQD + λ3 L_att``).
+
+    Parts, for logging: ``<name>`` is the weighted total ``w_i · L_i`` (the parts so named sum to ``total``),
+    ``<name>/<part>`` each of that loss's own parts, unweighted. ``needs`` is the union of the losses'
+    ``needs``, in order.
+    """
+
+    def __init__(self, terms: Sequence[tuple[str, float, dict]]):
+        super().__init__()
+        names = [name for name, _, _ in terms]
+        if not names:
+            raise ConfigError("a combined loss needs at least one loss; give a list of {name, weight, params}")
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ConfigError(f"the loss list names {', '.join(map(repr, doubled))} more than once; list each "
+                              "loss once, with its weight")
+        self.losses = nn.ModuleDict({name: create_loss(name, **params) for name, _, params in terms})
+        self.weights = {name: float(weight) for name, weight, _ in terms}
+        self.needs = tuple(dict.fromkeys(f for name in names for f in LOSSES[name].needs))
+        reductions = {LOSSES[name].batch_reduction for name in names}
+        if len(reductions) > 1:
+            sums = [n for n in names if LOSSES[n].batch_reduction == "sum"]
+            raise ConfigError(f"the loss list mixes losses summed over the batch's tuples ({', '.join(sums)}) with "
+                              "mean-reduced ones, whose gradients processes and accumulated steps combine "
+                              "differently; train them in separate runs")
+        self.batch_reduction = reductions.pop()  # read by the trainer, as a single loss's
+
+    def forward(self, batch: LossBatch) -> LossOutput:
+        total, parts = None, {}
+        for name, loss in self.losses.items():
+            out = loss(batch)
+            weighted = self.weights[name] * out.total
+            total = weighted if total is None else total + weighted
+            parts[name] = weighted.detach()
+            parts.update({f"{name}/{k}": v for k, v in out.parts.items()})
+        return LossOutput(total, parts)
+
+
+def build_loss(specs: Sequence[tuple[str, float, dict]]) -> nn.Module:
+    """The run's loss from ``(name, weight, params)`` specs (``LossConfig.specs()``): a single loss of weight 1
+    is that loss itself (as ``create_loss`` builds it); anything else a :class:`CombinedLoss`."""
+    if len(specs) == 1 and specs[0][1] == 1.0:
+        name, _, params = specs[0]
+        return create_loss(name, **params)
+    return CombinedLoss(specs)
+
+
+def loss_infos(names: Sequence[str]) -> list[LossInfo]:
+    """The registry entries of ``names``; an unknown name is the ConfigError that lists the known ones."""
+    from asymret.training import losses as _all  # noqa: F401
+
+    for name in names:
+        if name not in LOSSES:
+            create_loss(name)  # raises the error that lists every registered loss
+    return [LOSSES[name] for name in names]
+
+
+def combined_needs(names: Sequence[str]) -> tuple[str, ...]:
+    """The batch fields a run with these losses must provide: the union of their ``needs``, in order."""
+    return tuple(dict.fromkeys(f for info in loss_infos(names) for f in info.needs))
 
 
 def list_losses() -> list[LossInfo]:
