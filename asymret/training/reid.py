@@ -228,6 +228,13 @@ class ReIDRecipe:
             raise ConfigError(f"{what} has num_classes: {head.classifier.out_features} but the training set "
                               f"has {self.num_ids} identities; set num_classes: {self.num_ids}")
 
+    def _local_grids(self) -> tuple[int, ...]:
+        """The cell grids of the loss that reads ``gallery_local`` (UGD's P and P/2), alone or in a loss list."""
+        if "gallery_local" not in self.needs:
+            return ()
+        (grids,) = {tuple(m.local_grids) for m in self.loss_fn.modules() if hasattr(m, "local_grids")}
+        return grids
+
     def _gallery_head_outputs(self) -> None:
         """The frozen gallery network's raw BN-neck feature of every training image (and, for UGD, its local head
         features at the loss's grids), computed once in one pass and cached; the embedding is its L2
@@ -239,7 +246,7 @@ class ReIDRecipe:
         if g.head is None:
             raise ConfigError(f"loss '{self.cfg.loss.name}' reads the gallery network's re-ID head outputs; set "
                               "head: bnneck on gallery_net")
-        grids = tuple(self.loss_fn.local_grids) if "gallery_local" in self.needs else ()
+        grids = self._local_grids()
         names = ["raw", *[f"local{n}" for n in grids]]
         n, dev = len(t.records), self.device
 
@@ -401,7 +408,7 @@ class ReIDRecipe:
             out = g.forward_train(images)
             rows = {"gallery": out.feature, "gallery_raw": out.raw, "gallery_logits": out.logits}
             if "gallery_local" in self.needs:
-                rows["gallery_local"] = tuple(g.local_features(out.fmap, grid) for grid in self.loss_fn.local_grids)
+                rows["gallery_local"] = tuple(g.local_features(out.fmap, grid) for grid in self._local_grids())
                 rows["gallery_local_logits"] = tuple(g.head.classifier(t) for t in rows["gallery_local"])
         return rows
 

@@ -242,6 +242,16 @@ def test_acd_base_loss_receives_the_frozen_query_and_the_trained_gallery(mini, d
     assert not got.query_raw.requires_grad and got.gallery_raw.requires_grad  # ACD: the gallery side is trained
 
 
+def test_ugd_in_a_loss_list_gets_its_local_features(mini, gallery, tmp_path):
+    cfg = {**student(mini, tmp_path, gallery, "ugd"), "loss": [{"name": "ugd", "weight": 0.5}, {"name": "fitnet"}]}
+    trainer = Trainer(ExperimentConfig.model_validate(cfg), progress=False)
+    assert trainer.recipe._local_grids() == (2, 1) and len(trainer.recipe.gallery_local) == 2
+    pk_loader, pk, d_loader, ds = trainer.recipe.loaders(0)
+    trainer.recipe.train_mode()
+    out = trainer.recipe.step(next(iter(pk_loader)), next(iter(pk)), next(iter(d_loader)), next(iter(ds)))
+    assert torch.isfinite(out.total) and out.parts["distill_ugd"] > 0 and out.parts["distill_fitnet"] > 0
+
+
 def test_local_feature_losses_need_a_frozen_gallery(mini, d3still_run, tmp_path):
     with pytest.raises(ConfigError, match="gallery_frozen: true"):
         Trainer(ExperimentConfig.model_validate(acd_config(mini, tmp_path, d3still_run, loss={"name": "ugd"})),
