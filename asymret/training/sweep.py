@@ -265,7 +265,7 @@ def evaluate_run(run: SweepRun, settings: dict, batch_size: int = 16) -> dict:
     device = resolve_device(run.cfg.train.device)
     pair = load_pair(run.run_dir / "pair.pt", device=device)
     result = evaluate_pair(pair.query_net, pair.gallery_net, settings["benchmark"], settings["root"],
-                           whitening=pair.whitening, distractors=settings["distractors"],
+                           whitenings=pair.whitenings(), distractors=settings["distractors"],
                            multiscale=settings["multiscale"], rows=tuple(settings["rows"]), batch_size=batch_size,
                            num_workers=run.cfg.data.num_workers, device=device,
                            cache_dir=Path(run.cfg.output_dir) / ".cache", reference_gallery=pair.reference_gallery)

@@ -158,7 +158,9 @@ def test_cache_dir_reuses_a_networks_cached_training_embeddings(tmp_path, mini, 
     records = SfM120k(mini["train_pkl"]).records
     fake = np.random.default_rng(0).normal(size=(len(records), 8)).astype(np.float32)
     cache = EmbeddingCache(tmp_path / "cache")
-    cache._write(cache.path(cache_key(pair.gallery_net, records)), fake, {"test": True})
+    entry = cache.path(cache_key(pair.gallery_net, records))  # the documented layout: <key>/embeddings.npy
+    entry.parent.mkdir(parents=True)
+    np.save(entry, fake)
     code, _, _ = cli(capsys, "whiten", "--pair", plain, "--data", mini["train_pkl"], "--out", tmp_path / "p.pt",
                      "--cache-dir", tmp_path / "cache", "--device", "cpu", "--workers", "0", "--json")
     assert code == 0
