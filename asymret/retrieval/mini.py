@@ -641,17 +641,22 @@ def build_mini(out_dir, seed: int = 0, size: str = "small", workers: int | None 
     return result(out, manifest)
 
 
+def ensure_built(out: Path, marker: str, manifest_name: str, want: dict, build, finish) -> dict:
+    """``finish(out, manifest)`` when ``out`` holds a complete build whose ``marker`` file records ``want`` (seed,
+    size, format version) beside its ``manifest_name``; otherwise ``build()``, which renders it again."""
+    try:
+        done = json.loads((out / marker).read_text())
+        manifest = json.loads((out / manifest_name).read_text())
+    except (OSError, ValueError):
+        return build()
+    return finish(out, manifest) if done == want else build()
+
+
 def ensure_mini(out_dir, seed: int = 0, size: str = "small", workers: int | None = 1) -> dict:
     """:func:`build_mini` unless ``out_dir`` already holds a complete build of this seed, size and format."""
     out = Path(out_dir).expanduser()
-    try:
-        done = json.loads((out / MARKER).read_text())
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return build_mini(out, seed, size, workers)
-    if done != {"seed": seed, "size": size, "format_version": FORMAT_VERSION}:
-        return build_mini(out, seed, size, workers)
-    return result(out, manifest)
+    return ensure_built(out, MARKER, "manifest.json", {"seed": seed, "size": size, "format_version": FORMAT_VERSION},
+                        lambda: build_mini(out, seed, size, workers), result)
 
 
 def result(out: Path, manifest: dict) -> dict:

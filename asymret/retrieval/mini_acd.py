@@ -42,6 +42,7 @@ from asymret.retrieval.mini import (
     TONES,
     Camera,
     Region,
+    ensure_built,
     grid_regions,
     process_pool,
     render_vehicle,
@@ -276,14 +277,8 @@ def build_mini_acd(out_dir, seed: int = 0, size: str = "small", workers: int | N
 def ensure_mini_acd(out_dir, seed: int = 0, size: str = "small", workers: int | None = 1) -> dict:
     """:func:`build_mini_acd` unless ``out_dir`` already holds a complete build of this seed, size and format."""
     out = Path(out_dir).expanduser()
-    try:
-        done = json.loads((out / MARKER).read_text())
-        manifest = json.loads((out / "mini-acd.json").read_text())
-    except (OSError, ValueError):
-        return build_mini_acd(out, seed, size, workers)
-    if done != {"seed": seed, "size": size, "format_version": FORMAT_VERSION}:
-        return build_mini_acd(out, seed, size, workers)
-    return result(out, manifest)
+    return ensure_built(out, MARKER, "mini-acd.json", {"seed": seed, "size": size, "format_version": FORMAT_VERSION},
+                        lambda: build_mini_acd(out, seed, size, workers), result)
 
 
 def result(out: Path, manifest: dict) -> dict:
