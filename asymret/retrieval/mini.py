@@ -606,12 +606,8 @@ def build_mini(out_dir, seed: int = 0, size: str = "small", workers: int | None 
     ``workers``: rendering processes, None for all cores (see :func:`process_pool`; more than one
     needs the calling script's ``if __name__ == "__main__"`` guard); the files are the same for any number.
     """
-    if size not in SIZES:
-        raise InputError(f"unknown mini benchmark size '{size}'; choose one of: {', '.join(SIZES)}")
-    if seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed}")
+    spec = size_spec(SIZES, size, seed)
     out = Path(out_dir).expanduser()
-    spec = SIZES[size]
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).unlink(missing_ok=True)
@@ -639,6 +635,15 @@ def build_mini(out_dir, seed: int = 0, size: str = "small", workers: int | None 
     (out / "README.txt").write_text(readme(manifest))
     (out / MARKER).write_text(json.dumps({"seed": seed, "size": size, "format_version": FORMAT_VERSION}))
     return result(out, manifest)
+
+
+def size_spec(sizes: dict, size: str, seed: int):
+    """``sizes[size]`` for a render of ``seed``, or the one-sentence error saying what to pass."""
+    if size not in sizes:
+        raise InputError(f"unknown mini benchmark size '{size}'; choose one of: {', '.join(sizes)}")
+    if seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed}")
+    return sizes[size]
 
 
 def ensure_built(out: Path, marker: str, manifest_name: str, want: dict, build, finish) -> dict:

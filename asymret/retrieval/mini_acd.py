@@ -48,6 +48,7 @@ from asymret.retrieval.mini import (
     render_vehicle,
     render_view,
     save_jpeg,
+    size_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -248,12 +249,8 @@ BUILDERS = {MSMT17: build_msmt17, INSHOP: build_inshop, SOP: build_sop, CUB: bui
 def build_mini_acd(out_dir, seed: int = 0, size: str = "small", workers: int | None = 1) -> dict:
     """Render the four datasets into ``out_dir`` (replacing earlier ones; other folders there are left alone)
     and return their paths and counts. Writes ``mini-acd.json`` (sizes, seed, versions), then the marker."""
-    if size not in SIZES:
-        raise InputError(f"unknown mini benchmark size '{size}'; choose one of: {', '.join(SIZES)}")
-    if seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed}")
+    spec = size_spec(SIZES, size, seed)
     out = Path(out_dir).expanduser()
-    spec = SIZES[size]
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).unlink(missing_ok=True)
