@@ -104,9 +104,9 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
+    from asymret.mini import ensure_mini
     from asymret.retrieval.encoders import create_encoder
     from asymret.retrieval.evaluate import evaluate_pair
-    from asymret.retrieval.mini import ensure_mini
     from asymret.training.config import ExperimentConfig
 
     torch.set_num_threads(1)

@@ -38,12 +38,12 @@ def main():
     from PIL import Image
 
     from asymret.api.commands.demo import demo_networks
+    from asymret.mini import ensure_mini
     from asymret.retrieval import datasets as D
     from asymret.retrieval import metrics
     from asymret.retrieval.cache import EmbeddingCache
     from asymret.retrieval.encode import encode_records
     from asymret.retrieval.encoders import create_encoder
-    from asymret.retrieval.mini import ensure_mini
 
     torch.set_num_threads(1)
     out = Path(args.out).resolve()

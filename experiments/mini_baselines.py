@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from asymret.mini import ensure_mini
 from asymret.retrieval.evaluate import evaluate_features_revisited, evaluate_pair
-from asymret.retrieval.mini import ensure_mini
 from asymret.retrieval.records import load_image
 
 

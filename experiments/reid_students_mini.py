@@ -35,7 +35,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
-    from asymret.retrieval.mini import ensure_mini
+    from asymret.mini import ensure_mini
     from asymret.training.trainer import train
 
     torch.set_num_threads(1)

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from asymret.api.cli import main
+from asymret.mini import ensure_mini_acd
 from asymret.retrieval.datasets import open_dataset
 from asymret.retrieval.encode import encode_records
 from asymret.retrieval.encoders import create_encoder
 from asymret.retrieval.evaluate import evaluate_features_benchmark, public
-from asymret.retrieval.mini_acd import ensure_mini_acd
 from asymret.retrieval.pair import load_pair, save_pair
 from asymret.training.config import ExperimentConfig
 from asymret.training.trainer import train

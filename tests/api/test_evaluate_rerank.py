@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from asymret.api.cli import main
+from asymret.mini import ensure_mini
 from asymret.retrieval import metrics, rerank
 from asymret.retrieval.datasets import RevisitedDataset
 from asymret.retrieval.encode import encode_records
 from asymret.retrieval.encoders import create_encoder
-from asymret.retrieval.mini import ensure_mini
 from asymret.retrieval.pair import save_pair
 from asymret.retrieval.specs import EncoderSpec, InputSpec
 

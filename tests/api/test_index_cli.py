@@ -14,12 +14,12 @@ import yaml
 
 from asymret.api.cli import main
 from asymret.index import GalleryStore
+from asymret.mini import ensure_mini
 from asymret.retrieval import metrics
 from asymret.retrieval.datasets import RevisitedDataset
 from asymret.retrieval.encode import encode_records
 from asymret.retrieval.encoders import create_encoder, encoder_checkpoint
 from asymret.retrieval.evaluate import evaluate_pair
-from asymret.retrieval.mini import ensure_mini
 from asymret.retrieval.pair import load_pair, save_pair
 from asymret.retrieval.specs import EncoderSpec, InputSpec
 from asymret.retrieval.whitening import Whitening

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from asymret.api.cli import main
+from asymret.mini import ensure_mini
 from asymret.retrieval.datasets import SfM120k
 from asymret.retrieval.encode import encode_records
 from asymret.retrieval.encoders import create_encoder
-from asymret.retrieval.mini import ensure_mini
 from asymret.retrieval.pair import load_pair, save_pair
 from asymret.retrieval.specs import EncoderSpec, InputSpec
 from tests.retrieval.test_whitening import cirtorch_apply, cirtorch_lw

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from asymret.errors import DataError, InputError
+from asymret.mini import ensure_mini_acd
 from asymret.retrieval.datasets import (
     CUB200,
     MSMT17,
@@ -17,7 +18,6 @@ from asymret.retrieval.datasets import (
     open_dataset,
     parse_msmt17_name,
 )
-from asymret.retrieval.mini_acd import ensure_mini_acd
 from tests.retrieval.test_datasets import write_image
 
 

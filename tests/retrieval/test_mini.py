@@ -16,7 +16,8 @@ from skimage.transform import warp
 
 from asymret.api.cli import main as cli
 from asymret.errors import InputError
-from asymret.retrieval import mini
+from asymret.mini import benchmark as mini
+from asymret.mini import scene
 from asymret.retrieval.datasets import RevisitedDataset, SfM120k, VeRi776, cid2filename
 from asymret.retrieval.records import load_image
 
@@ -195,7 +196,7 @@ def test_training_regions_never_hold_a_test_landmark(built):
 
 # --- geometry, checked against a pixel computation ------------------------------------------------
 
-def projected_mask(region: mini.Region, tform, out_hw) -> np.ndarray:
+def projected_mask(region: scene.Region, tform, out_hw) -> np.ndarray:
     """The landmark as an indicator image, warped like the photo: an independent visibility oracle."""
     mask = np.zeros(region.pixels().shape[:2])
     x0, y0, x1, y1 = region.core()
@@ -211,23 +212,23 @@ def shoelace(points: np.ndarray) -> float:
 
 @pytest.mark.parametrize("kind", ["query", "easy", "hard", "junk_edge"])
 def test_visible_fraction_and_box_match_the_warped_landmark_mask(kind):
-    region = mini.Region("astronaut.png", (0, 0, 256, 256), "astronaut_r0c0")
+    region = scene.Region("astronaut.png", (0, 0, 256, 256), "astronaut_r0c0")
     out_hw = (192, 256)
     for i in range(6):
         rng = np.random.default_rng([7, i])
-        view = mini.VIEWS[kind]
-        quad = mini.fit_inside(mini.view_quad(rng, region.core(), 256 / 192, view.zoom, view.shift, view.rot,
+        view = scene.VIEWS[kind]
+        quad = scene.fit_inside(scene.view_quad(rng, region.core(), 256 / 192, view.zoom, view.shift, view.rot,
                                               view.persp), region.frame())
-        _, tform = mini.render(region.pixels(), quad, out_hw)
+        _, tform = scene.render(region.pixels(), quad, out_hw)
         mask = projected_mask(region, tform, out_hw)
         x0, y0, x1, y1 = region.core()
         full = shoelace(tform.inverse(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])))
-        visible = mini.visible_fraction(tform, region.core(), out_hw, None)
+        visible = scene.visible_fraction(tform, region.core(), out_hw, None)
         assert abs(visible - mask.sum() / full) < 0.07
         assert kind != "query" or visible == 1  # a query shows its whole landmark
         if visible == 1:  # the query case: the box must be the landmark's own bounding box
             ys, xs = np.nonzero(mask)
-            box = mini.box_in_frame(tform, region.core(), out_hw)
+            box = scene.box_in_frame(tform, region.core(), out_hw)
             assert np.allclose(box, [xs.min(), ys.min(), xs.max(), ys.max()], atol=2.5)
 
 
@@ -236,26 +237,26 @@ def test_fit_inside_keeps_views_within_their_region():
     box = (0, 0, 100, 60)
     for _ in range(200):
         quad = rng.uniform(-80, 180, (4, 2))
-        fitted = mini.fit_inside(quad, box)
+        fitted = scene.fit_inside(quad, box)
         assert (fitted >= 0).all() and (fitted[:, 0] <= 100).all() and (fitted[:, 1] <= 60).all()
     inside = np.array([[10.0, 10], [90, 12], [85, 50], [12, 55]])
-    assert np.allclose(mini.fit_inside(inside, box), inside)
+    assert np.allclose(scene.fit_inside(inside, box), inside)
 
 
 def test_hue_rotation_is_a_rotation_about_the_grey_axis():
-    assert np.allclose(mini.hue_rotation(0), np.eye(3))
+    assert np.allclose(scene.hue_rotation(0), np.eye(3))
     for degrees in (17, 90, 180):
-        m = mini.hue_rotation(degrees)
+        m = scene.hue_rotation(degrees)
         assert np.allclose(m @ m.T, np.eye(3)) and np.isclose(np.linalg.det(m), 1)
         assert np.allclose(m @ np.ones(3), np.ones(3))  # grey stays grey, intensity (mean of RGB) is kept
-    assert np.allclose(mini.hue_rotation(120), np.eye(3)[[2, 0, 1]])  # a third of the circle: R -> G -> B
+    assert np.allclose(scene.hue_rotation(120), np.eye(3)[[2, 0, 1]])  # a third of the circle: R -> G -> B
 
 
 def test_database_tones_remap_colours_but_queries_keep_them():
     img = np.random.default_rng(0).uniform(0.2, 0.8, (8, 8, 3)).astype(np.float32)
     remapped = []
     for kind in ("query", "mild", "severe"):
-        tone_range = mini.TONES[kind]
+        tone_range = scene.TONES[kind]
         tones = [tone_range.sample(np.random.default_rng([1, i])) for i in range(200)]
         remapped.append(np.mean([not np.allclose(t.mix, np.eye(3)) for t in tones]))
         for t in tones:  # hue rotations, channel swaps and grey all keep each pixel's intensity
@@ -263,14 +264,14 @@ def test_database_tones_remap_colours_but_queries_keep_them():
         out = tones[0].apply(np.random.default_rng(2), img)
         assert out.shape == img.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
     assert remapped[0] == 0 and remapped[1] > 0.9 and remapped[2] > 0.9
-    assert mini.VIEWS["query"].tone == "query" and mini.VIEWS["hard"].tone == "severe"
+    assert scene.VIEWS["query"].tone == "query" and scene.VIEWS["hard"].tone == "severe"
 
 
 def test_labels_follow_revisitop_visibility_rule():
-    assert mini.label("easy", 0.9) == "easy" and mini.label("hard", 0.5) == "hard"
-    assert mini.label("hard", 0.2) == "junk"  # under a quarter visible
-    assert mini.label("junk_occluded", 0.6) == "junk"
-    assert mini.label("junk_edge", 0.01) is None  # out of view: a plain negative
+    assert scene.label("easy", 0.9) == "easy" and scene.label("hard", 0.5) == "hard"
+    assert scene.label("hard", 0.2) == "junk"  # under a quarter visible
+    assert scene.label("junk_occluded", 0.6) == "junk"
+    assert scene.label("junk_edge", 0.01) is None  # out of view: a plain negative
 
 
 # --- mini-veri: the VeRi-776 layout ----------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from asymret.config import load_config
-from asymret.retrieval.mini_acd import ensure_mini_acd
+from asymret.mini import ensure_mini_acd
 from asymret.training.config import ExperimentConfig
 from asymret.training.trainer import Trainer
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from asymret.config import dump_config, load_config
 from asymret.errors import ConfigError
-from asymret.retrieval.mini import ensure_mini
+from asymret.mini import ensure_mini
 from asymret.training.config import ExperimentConfig, LossConfig
 from asymret.training.losses import CombinedLoss, LossBatch, build_loss, combined_needs, create_loss
 from asymret.training.tensorboard import scalars

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from asymret.api.cli import main
 from asymret.errors import ConfigError
+from asymret.mini import ensure_mini
 from asymret.retrieval.evaluate import evaluate_pair
-from asymret.retrieval.mini import ensure_mini
 from asymret.retrieval.pair import load_pair
 from asymret.retrieval.records import load_image
 from asymret.training.config import ExperimentConfig

@@ -11,7 +11,7 @@ import yaml
 
 from asymret.api.cli import main
 from asymret.errors import ConfigError
-from asymret.retrieval.mini import ensure_mini
+from asymret.mini import ensure_mini
 from asymret.training import sweep as S
 from asymret.training.trainer import Trainer
 

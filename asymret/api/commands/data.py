@@ -13,8 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from asymret.retrieval.mini import build_mini, ensure_mini
-from asymret.retrieval.mini_acd import build_mini_acd, ensure_mini_acd
+from asymret.mini import build_mini, build_mini_acd, ensure_mini, ensure_mini_acd
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,7 +1,7 @@
 """Mini versions of ACD's other benchmarks, rendered like mini-veri, in each dataset's official layout.
 
 :func:`build_mini_acd` renders four small datasets from the photographs inside scikit-image (the renderer
-of :mod:`asymret.retrieval.mini`: photo regions as objects, homographies, colour casts, blur, occluders),
+of :mod:`asymret.mini.scene`: photo regions as objects, homographies, colour casts, blur, occluders),
 deterministically from a seed, so the real readers of :mod:`asymret.retrieval.datasets` open them unchanged:
 
 * ``mini-msmt17/`` as MSMT17_V1 (Wei et al., CVPR 2018): ``train/<pid>/`` and ``test/<pid>/`` images named
@@ -36,19 +36,17 @@ import skimage
 
 from asymret import __version__
 from asymret.errors import DataError, InputError
-from asymret.retrieval.mini import (
+from asymret.mini.build import ensure_built, process_pool, size_spec
+from asymret.mini.scene import (
     JPEG_QUALITY,
     PHOTOS,
     TONES,
     Camera,
     Region,
-    ensure_built,
     grid_regions,
-    process_pool,
     render_vehicle,
     render_view,
     save_jpeg,
-    size_spec,
 )
 
 log = logging.getLogger(__name__)
