@@ -7,29 +7,19 @@ a user's own descriptors get exactly the numbers our trained networks get.
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from asymret.errors import DataError, InputError
+from asymret.errors import InputError
 from asymret.retrieval import metrics, rerank
+from asymret.retrieval.datasets import RevisitedDataset, VeRi776, open_dataset, parse_veri_name, read_gnd
+from asymret.retrieval.datasets.features import read_meta, read_names
 from asymret.retrieval.rerank import RerankOptions
 
 log = logging.getLogger(__name__)
-
-
-def load_features(path: str | Path, what: str) -> np.ndarray:
-    """A ``.npy`` file of features (memory-mapped; rows = images in list order)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{what} file not found: {path}")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{what} file {path} is not a .npy array ({exc}); save features with numpy.save") from None
 
 
 def _check_rows(array: np.ndarray, expected: int, what: str, listed_in: str) -> None:
@@ -44,8 +34,6 @@ def evaluate_features_revisited(gnd_path, queries, database, distractors=None, k
 
     ``topk``: rank by an index's top-k search (:func:`index_ranking`) instead of exactly.
     """
-    from asymret.retrieval.datasets import read_gnd
-
     data = read_gnd(gnd_path)
     name = Path(gnd_path).name
     _check_rows(queries, len(data["qimlist"]), "queries", f"{name} (qimlist)")
@@ -57,17 +45,8 @@ def evaluate_features_revisited(gnd_path, queries, database, distractors=None, k
     return metrics.evaluate_revisited(data["gnd"], kappas=kappas, **ranking_source(q, db, topk, max(kappas)))
 
 
-def read_names(path, what: str) -> list[str]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 def evaluate_features_veri(query_names, gallery_names, queries, database, camera_rule: bool = True) -> dict:
     """VeRi-776 from its name lists (``name_query.txt``, ``name_test.txt``)."""
-    from asymret.retrieval.datasets import parse_veri_name
-
     qn, gn = read_names(query_names, "query name list"), read_names(gallery_names, "gallery name list")
     _check_rows(queries, len(qn), "queries", str(query_names))
     _check_rows(database, len(gn), "database", str(gallery_names))
@@ -77,29 +56,6 @@ def evaluate_features_veri(query_names, gallery_names, queries, database, camera
     pos, junk = metrics.reid_groundtruth(qid, qcam, gid, gcam, camera_rule=camera_rule,
                                          query_gallery_index=[where.get(n, -1) for n in qn])
     return _reid(pos, junk, queries, database)
-
-
-def read_meta(path) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
-    """A re-ID metadata CSV with header ``identity,camera`` (camera optional; ``path`` optional)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"metadata CSV not found: {path}")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        if "identity" not in fields:
-            raise DataError(f"{path}: needs a header with an 'identity' column (and optionally 'camera', "
-                            f"'path'); found {fields or 'no header'}")
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    ids = np.array([r["identity"] for r in rows])
-    cams = None
-    if "camera" in fields and all(r["camera"] for r in rows):
-        try:
-            cams = np.array([int(r["camera"]) for r in rows])
-        except ValueError:
-            cams = np.array([r["camera"] for r in rows])
-    paths = [r["path"] for r in rows] if "path" in fields else None
-    return ids, cams, paths
 
 
 def evaluate_features_reid(query_meta, gallery_meta, queries, database, camera_rule: bool = True) -> dict:
@@ -124,8 +80,6 @@ def evaluate_features_benchmark(benchmark: str, root, queries, database, camera_
     for SOP and CUB-200-2011 both arrays hold the test split (leave-one-out), e.g. the query network's and
     the gallery network's features of the same images.
     """
-    from asymret.retrieval.datasets import open_dataset
-
     if benchmark not in ACD_BENCHMARKS:
         raise InputError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(ACD_BENCHMARKS)}")
     data = open_dataset(benchmark, root=root, check_files=False)
@@ -184,43 +138,6 @@ def check_depth(topk: int, deepest: int = max(metrics.DEFAULT_KAPPAS)) -> None:
     if topk < deepest:
         raise InputError(f"--topk {topk} is shallower than mP@{deepest}, which needs the top {deepest} of every "
                          f"query; give --topk {deepest} or more (100 or more keeps mAP close to exact)")
-
-
-# --------------------------------------------------------------------------------------------- reports
-
-
-def pct(value, width: int) -> str:
-    """A fraction as a percentage cell; ``n/a`` for an unknown value (mP@k past a truncated ranking)."""
-    return f"{'n/a':>{width}}" if value is None else f"{100 * value:>{width}.2f}"
-
-
-TRUNCATED_NOTE = ("note: truncated ranking; positives beyond it counted as not retrieved (mAP is a lower bound); "
-                  "n/a: an mP@k deeper than some query's retrieved list")
-
-
-def format_revisited(result: dict, title: str = "") -> str:
-    cols = [k for k in result[next(iter(p for p in metrics.REVISITED_PROTOCOLS if p in result))]
-            if k.startswith(("mAP", "mP@"))]
-    lines = [title] if title else []
-    lines.append(f"{'protocol':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'queries':>9}")
-    for p in metrics.REVISITED_PROTOCOLS:
-        if p in result:
-            lines.append(f"{p:<10}" + "".join(pct(result[p][c], 9) for c in cols) + f"{result[p]['queries']:>9d}")
-    if not result.get("exact", True):
-        lines.append(TRUNCATED_NOTE)
-    return "\n".join(lines)
-
-
-REID_COLUMNS = ("mAP", "mAP_official", "R1", "R5", "R10", "mINP")
-
-
-def format_reid(result: dict, title: str = "") -> str:
-    cols = [c for c in REID_COLUMNS if c in result] + [c for c in result if c.startswith("Recall@")]
-    lines = [title] if title else []
-    lines.append("".join(f"{c:>13}" for c in cols) + f"{'queries':>9}")
-    lines.append("".join(pct(result[c], 13) for c in cols) + f"{result['queries']:>9d}")
-    lines.append("mAP: mean of precisions (torchreid/fast-reid); mAP_official: trapezoidal (VeRi MATLAB code)")
-    return "\n".join(lines)
 
 
 def public(result: dict) -> dict:
@@ -339,8 +256,6 @@ def postprocessed(row: str, queries, database, post: Postprocessing, topk: int |
 
 def open_benchmark(benchmark: str, root, distractors=None):
     """The test split of a benchmark: (queries, database, scorer(**ranking source) -> metrics)."""
-    from asymret.retrieval.datasets import RevisitedDataset, VeRi776, open_dataset
-
     if benchmark in REVISITED_BENCHMARKS:
         data = RevisitedDataset(root, distractors=distractors)
 
@@ -378,10 +293,6 @@ def benchmark_scorer(benchmark: str, positives, junk):
 def dataset_name(benchmark: str, root) -> str:
     """The name of the data that ``open_benchmark`` reads under ``root``: a revisited folder's ``gnd_<name>.pkl``
     (``roxford5k`` pointed at a mini folder reads ``mini-roxford``); for re-ID, the benchmark asked for."""
-    from pathlib import Path
-
-    from asymret.retrieval.datasets import RevisitedDataset
-
     if benchmark in REVISITED_BENCHMARKS and Path(root).expanduser().is_dir():
         return RevisitedDataset.gnd_path_in(Path(root).expanduser(), None).stem[len("gnd_"):]
     return benchmark
@@ -489,63 +400,3 @@ def evaluate_pair(query_net, gallery_net, benchmark: str, root, *, whitenings=No
                 for post_name, post_source in postprocessed(name, wq, wdb, postprocessing, topk):
                     results[post_name] = {**score(**post_source), "whitening": used}
     return results
-
-
-def whitening_note(results: dict) -> str | None:
-    """One line under a table with ``+Lw`` rows: what they are and where each whitening was learned."""
-    used = {}
-    for r in results.values():
-        w = r.get("whitening")
-        if w:
-            used.setdefault(w["network"], w)
-    if not used:
-        return None
-    parts = []
-    for network, w in used.items():
-        where = f" on {w['learned_on']}" if w.get("learned_on") else ""
-        amount = f", {w['pairs']} pairs" if w.get("pairs") else f", {w['images']} images" if w.get("images") else ""
-        parts.append(f"{network}: {w['kind']} {w['input_dim']} -> {w['dim']}{where}{amount}")
-    return ("+ Lw: whitening l2n(P (x - m)) (learned: Radenovic's Lw; pca: PCA whitening); asymmetric rows apply the "
-            "gallery network's to both sides, the others their network's own. " + "; ".join(parts))
-
-
-def format_pair_table(results: dict, benchmark: str, cost: dict | None = None) -> str:
-    """One table: a row per test setting, Medium/Hard mAP and mP@10 (revisited) or re-ID metrics.
-
-    ``cost`` (:func:`asymret.retrieval.cost.pair_cost`) adds, beside each row, the parameters and GFLOPs per
-    image of the network that encodes that row's queries.
-    """
-    if benchmark in REVISITED_BENCHMARKS:
-        cols = [f"{'M mAP':>8}{'M mP@10':>9}{'H mAP':>8}{'H mP@10':>9}"]
-
-        def cells(r):
-            return (f"{pct(r['medium']['mAP'], 8)}{pct(r['medium']['mP@10'], 9)}{pct(r['hard']['mAP'], 8)}"
-                    f"{pct(r['hard']['mP@10'], 9)}")
-    else:
-        names = ("mAP", "mAP_official", "R1", "mINP") + tuple(f"Recall@{k}" for k in RECALL_BENCHMARKS.get(
-            benchmark, ()) if k != 1)
-        cols = ["".join(f"{c:>13}" for c in names)]
-
-        def cells(r):
-            return "".join(pct(r[c], 13) for c in names)
-    if cost:
-        cols.append(f"{'query-side params':>19}{'GFLOPs':>8}")
-    width = max([38, *(len(row_title(row)) + 2 for row in results)])
-    lines = [f"{'':<{width}}" + "".join(cols)]
-    for row, r in results.items():
-        line = f"{row_title(row):<{width}}{cells(r)}"
-        if cost and base_row(row) in ROW_QUERY_SIDE:
-            c = cost[ROW_QUERY_SIDE[base_row(row)]]
-            line += f"{c['params'] / 1e6:>18.2f}M{c['gflops']:>8.3f}"
-        lines.append(line)
-    if not all(r.get("exact", True) for r in results.values()):
-        lines.append(TRUNCATED_NOTE)
-    if note := whitening_note(results):
-        lines.append(note)
-    if cost:
-        g = cost["gallery_net"]
-        lines.append(f"database side, every row but symmetric: the gallery network, {g['params'] / 1e6:.2f}M params, "
-                     f"{g['gflops']:.3f} GFLOPs per image, encoded once offline")
-        lines.append("GFLOPs per image at the input size (a square of the longer side), a multiply-add counted as 2 "
-                     "(torch.utils.flop_counter)")
-    return "\n".join(lines)

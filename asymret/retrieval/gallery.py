@@ -58,8 +58,8 @@ from asymret.retrieval.datasets import (
     IMAGE_EXTENSIONS,
     CsvDataset,
     RevisitedDataset,
-    _check_files,
-    _read_lines,
+    read_lines,
+    require_files,
 )
 from asymret.retrieval.encode import encode_images, encode_records
 from asymret.retrieval.encoders import Encoder, create_encoder
@@ -174,11 +174,11 @@ def read_images(source) -> list[ImageRecord]:
         return list(CsvDataset(path))
     if path.suffix == ".pkl":
         return list(RevisitedDataset(path.parent, name=path.stem.removeprefix("gnd_")).database)
-    lines = [line for line in _read_lines(path, "image list (one path per line)") if line and not line.startswith("#")]
+    lines = [line for line in read_lines(path, "image list (one path per line)") if line and not line.startswith("#")]
     paths = [path.parent / line for line in lines]
     if not paths:
         raise DataError(f"{path} lists no images; write one image path per line")
-    _check_files(paths, path, f"relative paths are read from {path.parent}")
+    require_files(paths, path, f"relative paths are read from {path.parent}")
     return [ImageRecord(p) for p in paths]
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from asymret.api.tables import format_pair_table
 from asymret.mini import ensure_mini
 from asymret.retrieval import metrics
 from asymret.retrieval.datasets import RevisitedDataset
 from asymret.retrieval.encode import encode_records
 from asymret.retrieval.encoders import create_encoder
-from asymret.retrieval.evaluate import LW, evaluate_pair, format_pair_table
+from asymret.retrieval.evaluate import LW, evaluate_pair
 from asymret.retrieval.specs import EncoderSpec, InputSpec
 from asymret.retrieval.whitening import Whitening
 

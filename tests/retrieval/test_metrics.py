@@ -227,7 +227,7 @@ def test_mp_at_k_past_a_truncated_list_is_unknown_not_a_number():
     gnd = [{"easy": [7, 9], "hard": [], "junk": [3, 4]}]
     r = M.evaluate_revisited(gnd, ranking=np.array([[3, 4, 7, 5]]), kappas=(1, 2, 3))["easy"]
     assert r["mP@1"] == pytest.approx(1.0) and r["mP@2"] == pytest.approx(0.5) and r["mP@3"] is None
-    from asymret.retrieval.evaluate import format_revisited
+    from asymret.api.tables import format_revisited
 
     text = format_revisited(M.evaluate_revisited(gnd, ranking=np.array([[3, 4, 7, 5]]), kappas=(1, 2, 3)))
     assert "n/a" in text and "lower bound" in text

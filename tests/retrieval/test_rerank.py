@@ -191,8 +191,9 @@ def test_rerank_dispatch(asym):
 
 def test_evaluation_rows_score_each_method_on_the_same_features(asym):
     """evaluate's post-processed rows: each one's metrics from the direct computation of its method."""
+    from asymret.api.tables import format_pair_table
     from asymret.retrieval import metrics
-    from asymret.retrieval.evaluate import Postprocessing, format_pair_table, postprocessed, row_title
+    from asymret.retrieval.evaluate import Postprocessing, postprocessed, row_title
 
     queries, gallery = asym
     labels_g = np.argmax(gallery @ np.random.default_rng(0).normal(size=(8, 16)).T, axis=1)  # the centre ids

@@ -103,10 +103,11 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from asymret.api.tables import format_pair_table
     from asymret.mini import ensure_mini
     from asymret.retrieval.cost import pair_cost
     from asymret.retrieval.encoders import create_encoder
-    from asymret.retrieval.evaluate import evaluate_pair, format_pair_table, public
+    from asymret.retrieval.evaluate import evaluate_pair, public
     from asymret.retrieval.pair import load_pair
     from asymret.training.config import ExperimentConfig
     from asymret.training.trainer import train

@@ -117,32 +117,34 @@ def _need(args, *names):
 
 
 def run_features(args: argparse.Namespace) -> int:
+    from asymret.api import tables
     from asymret.retrieval import evaluate as ev
+    from asymret.retrieval.datasets.features import load_features
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        q = ev.load_features(args.queries, "queries")
-        db = ev.load_features(args.database, "database")
+        q = load_features(args.queries, "queries")
+        db = load_features(args.database, "database")
         if args.protocol == "revisited":
             _need(args, "gnd")
-            d = ev.load_features(args.distractors, "distractors") if args.distractors else None
+            d = load_features(args.distractors, "distractors") if args.distractors else None
             result = ev.evaluate_features_revisited(args.gnd, q, db, d)
-            text = ev.format_revisited(result)
+            text = tables.format_revisited(result)
         elif args.protocol == "veri776":
             _need(args, "query_names", "gallery_names")
             result = ev.evaluate_features_veri(args.query_names, args.gallery_names, q, db,
                                                camera_rule=not args.no_camera_rule)
-            text = ev.format_reid(result)
+            text = tables.format_reid(result)
         elif args.protocol != "reid":
             _need(args, "root")
             result = ev.evaluate_features_benchmark(args.protocol, args.root, q, db,
                                                     camera_rule=not args.no_camera_rule)
-            text = ev.format_reid(result)
+            text = tables.format_reid(result)
         else:
             _need(args, "query_meta", "gallery_meta")
             result = ev.evaluate_features_reid(args.query_meta, args.gallery_meta, q, db,
                                                camera_rule=not args.no_camera_rule)
-            text = ev.format_reid(result)
+            text = tables.format_reid(result)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(json.dumps(ev.public(result)) if args.json else text)
@@ -154,6 +156,7 @@ def run_pair(args: argparse.Namespace) -> int:
         raise InputError("give --pair PAIR.pt and --benchmark NAME (or use 'asymret evaluate features')")
     if not args.root:
         raise InputError(f"--benchmark {args.benchmark} needs --root, the folder that holds it")
+    from asymret.api import tables
     from asymret.retrieval import evaluate as ev
     from asymret.retrieval.cost import pair_cost
     from asymret.retrieval.pair import load_pair
@@ -192,7 +195,7 @@ def run_pair(args: argparse.Namespace) -> int:
         print(f"{read}{'' if read == args.benchmark else f' (read from --root; asked: {args.benchmark})'}: "
               f"query network {pair.query_net.spec.backbone}, gallery network {pair.gallery_net.spec.backbone}"
               f"{', bf16 autocast' if args.amp and device.type == 'cuda' else ''}")
-        print(ev.format_pair_table(result, args.benchmark, cost=cost))
+        print(tables.format_pair_table(result, args.benchmark, cost=cost))
         if post:
             print(f"post-processing: {post.options.describe()}")
     return 0

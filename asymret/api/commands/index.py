@@ -131,7 +131,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise InputError("give --images DIR|LIST|CSV to encode, or --embeddings X.npy to load (one of them)")
     dba = gb.dba_settings(args.dba, args.dba_k, args.dba_alpha)
     if args.embeddings:
-        from asymret.retrieval.evaluate import load_features
+        from asymret.retrieval.datasets.features import load_features
 
         side = _gallery_side(args, "cpu")
         with _store(args) as store:
@@ -214,7 +214,7 @@ def run_search(args: argparse.Namespace) -> int:
         if args.image:
             queries, names = _encode_query(args, gallery), [args.image]
         else:
-            from asymret.retrieval.evaluate import load_features
+            from asymret.retrieval.datasets.features import load_features
 
             queries = np.atleast_2d(load_features(args.vector, "query vectors"))
             names = [f"{args.vector}[{i}]" for i in range(len(queries))]
