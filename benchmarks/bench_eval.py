@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from asymret.retrieval import metrics as M
+from asymret.retrieval import positions as P
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -151,7 +152,7 @@ def case_revisited(n_distractors, d, random_features, rng, bound=False):
     for p in M.REVISITED_PROTOCOLS:
         worst = max(worst, abs(ours[p]["mAP"] - ref[p][0]),
                     *(abs(ours[p][f"mP@{k}"] - ref[p][1][j]) for j, k in enumerate((1, 5, 10))))
-    depth = [int(x.max()) for x in M.positions_from_scores(sim, [np.asarray(g["easy"] + g["hard"]) for g in gnd])]
+    depth = [int(x.max()) for x in P.positions_from_scores(sim, [np.asarray(g["easy"] + g["hard"]) for g in gnd])]
     return {"case": f"ROxford5k + {n_distractors:,} distractors, d={d}", "ours_s": t_ours, "ref_s": t_ref,
             "gemm_s": t_gemm, "max_abs_diff": worst, "median_last_positive": int(np.median(depth)),
             "mAP_medium": ours["medium"]["mAP"], **(bound_revisited(sim, gnd) if bound else {})}
@@ -161,7 +162,7 @@ def bound_revisited(sim, gnd, repeat=3):
     """CPU seconds of what no exact method can skip here: one read of every score, and sorting the
     entries that score at least each query's deepest positive (their order decides its positions)."""
     deepest = [row[np.asarray(list(g["easy"]) + list(g["hard"]), dtype=np.int64)].min() for row, g in zip(sim, gnd)]
-    b = M._BLOCK
+    b = P.SORT_BLOCK
 
     def read():
         for row, t in zip(sim, deepest):

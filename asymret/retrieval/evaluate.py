@@ -17,6 +17,7 @@ from asymret.errors import InputError
 from asymret.retrieval import metrics, rerank
 from asymret.retrieval.datasets import RevisitedDataset, VeRi776, open_dataset, parse_veri_name, read_gnd
 from asymret.retrieval.datasets.features import read_meta, read_names
+from asymret.retrieval.positions import as_features
 from asymret.retrieval.rerank import RerankOptions
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,10 @@ def evaluate_features_revisited(gnd_path, queries, database, distractors=None, k
     name = Path(gnd_path).name
     _check_rows(queries, len(data["qimlist"]), "queries", f"{name} (qimlist)")
     _check_rows(database, len(data["imlist"]), "database", f"{name} (imlist)")
-    q = metrics.as_features(queries, "queries")
-    db = metrics.as_features(database, "database", dim=q.shape[1])
+    q = as_features(queries, "queries")
+    db = as_features(database, "database", dim=q.shape[1])
     if distractors is not None:
-        db = np.concatenate([db, metrics.as_features(distractors, "distractors", dim=q.shape[1])])
+        db = np.concatenate([db, as_features(distractors, "distractors", dim=q.shape[1])])
     return metrics.evaluate_revisited(data["gnd"], kappas=kappas, **ranking_source(q, db, topk, max(kappas)))
 
 
@@ -85,14 +86,14 @@ def evaluate_features_benchmark(benchmark: str, root, queries, database, camera_
     data = open_dataset(benchmark, root=root, check_files=False)
     _check_rows(queries, len(data.query), "queries", f"the {benchmark} query split")
     _check_rows(database, len(data.gallery), "database", f"the {benchmark} gallery split")
-    q = metrics.as_features(queries, "queries")
-    db = metrics.as_features(database, "database", dim=q.shape[1])
+    q = as_features(queries, "queries")
+    db = as_features(database, "database", dim=q.shape[1])
     return benchmark_scorer(benchmark, *data.groundtruth(camera_rule=camera_rule))(queries=q, database=db)
 
 
 def _reid(pos, junk, queries, database) -> dict:
-    q = metrics.as_features(queries, "queries")
-    db = metrics.as_features(database, "database", dim=q.shape[1])
+    q = as_features(queries, "queries")
+    db = as_features(database, "database", dim=q.shape[1])
     return metrics.evaluate_reid(pos, junk, queries=q, database=db)
 
 

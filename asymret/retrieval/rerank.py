@@ -78,7 +78,7 @@ def _distances(x, name: str, shape: tuple[int | None, int | None]) -> np.ndarray
 
 
 def _features(x, name: str, dim: int | None = None) -> np.ndarray:
-    from asymret.retrieval.metrics import as_features
+    from asymret.retrieval.positions import as_features
 
     return as_features(x, name, dim=dim)
 

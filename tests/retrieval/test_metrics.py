@@ -14,6 +14,7 @@ import pytest
 
 from asymret.errors import InputError
 from asymret.retrieval import metrics as M
+from asymret.retrieval import positions as P
 from tests.conftest import SHARED as _SHARED
 
 SHARED = _SHARED / "data"
@@ -275,7 +276,7 @@ def test_ties_follow_database_order_like_a_stable_sort():
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 4, size=(5, 50)).astype(np.float32)  # many ties
     items = [rng.choice(50, size=7, replace=False) for _ in range(5)]
-    got = M.positions_from_scores(scores, items)
+    got = P.positions_from_scores(scores, items)
     for row, idx, pos in zip(scores, items, got):
         order = np.argsort(-row, kind="stable")
         expected = np.argsort(order)[idx]
@@ -289,9 +290,9 @@ def _stable_positions(row, idx):
 
 def _mixed_row(rng, levels):
     """A row spanning several blocks: dense blocks (sorted whole) between sparse ones (cut, pooled)."""
-    n = 8 * M._BLOCK + 1234
+    n = 8 * P.SORT_BLOCK + 1234
     row = rng.standard_normal(n)
-    row[M._BLOCK:3 * M._BLOCK] += 1.0  # blocks 1-2: ~68 % above the median (sorted whole), others ~30 % (cut)
+    row[P.SORT_BLOCK:3 * P.SORT_BLOCK] += 1.0  # blocks 1-2: ~68 % above the median (sorted whole), others ~30 % (cut)
     if levels:
         row = np.round(row * levels) / levels  # many exact ties, across blocks and groups
     return row.astype(np.float32)
@@ -307,42 +308,42 @@ def test_blocked_counting_equals_a_stable_argsort(levels):
     for deepest in (np.argsort(row, kind="stable")[:3],  # a positive scoring lowest of all: every block whole
                     np.flatnonzero(row == np.quantile(row, 0.55, method="nearest"))[:3]):
         idx = np.concatenate([shallow, deepest])
-        got = M.positions_from_scores(row[None], [idx])[0]
+        got = P.positions_from_scores(row[None], [idx])[0]
         assert np.array_equal(got, _stable_positions(row, idx))
-        greater, equal = M.count_above(row, row[idx])
+        greater, equal = P.count_above(row, row[idx])
         assert np.array_equal(greater, (row[None, :] > row[idx, None]).sum(1))
         assert np.array_equal(equal, (row[None, :] == row[idx, None]).sum(1))
 
 
 def test_many_ties_at_the_threshold_keep_database_order():
-    row = np.zeros(3 * M._BLOCK, dtype=np.float32)  # every value tied with the deepest item
+    row = np.zeros(3 * P.SORT_BLOCK, dtype=np.float32)  # every value tied with the deepest item
     row[::7] = 1.0
-    idx = np.array([5, 7, M._BLOCK + 3, 2 * M._BLOCK + 11, 3 * M._BLOCK - 1, 14])
-    got = M.positions_from_scores(row[None], [idx])[0]
+    idx = np.array([5, 7, P.SORT_BLOCK + 3, 2 * P.SORT_BLOCK + 11, 3 * P.SORT_BLOCK - 1, 14])
+    got = P.positions_from_scores(row[None], [idx])[0]
     assert np.array_equal(got, _stable_positions(row, idx))
 
 
 def test_optional_items_below_every_required_one_are_missing():
     rng = np.random.default_rng(5)
-    row = np.round(rng.standard_normal(2 * M._BLOCK + 77) * 20).astype(np.float64) / 20  # ties
+    row = np.round(rng.standard_normal(2 * P.SORT_BLOCK + 77) * 20).astype(np.float64) / 20  # ties
     order = np.argsort(-row, kind="stable")
     required_items = order[[3, 400, 90_000]]
     tied_lower = np.flatnonzero(row == row[order[90_000]])
     junk = np.array([order[10], tied_lower[0], tied_lower[-1], order[90_001], order[-1]])
     idx = np.concatenate([required_items, junk])
     required = np.r_[np.ones(3, bool), np.zeros(junk.size, bool)]
-    got = M.positions_from_scores(row[None], [idx], [required])[0]
+    got = P.positions_from_scores(row[None], [idx], [required])[0]
     expected = _stable_positions(row, idx)
     below = row[idx] < row[required_items].min()  # scoring below every required item: MISSING
-    assert np.array_equal(got, np.where(below, M.MISSING, expected))
-    assert got[4] < expected[2] < got[5] and got[-1] == M.MISSING  # ties at the threshold stay ranked
-    none_required = M.positions_from_scores(row[None], [idx], [np.zeros(idx.size, bool)])[0]
-    assert (none_required == M.MISSING).all()
+    assert np.array_equal(got, np.where(below, P.MISSING, expected))
+    assert got[4] < expected[2] < got[5] and got[-1] == P.MISSING  # ties at the threshold stay ranked
+    none_required = P.positions_from_scores(row[None], [idx], [np.zeros(idx.size, bool)])[0]
+    assert (none_required == P.MISSING).all()
 
 
 def test_nan_and_infinite_scores_rank_like_argsort_and_nan_items_are_refused():
     rng = np.random.default_rng(9)
-    for n in (2 * M._BLOCK, 1000):  # several blocks, and the single-block path
+    for n in (2 * P.SORT_BLOCK, 1000):  # several blocks, and the single-block path
         row = rng.standard_normal(n)
         row[rng.choice(n, 50, replace=False)] = np.nan
         row[[5, 6, n - 7]] = [np.inf, -np.inf, np.inf]
@@ -350,12 +351,12 @@ def test_nan_and_infinite_scores_rank_like_argsort_and_nan_items_are_refused():
         idx = np.concatenate([rng.choice(finite, 20, replace=False), [5, 6, n - 7]])
         for dtype in (np.float64, np.float32):
             r = row.astype(dtype)
-            assert np.array_equal(M.positions_from_scores(r[None], [idx])[0], _stable_positions(r, idx))
+            assert np.array_equal(P.positions_from_scores(r[None], [idx])[0], _stable_positions(r, idx))
         nan_item = np.flatnonzero(np.isnan(row))[:1]
         with pytest.raises(InputError, match="NaN"):
-            M.positions_from_scores(row[None], [nan_item])
-        optional_nan = M.positions_from_scores(row[None], [np.r_[idx[:1], nan_item]], [np.array([True, False])])[0]
-        assert optional_nan[1] == M.MISSING  # junk scoring NaN ranks last: below every positive
+            P.positions_from_scores(row[None], [nan_item])
+        optional_nan = P.positions_from_scores(row[None], [np.r_[idx[:1], nan_item]], [np.array([True, False])])[0]
+        assert optional_nan[1] == P.MISSING  # junk scoring NaN ranks last: below every positive
 
 
 def test_integer_and_half_precision_scores_are_ranked_exactly():
@@ -364,7 +365,7 @@ def test_integer_and_half_precision_scores_are_ranked_exactly():
     halves = rng.standard_normal((3, 400)).astype(np.float16)
     for scores in (ints, halves):
         items = [rng.choice(400, 9, replace=False) for _ in range(3)]
-        for row, idx, pos in zip(scores, items, M.positions_from_scores(scores, items)):
+        for row, idx, pos in zip(scores, items, P.positions_from_scores(scores, items)):
             assert np.array_equal(pos, _stable_positions(row.astype(np.float64), idx))
 
 
@@ -374,7 +375,7 @@ def test_revisited_on_rows_of_several_blocks_matches_revisitop():
     data = _load_gnd("roxford5k")
     gnd = data["gnd"][:12]
     rng = np.random.default_rng(11)
-    q, db = _features_for(gnd, len(data["imlist"]) + 2 * M._BLOCK, rng, d=16, signal=2.0)
+    q, db = _features_for(gnd, len(data["imlist"]) + 2 * P.SORT_BLOCK, rng, d=16, signal=2.0)
     sim = db @ q.T
     ranks = np.argsort(-sim, axis=0, kind="stable")
     ours = M.evaluate_revisited(gnd, scores=sim.T)
@@ -387,8 +388,8 @@ def test_revisited_on_rows_of_several_blocks_matches_revisitop():
 
 def test_positions_from_ranking_marks_missing():
     ranking = np.array([[4, 2, 9, -1]])
-    pos = M.positions_from_ranking(ranking, [np.array([9, 4, 7])])[0]
-    assert pos.tolist() == [2, 0, M.MISSING]
+    pos = P.positions_from_ranking(ranking, [np.array([9, 4, 7])])[0]
+    assert pos.tolist() == [2, 0, P.MISSING]
 
 
 # ----------------------------------------------------------------------------------------- re-ID tests
@@ -484,21 +485,21 @@ def test_truncated_reid_ranking():
 def test_feature_validation():
     x = np.ones((3, 4), dtype=np.float32)
     with pytest.warns(UserWarning, match="not L2-normalised"):
-        y = M.as_features(x, "queries")
+        y = P.as_features(x, "queries")
     assert np.allclose(np.linalg.norm(y, axis=1), 1)
     x[1, 2] = np.nan
     with pytest.raises(InputError, match="NaN"):
-        M.as_features(x, "queries")
+        P.as_features(x, "queries")
     with pytest.raises(InputError, match="dimension"):
-        M.as_features(np.eye(3, dtype=np.float32), "database", dim=4)
+        P.as_features(np.eye(3, dtype=np.float32), "database", dim=4)
     with pytest.raises(InputError, match="2-D"):
-        M.as_features(np.ones(3), "database")
+        P.as_features(np.ones(3), "database")
 
 
 def test_memory_bounded_chunks_give_the_same_positions():
     rng = np.random.default_rng(1)
     q, db = _unit(rng, 20, 8), _unit(rng, 500, 8)
     items = [rng.choice(500, 10, replace=False) for _ in range(20)]
-    whole = M.positions_from_scores(q @ db.T, items)
-    chunked = M.positions_from_features(q, db, items, max_block_bytes=500 * 4 * 3)
+    whole = P.positions_from_scores(q @ db.T, items)
+    chunked = P.positions_from_features(q, db, items, max_block_bytes=500 * 4 * 3)
     assert all(np.array_equal(a, b) for a, b in zip(whole, chunked))
