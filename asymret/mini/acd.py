@@ -23,7 +23,6 @@ them; see docs/reid.md.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import skimage
 
 from asymret import __version__
 from asymret.errors import DataError, InputError
-from asymret.mini.build import ensure_built, process_pool, size_spec
+from asymret.mini.build import Completion, process_pool, size_spec
 from asymret.mini.scene import (
     JPEG_QUALITY,
     PHOTOS,
@@ -53,6 +52,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MARKER = ".mini-acd-complete"  # written last: its absence means an interrupted build
+COMPLETION = Completion(MARKER, "mini-acd.json", FORMAT_VERSION)
 MSMT17, INSHOP, SOP, CUB = "mini-msmt17", "mini-inshop", "mini-sop", "mini-cub200"
 DATASETS = {MSMT17: "msmt17", INSHOP: "inshop", SOP: "sop", CUB: "cub200"}  # folder -> reader (datasets.DATASETS)
 SLOTS = tuple(f"{day}{time}" for day in ("0113", "0114", "0302", "0303") for time in ("morning", "noon", "afternoon"))
@@ -264,16 +264,12 @@ def build_mini_acd(out_dir, seed: int = 0, size: str = "small", workers: int | N
     with process_pool(workers) as run:
         for sub, build in BUILDERS.items():
             manifest["counts"][sub] = build(out / sub, seed, spec, run)
-    (out / "mini-acd.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (out / MARKER).write_text(json.dumps({"seed": seed, "size": size, "format_version": FORMAT_VERSION}))
-    return result(out, manifest)
+    return COMPLETION.finish(out, manifest, result)
 
 
 def ensure_mini_acd(out_dir, seed: int = 0, size: str = "small", workers: int | None = 1) -> dict:
     """:func:`build_mini_acd` unless ``out_dir`` already holds a complete build of this seed, size and format."""
-    out = Path(out_dir).expanduser()
-    return ensure_built(out, MARKER, "mini-acd.json", {"seed": seed, "size": size, "format_version": FORMAT_VERSION},
-                        lambda: build_mini_acd(out, seed, size, workers), result)
+    return COMPLETION.ensure(out_dir, seed, size, lambda out: build_mini_acd(out, seed, size, workers), result)
 
 
 def result(out: Path, manifest: dict) -> dict:

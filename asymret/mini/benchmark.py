@@ -23,7 +23,6 @@ written at one fixed quality, so a seed gives byte-identical files. See ``docs/m
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import pickle
 import shutil
@@ -36,7 +35,7 @@ import skimage
 
 from asymret import __version__
 from asymret.errors import DataError, InputError
-from asymret.mini.build import ensure_built, process_pool, size_spec
+from asymret.mini.build import Completion, process_pool, size_spec
 from asymret.mini.scene import (
     JPEG_QUALITY,
     PHOTOS,
@@ -58,6 +57,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 MARKER = ".mini-complete"  # written last: its absence means an interrupted build
+COMPLETION = Completion(MARKER, "manifest.json", FORMAT_VERSION)
 ROXFORD, VERI, SFM, DISTRACTORS = "mini-roxford", "mini-veri", "mini-sfm", "revisitop1m"
 
 
@@ -268,17 +268,13 @@ def build_mini(out_dir, seed: int = 0, size: str = "small", workers: int | None 
         manifest["roxford"] = build_roxford(out / ROXFORD, seed, spec, landmarks, others, run)
         manifest["sfm"] = build_sfm(out / SFM, seed, spec, clusters, run)
         manifest["veri"] = build_veri(out / VERI, seed, spec, run)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (out / "README.txt").write_text(readme(manifest))
-    (out / MARKER).write_text(json.dumps({"seed": seed, "size": size, "format_version": FORMAT_VERSION}))
-    return result(out, manifest)
+    return COMPLETION.finish(out, manifest, result)
 
 
 def ensure_mini(out_dir, seed: int = 0, size: str = "small", workers: int | None = 1) -> dict:
     """:func:`build_mini` unless ``out_dir`` already holds a complete build of this seed, size and format."""
-    out = Path(out_dir).expanduser()
-    return ensure_built(out, MARKER, "manifest.json", {"seed": seed, "size": size, "format_version": FORMAT_VERSION},
-                        lambda: build_mini(out, seed, size, workers), result)
+    return COMPLETION.ensure(out_dir, seed, size, lambda out: build_mini(out, seed, size, workers), result)
 
 
 def result(out: Path, manifest: dict) -> dict:

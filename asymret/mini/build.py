@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from asymret.errors import InputError
@@ -37,12 +38,31 @@ def size_spec(sizes: dict, size: str, seed: int):
     return sizes[size]
 
 
-def ensure_built(out: Path, marker: str, manifest_name: str, want: dict, build, finish) -> dict:
-    """``finish(out, manifest)`` when ``out`` holds a complete build whose ``marker`` file records ``want`` (seed,
-    size, format version) beside its ``manifest_name``; otherwise ``build()``, which renders it again."""
-    try:
-        done = json.loads((out / marker).read_text())
-        manifest = json.loads((out / manifest_name).read_text())
-    except (OSError, ValueError):
-        return build()
-    return finish(out, manifest) if done == want else build()
+@dataclass(frozen=True)
+class Completion:
+    """How a builder marks a complete build: ``manifest`` (its JSON record), then ``marker`` written last, which
+    records seed, size and ``format_version``; a folder without the marker holds an interrupted build."""
+
+    marker: str
+    manifest: str
+    format_version: int
+
+    def record(self, seed: int, size: str) -> dict:
+        return {"seed": seed, "size": size, "format_version": self.format_version}
+
+    def finish(self, out: Path, manifest: dict, result) -> dict:
+        """Write the manifest, then the marker; return ``result(out, manifest)``."""
+        (out / self.manifest).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (out / self.marker).write_text(json.dumps(self.record(manifest["seed"], manifest["size"])))
+        return result(out, manifest)
+
+    def ensure(self, out_dir, seed: int, size: str, build, result) -> dict:
+        """``result(out, manifest)`` when ``out_dir`` holds a complete build of this seed, size and format;
+        otherwise ``build(out)``, which renders it again."""
+        out = Path(out_dir).expanduser()
+        try:
+            done = json.loads((out / self.marker).read_text())
+            manifest = json.loads((out / self.manifest).read_text())
+        except (OSError, ValueError):
+            return build(out)
+        return result(out, manifest) if done == self.record(seed, size) else build(out)

@@ -22,24 +22,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     mini = commands.add_parser("mini", help="render the mini benchmark (mini-roxford, mini-sfm, mini-veri) into OUT",
                                description=__doc__.splitlines()[0])
-    mini.add_argument("out", type=Path, metavar="OUT", help="folder to write the datasets into")
-    mini.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
-    mini.add_argument("--size", choices=("small", "medium"), default="small",
-                      help="small: about 1,700 images, under a minute; medium: about 6,000 images")
-    mini.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build")
-    mini.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
+    render_arguments(mini, "small: about 1,700 images, under a minute; medium: about 6,000 images")
     mini.set_defaults(func=run_mini)
     acd = commands.add_parser(
         "mini-acd", help="render mini versions of ACD's other benchmarks (mini-msmt17, mini-inshop, mini-sop, "
         "mini-cub200) into OUT", description="Render MSMT17, In-Shop, SOP and CUB-200-2011 in miniature, each in "
         "its official layout, from the photographs inside scikit-image (docs/reid.md).")
-    acd.add_argument("out", type=Path, metavar="OUT", help="folder to write the datasets into")
-    acd.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
-    acd.add_argument("--size", choices=("small", "medium"), default="small",
-                     help="small: about 1,200 images in all, seconds; medium: about 4,000, a minute")
-    acd.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build")
-    acd.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
+    render_arguments(acd, "small: about 1,200 images in all, seconds; medium: about 4,000, a minute")
     acd.set_defaults(func=run_mini_acd)
+
+
+def render_arguments(parser: argparse.ArgumentParser, sizes: str) -> None:
+    """The options every mini renderer takes; ``sizes`` says what small and medium render."""
+    parser.add_argument("out", type=Path, metavar="OUT", help="folder to write the datasets into")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    parser.add_argument("--size", choices=("small", "medium"), default="small", help=sizes)
+    parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build")
+    parser.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
 
 
 def run_mini(args: argparse.Namespace) -> int:
