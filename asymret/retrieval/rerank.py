@@ -30,6 +30,9 @@ setting does not define. :data:`QQ_SPACES` names the two choices, both implement
 
 Query expansion itself is asymmetric by construction: ``φq(q)`` plus weighted ``φg`` neighbours
 moves the query into the gallery network's space.
+
+Over 450 lines: one job, post-processing a ranking; the dense reference and the sparse implementation share
+the k-reciprocal sets, and query expansion's weighted sum is also DBA's, so they read best side by side.
 """
 
 from __future__ import annotations
