@@ -11,12 +11,13 @@ Knows nothing about images or networks: imports neither torch models nor ``retri
 * :func:`synthetic_embeddings` (``synthetic``): deterministic R1M-scale distractors without images.
 """
 
+from asymret.index.recommend import IndexRecommendation, index_memory, recommend_index
 from asymret.index.store import Gallery, GalleryStore, Hit, Item
 from asymret.index.synthetic import iter_synthetic_embeddings, synthetic_embeddings
 from asymret.index.topk import topk_inner_product
-from asymret.index.vectors import IndexRecommendation, VectorIndex, recommend_index
+from asymret.index.vectors import VectorIndex
 
 __all__ = [
-    "Gallery", "GalleryStore", "Hit", "IndexRecommendation", "Item", "VectorIndex",
+    "Gallery", "GalleryStore", "Hit", "IndexRecommendation", "Item", "VectorIndex", "index_memory",
     "iter_synthetic_embeddings", "recommend_index", "synthetic_embeddings", "topk_inner_product",
 ]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from asymret.errors import ConfigError, ConflictError, DataError, InputError
+from asymret.index.recommend import index_memory, recommend_index
 from asymret.index.synthetic import synthetic_embeddings
-from asymret.index.vectors import VectorIndex, index_memory, recommend_index, sidecar_path
+from asymret.index.vectors import VectorIndex, sidecar_path
 
 from .conftest import brute_force, needs_cuda, unit
 
