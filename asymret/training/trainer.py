@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -32,9 +31,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from asymret import runtime
 from asymret.config import dump_config
 from asymret.errors import AsymretError, ConfigError, TrainingError
-from asymret.index.files import atomic_write
+from asymret.files import atomic_write
 from asymret.retrieval.cache import EmbeddingCache
 from asymret.retrieval.checkpoints import read_checkpoint_whitening
 from asymret.retrieval.encode import RecordImages, encode_records, shape_groups
@@ -67,15 +67,6 @@ def open_training_set(cfg: DataConfig):
     if cfg.format in ("msmt17", "inshop", "sop", "cub200"):  # their train split (ACD's other benchmarks)
         return D.LabelledSet(D.open_dataset(cfg.format, root=cfg.root).train)
     return D.LabelledFolder(cfg.root)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
-    return device
 
 
 def forward_images(net: Encoder, images: list[torch.Tensor], device) -> torch.Tensor:
@@ -114,17 +105,12 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, progress: bool = True):
         self.cfg = cfg
         self.run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = resolve_device(cfg.train.device)
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
+        procs = runtime.processes()
+        self.world, self.rank = procs.world, procs.rank
+        self.device, _ = runtime.init_distributed(runtime.resolve_device(cfg.train.device, setting="train.device"))
+        self.main = procs.main
         self.progress = progress and self.main
-        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.amp = runtime.amp_enabled(self.device, cfg.train.amp)
         self._seed(cfg.seed)
 
         self.data = open_training_set(cfg.data)
@@ -325,7 +311,7 @@ class Trainer:
         sums = self.recipe is None and getattr(self.loss_fn, "batch_reduction", "mean") == "sum"
         scale = float(self.world) if sums else 1.0 / t.accumulate
         for step, compute in enumerate(bar):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with runtime.autocast(self.device, self.amp):
                 out = compute()
             loss = out.total.float()
             if not torch.isfinite(loss):
