@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from asymret.retrieval.pair import load_pair, save_pair, weights_hash
     from asymret.runtime import resolve_device
     from asymret.training.config import WhiteningConfig
-    from asymret.training.trainer import open_training_set
+    from asymret.training.recipe import open_training_set
     from asymret.training.whiten import learn_whitenings
 
     chosen = [n.strip() for n in (args.networks or "").split(",") if n.strip()]

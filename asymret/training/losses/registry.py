@@ -38,6 +38,11 @@ class LossBatch:
                    ``local_grids``: the gallery head's features / logits of its final map's cells (UGD).
     ``uncertainty`` (B,) gallery-side variance per item (attentive regression).
     ``query_confidence``, ``gallery_confidence`` (B,) per-item confidences (simdistill).
+
+    Naming convention: the ``query*`` fields are the query network's side and the ``gallery*`` fields the gallery
+    network's, whichever of the two trains, with one exception: a network's own supervised losses (``ce_ls``,
+    ``triplet_bh``, ``reid_supervised``) read a single network, which fills the ``query*`` fields even when it
+    is the gallery network (ACD co-training). :meth:`own` builds that batch, so the exception is written once.
     """
 
     query: Tensor | None = None
@@ -56,6 +61,12 @@ class LossBatch:
     uncertainty: Tensor | None = None
     query_confidence: Tensor | None = None
     gallery_confidence: Tensor | None = None
+
+    @classmethod
+    def own(cls, embedding: Tensor, logits: Tensor | None, labels: Tensor) -> LossBatch:
+        """The batch of the trained network's own supervised loss: its embedding and logits in the ``query*``
+        fields, whichever side it encodes (class doc)."""
+        return cls(query=embedding, query_logits=logits, labels=labels)
 
 
 @dataclass
