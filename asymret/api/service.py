@@ -101,16 +101,6 @@ class NotReadyError(AsymretError):
     http_status = 503
 
 
-def torch_device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise NotReadyError("device 'cuda' asked for but CUDA is not available; serve with --device cpu")
-    return torch.device(name)
-
-
 @dataclass
 class QueryNet:
     """A served query network: the pair it comes from (whose gallery network all pairs share), its
@@ -218,12 +208,10 @@ class Service:
     def load(self) -> None:
         from asymret.index import GalleryStore
         from asymret.retrieval.cost import encoder_cost
+        from asymret.runtime import resolve_device, set_threads
 
-        self.device = torch_device(self.config.device)
-        if self.config.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.config.torch_threads)
+        self.device = resolve_device(self.config.device, fix="serve with --device cpu", error=NotReadyError)
+        set_threads(self.config.torch_threads)
         self._load_pairs()
         self.dim = self.pair.whitening.dim if self.pair.whitening is not None else self.pair.gallery_net.dim
         self.store = GalleryStore(self.config.galleries, self.config.db_url,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from asymret.errors import AsymretError, InputError
 from asymret.retrieval.encoders import Encoder
 from asymret.retrieval.records import ImageRecord, load_image
+from asymret.runtime import autocast, module_device
 
 
 class RecordImages(Dataset):
@@ -84,25 +85,15 @@ def inference(device: torch.device, amp: bool = False):
     fp32 is the default because lowering precision changes the embeddings and hence the metrics (EDM,
     seed 003 §7.4, warns against doing it unmeasured); docs/metrics.md gives the measured difference.
     """
-    use_amp = bool(amp) and device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.inference_mode(), autocast(device, amp):
         yield
-
-
-def resolve_device(encoder: Encoder, device) -> torch.device:
-    """``device``, with the encoder moved there; ``None`` keeps the encoder's own device."""
-    if device is None:
-        return next(encoder.parameters()).device
-    device = torch.device(device)
-    encoder.to(device)
-    return device
 
 
 def encode_images(
     encoder: Encoder, images: Sequence[Image.Image], device=None, amp: bool = False
 ) -> np.ndarray:
     """Embeddings ``(N, dim)`` float32 of PIL images already in memory (e.g. uploaded queries)."""
-    device = resolve_device(encoder, device)
+    device = module_device(encoder, device)
     with inference(device, amp):
         return encode_tensors(encoder, [encoder.transform(image) for image in images], device).cpu().numpy()
 
@@ -128,7 +119,7 @@ def encode_records(
     """
     start, stop = shard_bounds(len(records), shard, num_shards)
     records = records[start:stop]
-    device = resolve_device(encoder, device)
+    device = module_device(encoder, device)
     out = np.empty((len(records), encoder.dim), dtype=np.float32)
     stream_records(encoder, records, {"embeddings": out},
                    lambda images: {"embeddings": encode_tensors(encoder, images, device)},
@@ -158,7 +149,7 @@ def stream_records(
         num_workers = min(4, os.cpu_count() or 1)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    device = resolve_device(encoder, device)
+    device = module_device(encoder, device)
     loader = DataLoader(
         RecordImages(records, encoder.transform),
         batch_size=batch_size,

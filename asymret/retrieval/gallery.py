@@ -37,21 +37,19 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
-import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from asymret import runtime
 from asymret.config import load_tree, validate
 from asymret.errors import ConflictError, DataError, InputError
+from asymret.files import atomic_write, read_json, write_json_atomic
 from asymret.index import Gallery, GalleryStore
-from asymret.index.files import atomic_write, read_json, write_json_atomic
 from asymret.index.store import galleries
 from asymret.retrieval.cache import records_fingerprint
 from asymret.retrieval.datasets import (
@@ -262,7 +260,7 @@ def build_from_embeddings(store: GalleryStore, name: str, vectors: np.ndarray, r
     ``0..n-1``, with one metadata row per vector. Rerun after a kill, it adds what is missing.
     ``dba``: augment them once before adding (:func:`dba_settings`)."""
     start = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if runtime.processes().world > 1:
         raise InputError("building from embeddings encodes nothing to split; run it as one process, not under torchrun")
     if vectors.ndim != 2:
         raise InputError(f"embeddings must be a 2-D array (n, dim), got shape {vectors.shape}")
@@ -470,32 +468,10 @@ def _train(gallery: Gallery, chunks: Sequence[np.ndarray], seed: int = 0) -> Non
 
 
 # ------------------------------------------------------------------------------------ processes
-@contextmanager
 def distributed():
-    """``(rank, world)``: torchrun's when it launched this process (a gloo group, for barriers), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield 0, 1
-        return
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        if own:
-            dist.destroy_process_group()
+    """``(rank, world)`` (:func:`asymret.runtime.distributed`): torchrun's gloo group, waiting up to a day."""
+    return runtime.distributed(timeout=BARRIER_TIMEOUT)
 
 
 def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def local_device(name: str = "auto") -> torch.device:
-    """``auto``: this rank's GPU (torchrun's ``LOCAL_RANK``) when CUDA is there, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    runtime.barrier(world)

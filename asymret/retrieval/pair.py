@@ -35,7 +35,7 @@ from torch import nn
 
 from asymret import __version__
 from asymret.errors import DataError, InputError, NotFoundError
-from asymret.index.files import atomic_write
+from asymret.files import atomic_write
 from asymret.retrieval.encoders import (
     UNREADABLE_CHECKPOINT,
     Encoder,

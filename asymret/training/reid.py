@@ -40,18 +40,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
 
-from asymret.errors import AsymretError, ConfigError
-from asymret.retrieval.cache import EmbeddingCache, cache_key
-from asymret.retrieval.encode import RecordImages, stream_records
+from asymret.errors import ConfigError
+from asymret.retrieval.encode import RecordImages
 from asymret.retrieval.encoders import Encoder, create_encoder, eval_mode, set_bn_eval
 from asymret.retrieval.transforms import build_reid_train_transform
 from asymret.training.losses import (
@@ -63,6 +59,15 @@ from asymret.training.losses import (
     create_loss,
     loss_infos,
 )
+from asymret.training.recipe import (
+    Networks,
+    Recipe,
+    RecipeContext,
+    check_dims,
+    raise_broken,
+    trained_param_groups,
+)
+from asymret.training.reid_gallery import gallery_head_outputs, gallery_uncertainty, stack_by_shape
 from asymret.training.samplers import DistillationSampler, IdentitySampler
 
 log = logging.getLogger(__name__)
@@ -84,45 +89,19 @@ def uses_reid_recipe(cfg) -> bool:
     return not cfg.gallery_frozen or bool(families & {"reid", "local", "acd"})
 
 
-def view_transforms(base, n: int) -> list:
-    """``n`` deterministic views of an image for the gallery's uncertainty (attentive regression): the
-    image, its mirror, and centre crops of 90 % / 80 % ... (alternately mirrored), each then ``base``."""
-    views = [base, T.Compose([T.RandomHorizontalFlip(1.0), base])]
-    for i in range(n - 2):
-        frac = 0.9 - 0.1 * (i // 2)
-        crop = T.Lambda(lambda im, f=frac: T.functional.center_crop(im, [max(1, round(im.height * f)),
-                                                                         max(1, round(im.width * f))]))
-        views.append(T.Compose([crop] + ([T.RandomHorizontalFlip(1.0)] if i % 2 else []) + [base]))
-    return views[:n]
-
-
-def stack_by_shape(images: list[torch.Tensor]) -> torch.Tensor:
-    """One batch tensor from equally sized images (the re-ID recipe's fixed ``[H, W]`` inputs)."""
-    shapes = {tuple(i.shape) for i in images}
-    if len(shapes) > 1:
-        raise ConfigError("the re-ID recipe needs fixed-size inputs; set input.size: [height, width] on the "
-                          f"networks (got images of {len(shapes)} shapes)")
-    return torch.stack(images)
-
-
-def _raise_errors(items) -> None:
-    for item in items:  # a broken image comes back as its error, not a worker traceback
-        if isinstance(item, AsymretError):
-            raise item
-
-
-class ReIDRecipe:
+class ReIDRecipe(Recipe):
     """Builds the networks and losses of a re-ID run and computes one step's loss (see the module doc).
 
-    ``trainer`` is the :class:`~asymret.training.trainer.Trainer` (config, data, device, cache folder);
-    the recipe sets ``trainer.query_net``, ``trainer.gallery_net``, ``trainer.loss_fn`` and names the
-    trained network (``trained``: ``"query_net"`` or ``"gallery_net"``).
+    ``trained`` names the trained network (``"query_net"``, or ``"gallery_net"`` under ACD), ``trained_net``
+    is that network.
     """
 
-    def __init__(self, trainer):
-        self.t = trainer
-        cfg = trainer.cfg
-        self.cfg, self.rc, self.device = cfg, cfg.train.reid, trainer.device
+    name = "reid"
+
+    def __init__(self, ctx: RecipeContext):
+        self.ctx = ctx
+        cfg = ctx.cfg
+        self.cfg, self.rc, self.device = cfg, cfg.train.reid, ctx.device
         self.co_train = not cfg.gallery_frozen
         names = cfg.loss.names
         self.alone = cfg.loss.mode == "symmetric" or (not cfg.loss.terms and cfg.loss.name in SUPERVISED)
@@ -146,21 +125,21 @@ class ReIDRecipe:
         if self.co_train and cfg.loss.mode == "symmetric":
             raise ConfigError("ACD co-training needs a base distillation method (loss.name), not loss.mode: symmetric")
         self._build_networks()
-        labels = trainer.labels
-        self.num_ids = len(np.unique(labels))
+        self.labels = ctx.labels
+        self.num_ids = len(np.unique(self.labels))
         self._check_classifier(self.trained_net, "gallery_net" if self.co_train else "query_net")
         if self.co_train:
-            self._check_classifier(trainer.query_net, "the frozen query network")
+            self._check_classifier(self.query_net, "the frozen query network")
         # what the run's losses read (the union over a loss list); _check_needs has refused what PROVIDED lacks
         self.needs = frozenset(combined_needs(names)) if self.loss_fn is not None else frozenset()
         if self.needs & LOCAL and self.co_train:
             raise ConfigError(f"loss '{cfg.loss.name}' reads local features, which the re-ID recipe provides with a "
                               "frozen gallery network only; train it with gallery_frozen: true")
         if self.needs & {"gallery_logits", "gallery_local_logits"}:
-            self._check_classifier(trainer.gallery_net, "the gallery network")
+            self._check_classifier(self.gallery_net, "the gallery network")
         for loss in [] if self.loss_fn is None else list(self.loss_fn.modules()):
             if hasattr(loss, "setup"):  # learned state sized by the networks (ugd's projectors), in a list too
-                loss.setup(trainer.query_net, trainer.gallery_net)
+                loss.setup(self.query_net, self.gallery_net)
         if self.loss_fn is not None:
             self.loss_fn.to(self.device)
         self.uncertainty = None
@@ -169,12 +148,14 @@ class ReIDRecipe:
         self.live_gallery = self.rc.distill_augment and not self.alone  # the frozen gallery runs every step
         if not self.alone and not self.co_train and not self.live_gallery:
             if self.needs & GALLERY_HEAD:
-                self._gallery_head_outputs()
+                self.gallery_raw, self.gallery_local = gallery_head_outputs(ctx, self.gallery_net, self._local_grids(),
+                                                                            cfg.loss.name)
+                self.gallery_emb = F.normalize(self.gallery_raw, dim=1)
             else:
-                trainer.gallery_emb = trainer._gallery_embeddings()
+                self.gallery_emb = ctx.gallery_embeddings(self.gallery_net)
         if "uncertainty" in self.needs:
-            self.uncertainty = self._gallery_uncertainty()
-        trainer.loss_fn = self.loss_fn if self.loss_fn is not None else self.supervised
+            self.uncertainty = gallery_uncertainty(ctx, self.reference_gallery or self.gallery_net,
+                                                   self.rc.uncertainty_views)
 
     @staticmethod
     def _check_needs(names: list[str]) -> None:
@@ -197,27 +178,31 @@ class ReIDRecipe:
     # ------------------------------------------------------------------------------------- setup
 
     def _build_networks(self) -> None:
-        t, cfg = self.t, self.cfg
+        cfg = self.cfg
         if self.co_train and cfg.acd.pair:
             from asymret.retrieval.pair import load_pair
 
             pair = load_pair(cfg.acd.pair, device=self.device)
-            t.query_net, t.gallery_net = pair.query_net, pair.gallery_net
+            self.query_net, self.gallery_net = pair.query_net, pair.gallery_net
         else:
-            t.query_net = create_encoder(cfg.query_net).to(self.device)
-            t.gallery_net = None if self.alone else create_encoder(cfg.gallery_net).to(self.device)
+            self.query_net = create_encoder(cfg.query_net).to(self.device)
+            self.gallery_net = None if self.alone else create_encoder(cfg.gallery_net).to(self.device)
         if self.co_train:
-            t.query_net.eval().requires_grad_(False)
-            self.reference_gallery = copy.deepcopy(t.gallery_net).eval().requires_grad_(False)
-            self.trained, self.trained_net = "gallery_net", t.gallery_net
+            self.query_net.eval().requires_grad_(False)
+            self.reference_gallery = copy.deepcopy(self.gallery_net).eval().requires_grad_(False)
+            self.trained, self.trained_net = "gallery_net", self.gallery_net
         else:
-            if t.gallery_net is not None:
-                t.gallery_net.eval().requires_grad_(False)
-            self.trained, self.trained_net = "query_net", t.query_net
-        q, g = t.query_net, t.gallery_net
-        if g is not None and q.dim != g.dim and self.loss_fn is not None and not list(self.loss_fn.parameters()):
-            raise ConfigError(f"query network gives {q.dim}-d embeddings but the gallery network gives {g.dim}-d; "
-                              "give both the same dim (head: bnneck gives 512-d on both sides)")
+            if self.gallery_net is not None:
+                self.gallery_net.eval().requires_grad_(False)
+            self.trained, self.trained_net = "query_net", self.query_net
+        if self.loss_fn is not None:
+            check_dims(self.query_net, self.gallery_net, self.loss_fn,
+                       "give both the same dim (head: bnneck gives 512-d on both sides)")
+
+    def networks(self) -> Networks:
+        return Networks(self.query_net, self.gallery_net, self.trained,
+                        self.loss_fn if self.loss_fn is not None else self.supervised, symmetric=self.alone,
+                        reference_gallery=self.reference_gallery)
 
     def _check_classifier(self, net: Encoder, what: str) -> None:
         head = net.head
@@ -235,113 +220,42 @@ class ReIDRecipe:
         (grids,) = {tuple(m.local_grids) for m in self.loss_fn.modules() if hasattr(m, "local_grids")}
         return grids
 
-    def _gallery_head_outputs(self) -> None:
-        """The frozen gallery network's raw BN-neck feature of every training image (and, for UGD, its local head
-        features at the loss's grids), computed once in one pass and cached; the embedding is its L2
-        normalisation, the logits its classifier's output, so nothing else runs the gallery network again."""
-        t, g = self.t, self.t.gallery_net
-        if tuple(g.spec.input.scales) != (1.0,):
-            raise ConfigError(f"loss '{self.cfg.loss.name}' reads the gallery network's raw head outputs, which are "
-                              "single-scale; set gallery_net.input.scales: [1.0]")
-        if g.head is None:
-            raise ConfigError(f"loss '{self.cfg.loss.name}' reads the gallery network's re-ID head outputs; set "
-                              "head: bnneck on gallery_net")
-        grids = self._local_grids()
-        names = ["raw", *[f"local{n}" for n in grids]]
-        n, dev = len(t.records), self.device
-
-        def compute(folder: Path) -> dict:
-            outputs = {"raw": np.lib.format.open_memmap(folder / "raw.npy", "w+", np.float32, (n, g.dim))}
-            for grid in grids:  # float16: 4 bytes a value would take 6 GB for VeRi-776's 37,746 images at P = 8
-                outputs[f"local{grid}"] = np.lib.format.open_memmap(folder / f"local{grid}.npy", "w+", np.float16,
-                                                                    (n, grid * grid, g.dim))
-
-            def heads(images):
-                out = g.forward_train(stack_by_shape(images).to(dev, non_blocking=True))
-                return {"raw": out.raw, **{f"local{grid}": g.local_features(out.fmap, grid) for grid in grids}}
-
-            with eval_mode(g):
-                stream_records(g, t.records, outputs, heads, batch_size=32, num_workers=self.cfg.data.num_workers,
-                               device=dev, progress=t.progress)
-            for array in outputs.values():
-                array.flush()
-            return {"backbone": g.spec.backbone, "count": n, "dim": g.dim, "arrays": names, "grids": list(grids)}
-
-        cache = EmbeddingCache(Path(self.cfg.output_dir) / ".cache")
-        key = f"{cache_key(g, t.records)}-reid-{'-'.join(names)}"
-        if t.main:
-            arrays = cache.get_arrays(key, names, compute)
-        if t.world > 1:
-            dist.barrier()
-        if not t.main:
-            arrays = cache.get_arrays(key, names, compute)
-        self.gallery_raw = torch.from_numpy(np.array(arrays["raw"], dtype=np.float32)).to(dev)
-        t.gallery_emb = F.normalize(self.gallery_raw, dim=1)
-        self.gallery_local = [arrays[f"local{grid}"] for grid in grids]
-
-    def _gallery_uncertainty(self) -> torch.Tensor:
-        """Per-image variance of the gallery embedding over a few views (attentive regression, methods.md §5),
-        computed once; each view's embeddings are cached like the training embeddings."""
-        t, g = self.t, self.reference_gallery or self.t.gallery_net
-        cache = EmbeddingCache(Path(self.cfg.output_dir) / ".cache")
-        views = []
-        for v, transform in enumerate(view_transforms(g.transform, self.rc.uncertainty_views)):
-            view = copy.copy(g)
-            view.transform = transform
-            views.append(np.asarray(cache.get(view, t.records, key=f"{cache_key(g, t.records)}-view{v}of"
-                                              f"{self.rc.uncertainty_views}", batch_size=32,
-                                              num_workers=self.cfg.data.num_workers, device=self.device,
-                                              progress=t.progress)))
-        # σ²_i = E_v ‖g_v,i − ḡ_i‖² (the trace of the views' covariance): a sum over dimensions, like the
-        # ‖q_i − μ_i‖² it divides, so the loss keeps the scale of a plain regression.
-        variance = np.stack(views).var(axis=0).sum(axis=1)
-        # Our choice, not the paper's: relative to the training set's mean and floored at a tenth of it, so the
-        # loss keeps the scale of a plain regression and no near-certain image weighs more than 10x the average.
-        variance = np.maximum(variance / max(float(variance.mean()), 1e-12), 0.1)
-        return torch.from_numpy(variance.astype(np.float32)).to(self.device)
-
     def param_groups(self, lr: float) -> list[dict]:
         """The optimiser's groups: the trained network's (AML's GeM rule) or, for ACD with ``raho``, RAHO's tiers."""
-        net = self.trained_net
         if self.co_train and self.cfg.acd.raho:
             return self._raho_groups(lr)
-        o = self.cfg.train.optim
-        groups = net.param_groups(lr, o.gem_lr_mult, o.head_lr_mult)
-        params = [p for m in (self.loss_fn,) if m is not None for p in m.parameters()]
-        if params:
-            groups.append({"params": params, "lr": lr})
-        return groups
+        return trained_param_groups(self.trained_net, self.loss_fn, self.cfg, lr)
 
     def _raho_groups(self, lr: float) -> list[dict]:
         from asymret.retrieval.pair import weights_hash
         from asymret.training.raho import TIER_NAMES, raho, raho_param_groups, residual_blocks
 
         a = self.cfg.acd
-        path = self.t.run_dir / "raho.json"
-        measured_on = {"gallery_net": weights_hash(self.trained_net), "query_net": weights_hash(self.t.query_net),
+        path = self.ctx.run_dir / "raho.json"
+        measured_on = {"gallery_net": weights_hash(self.trained_net), "query_net": weights_hash(self.query_net),
                        "p": a.raho_p, "gamma": a.raho_gamma, "batches": a.raho_batches, "seed": self.cfg.seed}
         report = json.loads(path.read_text()) if path.is_file() else {}
         if report.get("measured_on") == measured_on:  # resume: the tiers chosen on these starting weights
             tiers = {b["name"]: TIER_NAMES.index(b["tier"]) for b in report["blocks"]}
             return raho_param_groups(self.trained_net, residual_blocks(self.trained_net.backbone), tiers, lr,
                                      report["gamma"])
-        sampler = DistillationSampler(len(self.t.records), self._distill_size(), num_batches=a.raho_batches,
+        sampler = DistillationSampler(len(self.ctx.records), self._distill_size(), num_batches=a.raho_batches,
                                       seed=self.cfg.seed + 7919)
         loader = DataLoader(self._distill_images(), batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
                             collate_fn=list)
 
         def batches():
             for items, idx in zip(loader, sampler):
-                _raise_errors(items)
+                raise_broken(items)
                 gal = torch.stack([g for _, g in items])
                 low = torch.stack([q for q, _ in items])
-                yield gal, low, torch.as_tensor(self.t.labels[idx])
+                yield gal, low, torch.as_tensor(self.labels[idx])
 
-        groups, report = raho(self.trained_net, batches(), lr, query_net=self.t.query_net, p=a.raho_p,
+        groups, report = raho(self.trained_net, batches(), lr, query_net=self.query_net, p=a.raho_p,
                               gamma=a.raho_gamma)
         report["measured_on"] = measured_on  # a later run reuses the tiers only for the same start
-        if self.t.main:
-            self.t.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.main:
+            self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=1))
         log.info("RAHO: %d of %d blocks at full lr (U_hr ∩ U_cr), written to %s",
                  sum(b["tier"] == "eta" for b in report["blocks"]), len(report["blocks"]), path)
@@ -350,38 +264,39 @@ class ReIDRecipe:
     # ------------------------------------------------------------------------------------ epochs
 
     def _distill_size(self) -> int:
-        return min(self.rc.distill_batch_size, len(self.t.records))
+        return min(self.rc.distill_batch_size, len(self.ctx.records))
 
     def _distill_images(self) -> RecordImages:
         """Distillation images: query resolution (and gallery resolution too when the gallery is trained or runs
         live); with ``distill_augment`` each view through its own draw of the training augmentation."""
-        t, rc = self.t, self.rc
+        records, rc = self.ctx.records, self.rc
 
         def view(net):
             if rc.distill_augment:
                 return build_reid_train_transform(net.spec.input, rc.flip, rc.pad, rc.erasing)
             return net.transform
 
-        q = view(t.query_net)
+        q = view(self.query_net)
         if self.co_train or self.live_gallery:
-            g = view(t.gallery_net)
-            return RecordImages(t.records, lambda im: (q(im), g(im)))
-        return RecordImages(t.records, q)
+            g = view(self.gallery_net)
+            return RecordImages(records, lambda im: (q(im), g(im)))
+        return RecordImages(records, q)
 
     def loaders(self, epoch: int):
         """The epoch's steps: ``(pk_loader, pk_sampler, distill_loader | None, distill_sampler | None)``."""
-        t, rc = self.t, self.rc
+        ctx, rc = self.ctx, self.rc
         ids = min(rc.ids_per_batch, self.num_ids)
-        pk = IdentitySampler(t.labels, ids, rc.images_per_id, seed=self.cfg.seed, rank=t.rank, world_size=t.world)
+        pk = IdentitySampler(self.labels, ids, rc.images_per_id, seed=self.cfg.seed, rank=ctx.rank,
+                             world_size=ctx.world)
         pk.set_epoch(epoch)
         transform = build_reid_train_transform(self.trained_net.spec.input, rc.flip, rc.pad, rc.erasing)
         kw = {"num_workers": self.cfg.data.num_workers, "collate_fn": list,
               "pin_memory": self.device.type == "cuda"}
-        pk_loader = DataLoader(RecordImages(t.records, transform), batch_sampler=pk, **kw)
+        pk_loader = DataLoader(RecordImages(ctx.records, transform), batch_sampler=pk, **kw)
         if self.alone or rc.distill_batch_size == 0:
             return pk_loader, pk, None, None
-        ds = DistillationSampler(len(t.records), self._distill_size(), num_batches=len(pk), seed=self.cfg.seed,
-                                 rank=t.rank, world_size=t.world)
+        ds = DistillationSampler(len(ctx.records), self._distill_size(), num_batches=len(pk), seed=self.cfg.seed,
+                                 rank=ctx.rank, world_size=ctx.world)
         ds.set_epoch(epoch)
         return pk_loader, pk, DataLoader(self._distill_images(), batch_sampler=ds, **kw), ds
 
@@ -390,7 +305,7 @@ class ReIDRecipe:
         if self.cfg.train.bn_eval:
             set_bn_eval(self.trained_net)
         if self.co_train:
-            self.t.query_net.eval()
+            self.query_net.eval()
 
     def _loss_batch(self, q, gallery: dict, labels: torch.Tensor, idx: torch.Tensor) -> LossBatch:
         """The distillation loss's batch: exactly the fields it ``needs``, from the query network's output ``q``
@@ -403,7 +318,7 @@ class ReIDRecipe:
     def _live_gallery_rows(self, images: torch.Tensor) -> dict:
         """The frozen gallery's side of the distillation batch from its own forward pass on its (augmented) view:
         eval mode, no gradient, the same fields as :meth:`_frozen_gallery_rows`."""
-        g = self.t.gallery_net
+        g = self.gallery_net
         with torch.no_grad(), eval_mode(g):
             out = g.forward_train(images)
             rows = {"gallery": out.feature, "gallery_raw": out.raw, "gallery_logits": out.logits}
@@ -414,8 +329,8 @@ class ReIDRecipe:
 
     def _frozen_gallery_rows(self, distill_idx, idx: torch.Tensor) -> dict:
         """The frozen gallery's side of the distillation batch, from the cache (constants, no gradient)."""
-        rows = {"gallery": self.t.gallery_emb[idx]}
-        head = self.t.gallery_net.head
+        rows = {"gallery": self.gallery_emb[idx]}
+        head = self.gallery_net.head
         with torch.no_grad():
             if self.gallery_raw is not None:
                 rows["gallery_raw"] = self.gallery_raw[idx]
@@ -427,24 +342,24 @@ class ReIDRecipe:
                 rows["gallery_local_logits"] = tuple(head.classifier(t) for t in rows["gallery_local"])
         return rows
 
-    def step(self, pk_images: list, pk_idx, distill_items: list | None, distill_idx) -> LossOutput:
+    def step(self, pk_images: list, pk_idx, distill_items: list | None = None, distill_idx=None) -> LossOutput:
         """One step's loss: the trained network's own loss on the P×K batch plus the distillation terms."""
         dev = self.device
-        _raise_errors(pk_images)
+        raise_broken(pk_images)
         out = self.trained_net.forward_train(stack_by_shape(pk_images).to(dev, non_blocking=True))
-        labels = torch.as_tensor(self.t.labels[np.asarray(pk_idx)], device=dev)
-        own = self.supervised(LossBatch(query=out.pooled, query_logits=out.logits, labels=labels))
+        labels = torch.as_tensor(self.labels[np.asarray(pk_idx)], device=dev)
+        own = self.supervised(LossBatch.own(out.pooled, out.logits, labels))
         total, parts = own.total, {f"own_{k}": v for k, v in own.parts.items()}
         if distill_items is None:
             return LossOutput(total, parts)
-        _raise_errors(distill_items)
+        raise_broken(distill_items)
         idx = torch.as_tensor(np.asarray(distill_idx), device=dev)
-        d_labels = torch.as_tensor(self.t.labels[np.asarray(distill_idx)], device=dev)
+        d_labels = torch.as_tensor(self.labels[np.asarray(distill_idx)], device=dev)
         if self.co_train:
             low = stack_by_shape([q for q, _ in distill_items]).to(dev, non_blocking=True)
             high = stack_by_shape([g for _, g in distill_items]).to(dev, non_blocking=True)
-            with torch.no_grad(), eval_mode(self.t.query_net):
-                q = self.t.query_net.forward_train(low)
+            with torch.no_grad(), eval_mode(self.query_net):
+                q = self.query_net.forward_train(low)
             g = self.trained_net.forward_train(high)
             batch = self._loss_batch(q, {"gallery": g.feature, "gallery_raw": g.raw, "gallery_logits": g.logits},
                                      d_labels, idx)

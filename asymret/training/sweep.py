@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 
 from asymret.config import apply_overrides, apply_values, load_tree, validate
 from asymret.errors import ConfigError
-from asymret.index.files import atomic_write
+from asymret.files import atomic_write
 from asymret.retrieval.specs import Strict
 from asymret.training.config import ExperimentConfig
 
@@ -260,9 +260,9 @@ def evaluate_run(run: SweepRun, settings: dict, batch_size: int = 16) -> dict:
     """Evaluate a run's pair on the sweep's benchmark; the result is written beside it (``sweep_eval.json``)."""
     from asymret.retrieval.evaluate import evaluate_pair, public
     from asymret.retrieval.pair import load_pair
-    from asymret.training.trainer import resolve_device
+    from asymret.runtime import resolve_device
 
-    device = resolve_device(run.cfg.train.device)
+    device = resolve_device(run.cfg.train.device, setting="train.device")
     pair = load_pair(run.run_dir / "pair.pt", device=device)
     result = evaluate_pair(pair.query_net, pair.gallery_net, settings["benchmark"], settings["root"],
                            whitenings=pair.whitenings(), distractors=settings["distractors"],

@@ -1,27 +1,31 @@
-"""Train a query network into the space of a frozen gallery network (AML), or alone (symmetric).
+"""The training loop: one :class:`Trainer` for every recipe (:mod:`asymret.training.recipe`).
 
 A run folder (DESIGN.md)::
 
     runs/<name>/config.yaml         the resolved config
     runs/<name>/metrics.jsonl       one JSON line per epoch: loss and its parts, lr, validation
     runs/<name>/checkpoints/last.pt model, optimiser, scheduler, RNG and epoch: exact resume
-    runs/<name>/checkpoints/best.pt the query network with the best validation mAP
+    runs/<name>/checkpoints/best.pt the trained network with the best validation mAP
     runs/<name>/query_net.pt        the final query network (an encoder checkpoint, usable as weights:)
     runs/<name>/pair.pt             both encoders' specs and weights: all ``asymret serve`` needs
 
-Every epoch's randomness (pair sampling, mining pool, data order) is drawn from ``(seed, epoch)``,
-so a resumed run repeats exactly the epochs an uninterrupted run would have.
-Data parallel through ``torchrun``: each rank trains on its share of the epoch's tuples and the
-gradients are averaged across ranks before every optimiser step (gloo on CPU, nccl on GPU).
+The trainer owns the loop, checkpoints, resume, data parallelism, AMP and validation; the recipe (AML tuples,
+or re-ID P×K + distillation) says which networks train and computes each step's loss. Every epoch's
+randomness is drawn from ``(seed, epoch)``, so a resumed run repeats exactly the epochs an uninterrupted run
+would have. Data parallel through ``torchrun`` (gloo on CPU, nccl on GPU): each rank trains on its share of
+the epoch's batches and torch's DistributedDataParallel averages the gradients in buckets, overlapped with
+the backward pass, before every optimiser step (:class:`StepModule`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import itertools
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -29,63 +33,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from asymret import runtime
 from asymret.config import dump_config
-from asymret.errors import AsymretError, ConfigError, TrainingError
-from asymret.index.files import atomic_write
-from asymret.retrieval.cache import EmbeddingCache
+from asymret.errors import ConfigError, TrainingError
+from asymret.files import atomic_write
 from asymret.retrieval.checkpoints import read_checkpoint_whitening
-from asymret.retrieval.encode import RecordImages, encode_records, shape_groups
-from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint, set_bn_eval
+from asymret.retrieval.encoders import encoder_checkpoint
 from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
-from asymret.retrieval.transforms import build_train_transform
-from asymret.training.config import DataConfig, ExperimentConfig
-from asymret.training.losses import LossBatch, build_loss, combined_needs, loss_infos
-from asymret.training.mining import Tuples, mine_negatives, sample_pairs
-from asymret.training.reid import uses_reid_recipe
+from asymret.training.aml import AMLRecipe
+from asymret.training.config import ExperimentConfig
+from asymret.training.losses import LossOutput, loss_infos
+from asymret.training.recipe import Recipe, RecipeContext, open_training_set
+from asymret.training.reid import ReIDRecipe, uses_reid_recipe
 from asymret.training.tensorboard import log_scalars
 
+__all__ = ["StepModule", "Trainer", "lr_factor", "open_training_set", "train"]
+
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def open_training_set(cfg: DataConfig):
-    """The labelled training images a config names (records, labels, optional SfM pairs)."""
-    from asymret.retrieval import datasets as D
-
-    if cfg.format == "sfm120k":
-        return D.SfM120k(cfg.pkl, image_root=cfg.root or None)
-    if cfg.format == "csv":
-        return D.CsvDataset(cfg.csv, root=cfg.root or None)
-    if cfg.format == "veri776":
-        return D.LabelledSet(D.VeRi776(cfg.root).train)
-    if cfg.format in ("msmt17", "inshop", "sop", "cub200"):  # their train split (ACD's other benchmarks)
-        return D.LabelledSet(D.open_dataset(cfg.format, root=cfg.root).train)
-    return D.LabelledFolder(cfg.root)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
-    return device
-
-
-def forward_images(net: Encoder, images: list[torch.Tensor], device) -> torch.Tensor:
-    """Training-mode embeddings of preprocessed images that may differ in size (grouped by shape)."""
-    parts, order = [], []
-    for rows in shape_groups(images):
-        parts.append(net(torch.stack([images[i] for i in rows]).to(device, non_blocking=True)))
-        order.extend(rows)
-    out = torch.cat(parts)
-    return out[torch.argsort(torch.as_tensor(order, device=out.device))]
 
 
 def lr_factor(epoch: int, cfg) -> float:
@@ -107,6 +76,35 @@ def _atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+class StepModule(nn.Module):
+    """What DistributedDataParallel wraps: the trained network and the loss's own parameters (FitNet/UGD
+    projectors, kept in sync with it), with one recipe step as its forward. DDP only hooks the forward it
+    wraps, and a step calls the network several times (AML's shape groups, the re-ID batches' two streams,
+    ``forward_train``), so the whole step is that forward: one gradient reduction per backward."""
+
+    def __init__(self, net: nn.Module, loss_fn: nn.Module, step):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+        self.step = step
+
+    def forward(self, *batch):
+        out = self.step(*batch)
+        return out.total, out.parts
+
+
+def data_parallel(module: StepModule, device: torch.device) -> DistributedDataParallel:
+    """DDP over ``module``. ``find_unused_parameters``: a trained parameter that a step does not use (a classifier
+    the step never calls) would otherwise stop DDP at the next step; the graph traversal it costs is small next
+    to the step (``benchmarks/bench_train_step.py --ddp 2`` times it with the traversal on). Buffers are not
+    synced at each forward: each rank keeps its own BatchNorm statistics, as the hand-written all-reduce it
+    replaces did (the saved network is rank 0's; at the start all ranks hold the same weights and buffers)."""
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    buffers = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})  # older torch's name for it
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, **buffers)
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -114,70 +112,33 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, progress: bool = True):
         self.cfg = cfg
         self.run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = resolve_device(cfg.train.device)
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
+        procs = runtime.processes()
+        self.world, self.rank = procs.world, procs.rank
+        self.device, _ = runtime.init_distributed(runtime.resolve_device(cfg.train.device, setting="train.device"))
+        self.main = procs.main
         self.progress = progress and self.main
-        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.amp = runtime.amp_enabled(self.device, cfg.train.amp)
         self._seed(cfg.seed)
 
         self.data = open_training_set(cfg.data)
         self.records = self.data.records
         self.labels = np.asarray(self.data.labels)
-        infos = loss_infos(cfg.loss.names)  # an unknown name is the ConfigError that lists the known ones
-        needs = combined_needs(cfg.loss.names)
-        self.tuple_mode = "negative" in needs or "positive" in needs
-        self.symmetric = cfg.loss.mode == "symmetric"
-        self.gallery_emb = None
-        self.recipe = None
-        if uses_reid_recipe(cfg):
-            self._init_reid()
-            return
-        distillers = [i.name for i in infos if not {"positive", "negative"} & set(i.needs)]
-        if self.symmetric and distillers:
-            raise ConfigError(f"loss '{distillers[0]}' distils from a gallery network; it has no symmetric "
-                              "mode (set loss.mode: asymmetric)")
-        # AML batches: tuples (anchor, its gallery embedding, positive, negatives) or random images with labels
-        provided = {"query", "gallery", "positive", "negative"} if self.tuple_mode else {"query", "gallery", "labels"}
-        for info in infos:
-            extra = sorted(set(info.needs) - provided)
-            if extra:
-                batches = "tuples" if self.tuple_mode else "batches of random images"
-                raise ConfigError(f"loss '{info.name}' needs {', '.join(extra)}, which the AML recipe's {batches} do not "
-                                  "provide; train it with train.recipe: reid (or auto), apart from AML tuple losses")
+        loss_infos(cfg.loss.names)  # an unknown name is the ConfigError that lists the known ones
+        self.ctx = RecipeContext(cfg=cfg, device=self.device, amp=self.amp, rank=self.rank, world=self.world,
+                                 run_dir=self.run_dir, progress=self.progress, data=self.data)
+        self.recipe: Recipe = ReIDRecipe(self.ctx) if uses_reid_recipe(cfg) else AMLRecipe(self.ctx)
+        nets = self.networks = self.recipe.networks()
+        self.query_net, self.gallery_net, self.loss_fn = nets.query_net, nets.gallery_net, nets.loss_fn
+        self.symmetric, self.trained, self.net = nets.symmetric, nets.trained, nets.trained_net
+        self._init_optimizer(self.recipe.param_groups(cfg.train.optim.lr))
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = data_parallel(StepModule(self.net, self.loss_fn, self.recipe.step), self.device)
 
-        self.query_net = create_encoder(cfg.query_net).to(self.device)
-        self.loss_fn = build_loss(cfg.loss.specs()).to(self.device)
-        self.gallery_net = None
-        self.trained, self.net = "query_net", self.query_net
-        if not self.symmetric:
-            self.gallery_net = create_encoder(cfg.gallery_net).to(self.device).eval()
-            self.gallery_net.requires_grad_(False)
-            if self.query_net.dim != self.gallery_net.dim and not list(self.loss_fn.parameters()):
-                raise ConfigError(f"query_net gives {self.query_net.dim}-d embeddings but gallery_net gives "
-                                  f"{self.gallery_net.dim}-d; set query_net.dim: {self.gallery_net.dim}")
-            self.gallery_emb = self._gallery_embeddings()
-
-        o = cfg.train.optim
-        params = self.query_net.param_groups(o.lr, o.gem_lr_mult, o.head_lr_mult)
-        if list(self.loss_fn.parameters()):
-            params.append({"params": list(self.loss_fn.parameters()), "lr": cfg.train.optim.lr})
-        self._init_optimizer(params)
-
-    def _init_reid(self) -> None:
-        """The re-ID recipe (:mod:`asymret.training.reid`) builds the networks and losses."""
-        from asymret.training.reid import ReIDRecipe
-
-        self.recipe = ReIDRecipe(self)
-        self.symmetric = self.recipe.alone
-        self.trained, self.net = self.recipe.trained, self.recipe.trained_net
-        self._init_optimizer(self.recipe.param_groups(self.cfg.train.optim.lr))
+    @property
+    def gallery_emb(self) -> torch.Tensor | None:
+        """The frozen gallery network's cached embeddings of the training images, where the recipe uses them."""
+        return self.recipe.gallery_emb
 
     def _init_optimizer(self, params: list[dict]) -> None:
         cfg = self.cfg
@@ -192,150 +153,55 @@ class Trainer:
         self.epoch = 0
         self.best = -math.inf
 
-    # -------------------------------------------------------------------------------------- setup
-
     @staticmethod
     def _seed(seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _gallery_embeddings(self) -> torch.Tensor:
-        """The frozen gallery network's embedding of every training image, computed once (rank 0)."""
-        cache = EmbeddingCache(Path(self.cfg.output_dir) / ".cache")
-        kw = {"batch_size": 32, "num_workers": self.cfg.data.num_workers, "device": self.device,
-                  "progress": self.progress}
-        if self.main:
-            emb = cache.get(self.gallery_net, self.records, **kw)
-        if self.world > 1:
-            dist.barrier()
-        if not self.main:
-            emb = cache.get(self.gallery_net, self.records, **kw)
-        return torch.from_numpy(np.array(emb, dtype=np.float32)).to(self.device)
-
     # ------------------------------------------------------------------------------------- epochs
 
-    def _loader(self, indices: np.ndarray, step_sizes: list[int]) -> DataLoader:
-        """Query-side images of ``indices`` in order, one list per step."""
-        bounds = np.cumsum([0] + step_sizes)
-        batches = [list(range(bounds[i], bounds[i + 1])) for i in range(len(step_sizes))]
-        records = [self.records[i] for i in indices]
-        transform = build_train_transform(self.query_net.spec.input, self.cfg.data.augment)
-        return DataLoader(RecordImages(records, transform), batch_sampler=batches,
-                          num_workers=self.cfg.data.num_workers, collate_fn=list,
-                          pin_memory=self.device.type == "cuda")
+    def _epoch_batches(self):
+        """This epoch's ``(count, iterator of batches)``: the recipe's streams, zipped (``None`` for an absent one)."""
+        streams = self.recipe.loaders(self.epoch)
+        self.recipe.train_mode()
+        return len(streams[0]), zip(*(itertools.repeat(None) if s is None else s for s in streams))
 
-    def _embed_for_mining(self, indices: np.ndarray) -> np.ndarray:
-        return encode_records(self.query_net, [self.records[i] for i in indices], batch_size=32,
-                              num_workers=self.cfg.data.num_workers, device=self.device, progress=False)
-
-    def make_tuples(self, rng: np.random.Generator) -> Tuples:
-        m = self.cfg.train.mining
-        qidxs = getattr(self.data, "qidxs", None)
-        pidxs = getattr(self.data, "pidxs", None)
-        anchors, positives = sample_pairs(self.labels, m.tuples_per_epoch, rng, qidxs, pidxs)
-        pool = rng.choice(len(self.records), size=min(m.pool_size, len(self.records)), replace=False)
-        if m.num_negatives == 0:
-            return Tuples(anchors, positives, np.empty((len(anchors), 0), np.int64))
-        anchor_emb = self._embed_for_mining(anchors)
-        pool_emb = (self._embed_for_mining(pool) if self.symmetric
-                    else self.gallery_emb[torch.as_tensor(pool, device=self.device)].cpu().numpy())
-        negatives = mine_negatives(anchor_emb, self.labels[anchors], pool, pool_emb, self.labels[pool],
-                                   m.num_negatives)
-        return Tuples(anchors, positives, negatives)
-
-    def _steps(self, rng: np.random.Generator):
-        """(image indices per step, builder of the LossBatch from their query-side embeddings)."""
-        t = self.cfg.train
-        if self.tuple_mode:
-            tuples = self.make_tuples(rng)
-            mine = np.arange(self.rank, len(tuples), self.world)
-            steps = [mine[i:i + t.batch_size] for i in range(0, len(mine), t.batch_size)]
-            plans = []
-            for s in steps:
-                a, p, n = tuples.anchors[s], tuples.positives[s], tuples.negatives[s]
-                images = np.concatenate([a, p, n.ravel()]) if self.symmetric else a
-                plans.append((images, (a, p, n)))
-            return plans
-        per_step = t.batch_size * (2 + t.mining.num_negatives)
-        n_steps = math.ceil(t.mining.tuples_per_epoch / t.batch_size)
-        n = len(self.records)
-        needed = per_step * n_steps * self.world
-        order = np.concatenate([rng.permutation(n) for _ in range(-(-needed // n))])
-        picks = [order[(i * self.world + self.rank) * per_step:][:per_step] for i in range(n_steps)]
-        return [(p, None) for p in picks if len(p) > 1]
-
-    def _batch(self, images: list[torch.Tensor], indices: np.ndarray, tup) -> LossBatch:
-        q = forward_images(self.query_net, images, self.device)
-        if tup is None:  # relational / regression: the B images on both sides
-            return LossBatch(query=q, gallery=self.gallery_emb[torch.as_tensor(indices, device=self.device)],
-                             labels=torch.as_tensor(self.labels[indices], device=self.device))
-        a, p, n = tup
-        b, k = len(a), n.shape[1]
-        if self.symmetric:
-            # explicit sizes: with no negatives (k = 0, the Table 5 ablations) -1 could be anything
-            q_a, q_p, q_n = q[:b], q[b:2 * b], q[2 * b:].reshape(b, k, q.shape[1])
-            return LossBatch(query=q_a, gallery=q_a, positive=q_p[:, None], negative=q_n)
-        g = self.gallery_emb
-
-        def take(ix):
-            return g[torch.as_tensor(ix, device=self.device)]
-
-        return LossBatch(query=q, gallery=take(a), positive=take(p)[:, None],
-                         negative=take(n.reshape(-1)).reshape(b, k, g.shape[1]))
-
-    def _epoch_steps(self):
-        """This epoch's steps as ``(count, iterator of zero-argument loss computations)``."""
-        cfg, t = self.cfg, self.cfg.train
-        if self.recipe is not None:
-            pk_loader, pk, d_loader, ds = self.recipe.loaders(self.epoch)
-            self.recipe.train_mode()
-            if d_loader is None:
-                steps = ((lambda im=im, ix=ix: self.recipe.step(im, ix, None, None)) for im, ix in zip(pk_loader, pk))
-            else:
-                steps = ((lambda im=im, ix=ix, d=d, dx=dx: self.recipe.step(im, ix, d, dx))
-                         for im, ix, d, dx in zip(pk_loader, pk, d_loader, ds))
-            return len(pk), steps
-        rng = np.random.default_rng([cfg.seed, self.epoch])
-        plans = self._steps(rng)
-        self.query_net.train()
-        if t.bn_eval:
-            set_bn_eval(self.query_net)
-        loader = self._loader(np.concatenate([p[0] for p in plans]), [len(p[0]) for p in plans])
-
-        def compute(images, indices, tup):
-            for item in images:  # a broken image comes back as its error, not a worker traceback
-                if isinstance(item, AsymretError):
-                    raise item
-            return self.loss_fn(self._batch(images, indices, tup))
-
-        return len(plans), ((lambda im=im, ix=ix, tp=tp: compute(im, ix, tp)) for im, (ix, tp) in zip(loader, plans))
+    def _forward(self, batch) -> LossOutput:
+        """One step's loss: the recipe's step, under DDP through the wrapped :class:`StepModule`."""
+        if self.ddp is None:
+            return self.recipe.step(*batch)
+        total, parts = self.ddp(*batch)
+        return LossOutput(total, parts)
 
     def train_epoch(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(cfg.seed * 100_003 + self.epoch)
-        n_steps, steps = self._epoch_steps()
+        n_steps, batches = self._epoch_batches()
         totals: dict[str, float] = {}
         count = 0
-        bar = tqdm(steps, total=n_steps, desc=f"epoch {self.epoch + 1}/{t.epochs}",
+        bar = tqdm(batches, total=n_steps, desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    disable=not self.progress, unit="step", leave=False)
         self.optimizer.zero_grad(set_to_none=True)
         # A loss that sums over the step's tuples (AML's, as in its code) keeps summing across processes and
         # accumulated steps, so any split of the tuples gives the same gradient; a mean-reduced loss averages.
-        sums = self.recipe is None and getattr(self.loss_fn, "batch_reduction", "mean") == "sum"
+        # DDP averages over the processes: scaling a summed loss by their number makes that average the sum.
+        sums = self.recipe.batch_reduction == "sum"
         scale = float(self.world) if sums else 1.0 / t.accumulate
-        for step, compute in enumerate(bar):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = compute()
-            loss = out.total.float()
-            if not torch.isfinite(loss):
-                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
-                raise TrainingError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"
-                                    f"{' (' + parts + ')' if parts else ''}; lower train.optim.lr or check "
-                                    "the data; the last good checkpoint is kept")
-            (loss * scale).backward()
-            if (step + 1) % t.accumulate == 0 or step + 1 == n_steps:
-                self._average_gradients()
+        for step, batch in enumerate(bar):
+            sync = (step + 1) % t.accumulate == 0 or step + 1 == n_steps
+            # no_sync covers forward and backward: DDP decides at the forward whether this backward reduces
+            with contextlib.nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
+                with runtime.autocast(self.device, self.amp):
+                    out = self._forward(batch)
+                loss = out.total.float()
+                if not torch.isfinite(loss):
+                    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
+                    raise TrainingError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"
+                                        f"{' (' + parts + ')' if parts else ''}; lower train.optim.lr or check "
+                                        "the data; the last good checkpoint is kept")
+                (loss * scale).backward()
+            if sync:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             count += 1
@@ -345,15 +211,6 @@ class Trainer:
             bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
         self.scheduler.step()
         return {k: v / max(count, 1) for k, v in totals.items()}
-
-    def _average_gradients(self) -> None:
-        if self.world == 1:
-            return
-        for group in self.optimizer.param_groups:  # the trained network's and a loss's own (projectors)
-            for p in group["params"]:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
 
     # ------------------------------------------------------------------------------ validation
 
@@ -459,10 +316,10 @@ class Trainer:
             net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
         _atomic_save(encoder_checkpoint(net), self.run_dir / f"{self.trained}.pt")
         meta = {"run": self.cfg.name, "loss": self.cfg.loss.name, "mode": self.cfg.loss.mode,
-                "recipe": "reid" if self.recipe is not None else "aml"}
+                "recipe": self.recipe.name}
         if self.trained == "gallery_net":
             meta["acd"] = True
-            reference = self.recipe.reference_gallery
+            reference = self.networks.reference_gallery
             white = self.learn_whitenings({"query_net": self.query_net, "gallery_net": net,
                                            "reference_gallery_net": reference})
             return save_pair(self.run_dir / "pair.pt", self.query_net, net, meta=meta, reference_gallery=reference,
@@ -494,7 +351,7 @@ class Trainer:
         embeddings = {}
         frozen = networks.get("gallery_net")
         if frozen is not None and frozen is self.gallery_net and self.trained != "gallery_net" and not self.symmetric:
-            embeddings["gallery_net"] = EmbeddingCache(Path(cfg.output_dir) / ".cache").get(
+            embeddings["gallery_net"] = self.ctx.cache.get(
                 frozen, self.records, batch_size=32, num_workers=cfg.data.num_workers, device=self.device,
                 progress=self.progress)
         source = cfg.data.pkl or cfg.data.csv or cfg.data.root

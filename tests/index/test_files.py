@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from asymret import files  # the module itself (asymret.index.files re-exports it)
 from asymret.errors import DataError
-from asymret.index import files
 from asymret.index.files import atomic_write, read_json, write_json_atomic
 from asymret.index.vectors import VectorIndex
 
@@ -42,7 +42,7 @@ def test_killed_writer_leaves_the_old_file_and_a_temp_that_the_next_write_sweeps
     # a process killed between writing its temporary file and renaming it
     script = (
         "import os, signal, sys\n"
-        "from asymret.index import files\n"
+        "from asymret import files\n"
         "files.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"files.write_json_atomic({str(path)!r}, {{'version': 2}})\n"
     )

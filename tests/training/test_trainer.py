@@ -191,7 +191,7 @@ def test_tuples_without_negatives_train(folder, tmp_path, loss, mode):
                                                  **{"train.mining": {"tuples_per_epoch": 4, "num_negatives": 0},
                                                     "train.epochs": 1}))
     trainer = Trainer(cfg, progress=False)
-    assert trainer.make_tuples(np.random.default_rng(0)).negatives.shape == (4, 0)
+    assert trainer.recipe.make_tuples(np.random.default_rng(0)).negatives.shape == (4, 0)
     trainer.fit()
     record = json.loads((trainer.run_dir / "metrics.jsonl").read_text())
     assert "d_neg" not in record and np.isfinite(record["loss"]) and record["loss"] > 0

@@ -160,11 +160,11 @@ def run_pair(args: argparse.Namespace) -> int:
     from asymret.retrieval import evaluate as ev
     from asymret.retrieval.cost import pair_cost
     from asymret.retrieval.pair import load_pair
-    from asymret.training.trainer import resolve_device
+    from asymret.runtime import resolve_device
 
     rows = tuple(r.strip() for r in (args.rows or "").split(",") if r.strip())
     post = postprocessing(args)  # bad settings fail before the pair loads
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, setting="--device", fix="use --device cpu or auto")
     pair = load_pair(args.pair, device=device)
     if not rows:
         rows = ev.ALL_ROWS if pair.co_trained else ev.ROWS

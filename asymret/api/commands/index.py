@@ -115,8 +115,9 @@ def _encode_args(args, device) -> dict:
 
 def _images_and_side(args):
     from asymret.retrieval import gallery as gb
+    from asymret.runtime import resolve_device
 
-    device = gb.local_device(args.device)
+    device = resolve_device(args.device, setting="--device", fix="use --device cpu or auto")
     side = _gallery_side(args, device)
     if side is None:
         raise InputError("encoding images needs the gallery network: --pair PAIR.pt, or --gallery-net "
@@ -237,6 +238,7 @@ def _encode_query(args, gallery):
     from asymret.retrieval import gallery as gb
     from asymret.retrieval.pair import load_pair
     from asymret.retrieval.records import ImageRecord, load_image
+    from asymret.runtime import resolve_device
 
     if not args.pair:
         raise InputError("--image needs --pair PAIR.pt: its query network encodes the query")
@@ -248,7 +250,7 @@ def _encode_query(args, gallery):
             bbx = ()
         if len(bbx) != 4:
             raise InputError(f"--bbx must be four numbers x1,y1,x2,y2 in pixels; got '{args.bbx}'")
-    device = gb.local_device(args.device)
+    device = resolve_device(args.device, setting="--device", fix="use --device cpu or auto")
     pair = load_pair(args.pair, device=device)
     gb.check_space(gallery, gb.SideEncoder.gallery(pair))
     image = load_image(ImageRecord(Path(args.image), split="query", bbx=bbx))

@@ -67,7 +67,7 @@ def format_info(info: dict) -> str:
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from asymret.index.files import atomic_write
+    from asymret.files import atomic_write
     from asymret.retrieval.checkpoints import detect_layout, read_checkpoint
 
     obj = read_checkpoint(args.input)

@@ -80,8 +80,9 @@ def data_config(path: str, fmt: str, images: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from asymret.retrieval.pair import load_pair, save_pair, weights_hash
+    from asymret.runtime import resolve_device
     from asymret.training.config import WhiteningConfig
-    from asymret.training.trainer import open_training_set, resolve_device
+    from asymret.training.recipe import open_training_set
     from asymret.training.whiten import learn_whitenings
 
     chosen = [n.strip() for n in (args.networks or "").split(",") if n.strip()]
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(f"bad whitening option: {exc.errors()[0]['loc'][0]} {exc.errors()[0]['msg']}") from None
     dcfg = data_config(args.data, args.format, args.images)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, setting="--device", fix="use --device cpu or auto")
     pair = load_pair(args.pair, device=device)
     nets = {"query_net": pair.query_net, "gallery_net": pair.gallery_net}
     if pair.reference_gallery is not None:

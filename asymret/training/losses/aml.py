@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asymret.errors import InputError
-from asymret.training.losses.registry import LossBatch, LossOutput, register_loss, require
+from asymret.training.losses.registry import LossBatch, LossOutput, register_loss
 
 AML = "Budnik & Avrithis, CVPR 2021"
 
@@ -163,7 +163,7 @@ class ContrastiveLoss(nn.Module):
         self.margin = margin
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, positive, negative = require(batch, self.loss_name, "query", "positive", "negative")
+        query, positive, negative = batch.query, batch.positive, batch.negative
         d_pos, d_neg = tuple_distances(query, positive), tuple_distances(query, negative)
         return LossOutput(contrastive_loss(d_pos, d_neg, self.margin), _means(d_pos=d_pos, d_neg=d_neg))
 
@@ -179,8 +179,7 @@ class ContrPlusLoss(nn.Module):
         self.margin = margin
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery, positive, negative = require(batch, self.loss_name, "query", "gallery", "positive",
-                                                     "negative")
+        query, gallery, positive, negative = batch.query, batch.gallery, batch.positive, batch.negative
         d_self = tuple_distances(query, gallery.unsqueeze(1))
         d_pos, d_neg = tuple_distances(query, positive), tuple_distances(query, negative)
         total = contrastive_loss(torch.cat([d_self, d_pos], 1), d_neg, self.margin)
@@ -197,7 +196,7 @@ class TripletLoss(nn.Module):
         self.margin = margin
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, positive, negative = require(batch, self.loss_name, "query", "positive", "negative")
+        query, positive, negative = batch.query, batch.positive, batch.negative
         d_pos, d_neg = tuple_distances(query, positive, eps=0), tuple_distances(query, negative, eps=0)  # no ε there
         return LossOutput(triplet_loss(d_pos, d_neg, self.margin), _means(d_pos=d_pos, d_neg=d_neg))
 
@@ -213,7 +212,7 @@ class MultiSimilarityLoss(nn.Module):
         self.alpha, self.beta, self.base = alpha, beta, base
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, positive, negative = require(batch, self.loss_name, "query", "positive", "negative")
+        query, positive, negative = batch.query, batch.positive, batch.negative
         s_pos, s_neg = tuple_similarities(query, positive), tuple_similarities(query, negative)
         total = multi_similarity_loss(s_pos, s_neg, self.alpha, self.beta, self.base)
         return LossOutput(total, _means(s_pos=s_pos, s_neg=s_neg))
@@ -226,7 +225,7 @@ class MultiSimilarityLoss(nn.Module):
                needs=("query", "gallery"))
 class RegressionLoss(nn.Module):
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        query, gallery = batch.query, batch.gallery
         return LossOutput(regression_loss(query, gallery), _means(d_self=(query - gallery).norm(dim=1)))
 
 
@@ -241,7 +240,7 @@ class RKDLoss(nn.Module):
         self.angle_weight, self.distance_weight = angle_weight, distance_weight
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        query, gallery = batch.query, batch.gallery
         angle, distance = rkd_angle_loss(query, gallery), rkd_distance_loss(query, gallery)
         total = self.angle_weight * angle + self.distance_weight * distance
         return LossOutput(total, {"angle": angle.detach(), "distance": distance.detach()})
@@ -258,5 +257,5 @@ class DarkRankLoss(nn.Module):
         self.alpha, self.beta, self.list_len = alpha, beta, list_len
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        query, gallery = batch.query, batch.gallery
         return LossOutput(darkrank_loss(query, gallery, self.alpha, self.beta, self.list_len))

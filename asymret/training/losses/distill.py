@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from asymret.errors import ConfigError, InputError
 from asymret.retrieval.encoders import grid_tokens
-from asymret.training.losses.registry import LossBatch, LossOutput, register_loss, require
+from asymret.training.losses.registry import LossBatch, LossOutput, register_loss
 
 D3STILL = "Xie et al., D3still: Decoupled differential distillation for asymmetric image retrieval, CVPR 2024"
 UGD = ("Unambiguous granularity distillation for asymmetric image retrieval, Neural Networks 2025 "
@@ -217,7 +217,7 @@ class VanillaKDLoss(nn.Module):
         self.weight, self.temperature = weight, temperature
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        z_q, z_g = require(batch, self.loss_name, "query_logits", "gallery_logits")
+        z_q, z_g = batch.query_logits, batch.gallery_logits
         if z_q.shape != z_g.shape:
             raise InputError(f"vanilla_kd compares query logits of shape {tuple(z_q.shape)} with gallery logits of "
                              f"shape {tuple(z_g.shape)}; give both networks num_classes: the training identities")
@@ -240,7 +240,7 @@ class PKTLoss(nn.Module):
         self.weight, self.eps = weight, eps
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query_raw", "gallery_raw")
+        query, gallery = batch.query_raw, batch.gallery_raw
         pkt = pkt_loss(query, gallery, self.eps)
         return LossOutput(self.weight * pkt, _parts(pkt=pkt))
 
@@ -301,9 +301,8 @@ class UGDLoss(nn.Module):
         return self.grid, self.grid // 2
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery, stages, g_local, g_logits, labels = require(
-            batch, self.loss_name, "query_raw", "gallery_raw", "query_stages", "gallery_local",
-            "gallery_local_logits", "labels")
+        query, gallery, stages, labels = batch.query_raw, batch.gallery_raw, batch.query_stages, batch.labels
+        g_local, g_logits = batch.gallery_local, batch.gallery_local_logits
         if not len(self.projectors):
             raise ConfigError("ugd has no projectors yet: set grid and in_dim, or let the re-ID recipe call setup() "
                               "with the networks")
@@ -414,7 +413,7 @@ class FitNetLoss(nn.Module):
         self.projector = nn.Linear(in_dim, out_dim) if in_dim and out_dim and in_dim != out_dim else nn.Identity()
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query_raw", "gallery_raw")
+        query, gallery = batch.query_raw, batch.gallery_raw
         query = self.projector(query)
         if query.shape != gallery.shape:
             raise InputError(f"fitnet compares query features of shape {tuple(query.shape)} with gallery "
@@ -436,7 +435,7 @@ class CCLoss(nn.Module):
         self.weight = weight
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query_raw", "gallery_raw")
+        query, gallery = batch.query_raw, batch.gallery_raw
         cc = cc_loss(query, gallery)
         return LossOutput(self.weight * cc, _parts(cc=cc))
 
@@ -455,7 +454,7 @@ class CSDLoss(nn.Module):
         self.weight, self.k, self.tau_q, self.tau_g = weight, k, tau_q, tau_g
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query_raw", "gallery_raw")
+        query, gallery = batch.query_raw, batch.gallery_raw
         kl = csd_loss(*ranked_similarities(query, gallery, self.k), self.tau_q, self.tau_g)
         return LossOutput(self.weight * kl, _parts(kl=kl))
 
@@ -477,7 +476,7 @@ class RAMLLoss(nn.Module):
         self.eps = 1e-6 if compat else 0.0
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query_raw", "gallery_raw")
+        query, gallery = batch.query_raw, batch.gallery_raw
         absolute, rel_qg, rel_qq = raml_loss(query, gallery, self.lambda1, self.lambda2, self.eps)
         total = self.weight * (absolute + rel_qg + rel_qq)
         return LossOutput(total, _parts(absolute=absolute, rel_qg=rel_qg, rel_qq=rel_qq))
@@ -501,7 +500,7 @@ class ROPLoss(nn.Module):
         self.weight, self.k, self.tau, self.rank_weight, self.tau_g = weight, k, tau, rank_weight, tau_g
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query_raw", "gallery_raw")
+        query, gallery = batch.query_raw, batch.gallery_raw
         rop = rop_loss(*ranked_similarities(query, gallery, self.k), self.tau, self.rank_weight, self.tau_g)
         return LossOutput(self.weight * rop, _parts(rop=rop))
 
@@ -522,7 +521,7 @@ class D3stillLoss(nn.Module):
         self.weight, self.k, self.alpha, self.beta, self.gamma = weight, k, alpha, beta, gamma
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query_raw", "gallery_raw")
+        query, gallery = batch.query_raw, batch.gallery_raw
         feature, hard, simple = d3still_loss(*ranked_similarities(query, gallery, self.k),
                                              self.alpha, self.beta, self.gamma)
         total = self.weight * (feature + hard + simple)
@@ -542,7 +541,7 @@ class ACDLoss(nn.Module):
         self.alpha, self.beta, self.tau = alpha, beta, tau
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        z_q, z_g, z_c = require(batch, self.loss_name, "query_logits", "gallery_logits", "collab_logits")
+        z_q, z_g, z_c = batch.query_logits, batch.gallery_logits, batch.collab_logits
         gallery_kl, collab_kl = acd_loss(z_q, z_g, z_c, self.alpha, self.beta, self.tau)
         return LossOutput(gallery_kl + collab_kl, _parts(gallery_kl=gallery_kl, collab_kl=collab_kl))
 
@@ -567,7 +566,7 @@ class MQDLoss(nn.Module):
         self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        query, gallery = batch.query, batch.gallery
         mqd = mqd_loss(query, gallery, self.temperature, self.tau, self.focal, self.focal_alpha, self.focal_gamma)
         return LossOutput(self.weight * mqd, _parts(mqd=mqd))
 
@@ -586,7 +585,7 @@ class SimDistillLoss(nn.Module):
         self.weight, self.tau_s, self.tau_t = weight, tau_s, tau_t
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = require(batch, self.loss_name, "query", "gallery")
+        query, gallery = batch.query, batch.gallery
         kl = simdistill_loss(query, gallery, batch.query_confidence, batch.gallery_confidence,
                              self.tau_s, self.tau_t)
         return LossOutput(self.weight * kl, _parts(kl=kl))
@@ -603,6 +602,6 @@ class AttentiveLoss(nn.Module):
         self.weight, self.eps = weight, eps
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery, variance = require(batch, self.loss_name, "query", "gallery", "uncertainty")
+        query, gallery, variance = batch.query, batch.gallery, batch.uncertainty
         att = attentive_loss(query, gallery, variance, self.eps)
         return LossOutput(self.weight * att, _parts(attentive=att))

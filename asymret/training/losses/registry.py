@@ -8,6 +8,7 @@ state where a method has some, e.g. a projector) and calls that function.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ class LossBatch:
                    ``local_grids``: the gallery head's features / logits of its final map's cells (UGD).
     ``uncertainty`` (B,) gallery-side variance per item (attentive regression).
     ``query_confidence``, ``gallery_confidence`` (B,) per-item confidences (simdistill).
+
+    Naming convention: the ``query*`` fields are the query network's side and the ``gallery*`` fields the gallery
+    network's, whichever of the two trains, with one exception: a network's own supervised losses (``ce_ls``,
+    ``triplet_bh``, ``reid_supervised``) read a single network, which fills the ``query*`` fields even when it
+    is the gallery network (ACD co-training). :meth:`own` builds that batch, so the exception is written once.
     """
 
     query: Tensor | None = None
@@ -55,6 +61,12 @@ class LossBatch:
     uncertainty: Tensor | None = None
     query_confidence: Tensor | None = None
     gallery_confidence: Tensor | None = None
+
+    @classmethod
+    def own(cls, embedding: Tensor, logits: Tensor | None, labels: Tensor) -> LossBatch:
+        """The batch of the trained network's own supervised loss: its embedding and logits in the ``query*``
+        fields, whichever side it encodes (class doc)."""
+        return cls(query=embedding, query_logits=logits, labels=labels)
 
 
 @dataclass
@@ -88,6 +100,10 @@ def register_loss(name: str, *, summary: str, source: str, equation: str, needs:
                   family: str, batch_reduction: str = "mean") -> Callable[[type], type]:
     """Register an ``nn.Module`` class whose ``__init__`` keyword defaults are the paper's defaults.
 
+    ``needs`` is the one declaration of the :class:`LossBatch` fields the loss reads: the registry checks them
+    before every ``forward`` (a missing one is the ConfigError that names it), and the recipes read them to
+    fill exactly those fields.
+
     ``batch_reduction`` says how the loss reduces over the items (tuples) of a batch: ``"mean"``, or
     ``"sum"`` where the reference code sums (AML's tuple losses). The trainer reads it to combine the
     gradients of several processes or accumulated steps the same way (summed, or averaged).
@@ -101,6 +117,8 @@ def register_loss(name: str, *, summary: str, source: str, equation: str, needs:
         LOSSES[name] = LossInfo(name, cls, summary, source, equation, tuple(needs), family, batch_reduction)
         cls.loss_name = name
         cls.batch_reduction = batch_reduction
+        if not getattr(cls.forward, "checks_needs", False):  # a subclass of a registered loss is checked once
+            cls.forward = _checked_forward(cls.forward)
         return cls
 
     return wrap
@@ -190,13 +208,20 @@ def list_losses() -> list[LossInfo]:
     return [LOSSES[k] for k in sorted(LOSSES)]
 
 
-def require(batch: LossBatch, loss_name: str, *fields: str) -> list[Tensor]:
-    """The named batch fields, or a clear error saying which one the caller forgot."""
-    values = []
-    for f in fields:
-        v = getattr(batch, f)
-        if v is None:
+def check_needs(batch: LossBatch, loss_name: str, needs: Sequence[str]) -> None:
+    """Every field a loss ``needs`` is in ``batch``, or a clear error saying which one the caller forgot."""
+    for f in needs:
+        if getattr(batch, f) is None:
             raise ConfigError(f"loss '{loss_name}' needs batch field '{f}', which the trainer did not provide")
-        values.append(v)
-    return values
 
+
+def _checked_forward(forward: Callable) -> Callable:
+    """``forward`` that first checks the batch against the registered ``needs`` of the instance's loss."""
+
+    @functools.wraps(forward)
+    def checked(self, batch: LossBatch) -> LossOutput:
+        check_needs(batch, self.loss_name, LOSSES[self.loss_name].needs)
+        return forward(self, batch)
+
+    checked.checks_needs = True
+    return checked

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asymret.training.losses.aml import pairwise_distances
-from asymret.training.losses.registry import LossBatch, LossOutput, register_loss, require
+from asymret.training.losses.registry import LossBatch, LossOutput, register_loss
 
 REID = "D3still / ACD code (fast-reid convention)"
 
@@ -53,7 +53,7 @@ class CELabelSmoothingLoss(nn.Module):
         self.weight, self.epsilon = weight, epsilon
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        logits, labels = require(batch, self.loss_name, "query_logits", "labels")
+        logits, labels = batch.query_logits, batch.labels
         ce = ce_label_smoothing(logits, labels, self.epsilon)
         return LossOutput(self.weight * ce, {"ce": ce.detach()})
 
@@ -67,7 +67,7 @@ class BatchHardTripletLoss(nn.Module):
         self.weight, self.margin, self.normalize = weight, margin, normalize
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        features, labels = require(batch, self.loss_name, "query", "labels")
+        features, labels = batch.query, batch.labels
         triplet = batch_hard_triplet(features, labels, self.margin, self.normalize)
         return LossOutput(self.weight * triplet, {"triplet": triplet.detach()})
 
@@ -85,7 +85,7 @@ class ReIDSupervisedLoss(nn.Module):
         self.epsilon, self.margin, self.normalize = epsilon, margin, normalize
 
     def forward(self, batch: LossBatch) -> LossOutput:
-        logits, features, labels = require(batch, self.loss_name, "query_logits", "query", "labels")
+        logits, features, labels = batch.query_logits, batch.query, batch.labels
         ce = ce_label_smoothing(logits, labels, self.epsilon)
         triplet = batch_hard_triplet(features, labels, self.margin, self.normalize)
         total = self.ce_weight * ce + self.triplet_weight * triplet
