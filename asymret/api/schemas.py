@@ -16,7 +16,8 @@ GALLERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class In(BaseModel):
-    """A request body: unknown keys are errors; a number where text is expected (label 7) is text."""
+    """A request body: unknown keys are errors; a number where a label or camera is expected (label 7) is
+    text, but names, factory strings and paths are strict (``{"name": 0}`` is refused, not the name "0")."""
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
@@ -37,8 +38,8 @@ class ErrorBody(Out):
 
 # --------------------------------------------------------------------------------------- galleries
 class GalleryCreate(In):
-    name: str = Field(pattern=GALLERY_NAME, description="1-64 letters, digits, '_', '-' or '.'")
-    factory: str = Field("Flat", max_length=128,
+    name: str = Field(pattern=GALLERY_NAME, strict=True, description="1-64 letters, digits, '_', '-' or '.'")
+    factory: str = Field("Flat", max_length=128, strict=True,
                          description="FAISS index factory string: Flat, HNSW32, IVF4096,Flat, IVF4096,PQ64, ...")
 
 
@@ -77,7 +78,8 @@ class ItemOut(Out):
 
 
 class PathItem(In):
-    path: str = Field(min_length=1, max_length=4096, description="a file under one of the server's allowed roots")
+    path: str = Field(min_length=1, max_length=4096, strict=True,
+                      description="a file under one of the server's allowed roots")
     label: Text | None = None
     camera: Text | None = None
     attributes: dict[str, Any] = Field(default_factory=dict)
