@@ -5,6 +5,7 @@ Thin over :class:`~asymret.api.service.Service`. Every error leaves as
 validation, unknown route, oversized body) with its 4xx status, a bug as a 500 that names no internals
 and keeps the keep-alive connection (:class:`CatchAll`). The spec says what the server enforces: the
 API key on writes (and reads with ``keys_for_reads``) only when it has keys (:func:`document_keys`).
+``/docs`` and ``/redoc`` load their scripts from this server, not a CDN (fastapi-offline's assets).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -49,9 +51,9 @@ def create_app(config: ServeConfig | Service) -> FastAPI:
         yield
         service.close()
 
-    app = FastAPI(title="asymret", version=__version__, lifespan=lifespan, responses=ERRORS,
-                  description="Asymmetric image retrieval: the small query network encodes your image, "
-                              "the gallery the large gallery network encoded offline answers.")
+    app = FastAPIOffline(title="asymret", version=__version__, lifespan=lifespan, responses=ERRORS,
+                         description="Asymmetric image retrieval: the small query network encodes your image, "
+                                     "the gallery the large gallery network encoded offline answers.")
     app.state.service = service
     routers = (galleries.router, items.router, search.router, ops.router, web.router)
     for router in routers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 
 import httpx
@@ -229,3 +230,18 @@ def test_readyz_gives_up_on_a_database_that_hangs(live, monkeypatch):
         release.set()
     monkeypatch.undo()
     assert client.get("/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------------------- offline Swagger UI
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_need_no_internet(live, page):
+    client = live["client"]
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url:\s*["']([^"']+)["']""", r.text)
+    urls = [a or b for a, b in urls]
+    assert urls and not [u for u in urls if re.match(r"(https?:)?//", u)], urls
+    assert "cdn" not in r.text.lower()
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+    assert any(u.endswith(".js") for u in urls)
