@@ -147,11 +147,16 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 def allowed_methods(app, scope) -> list[str]:
     """Every method some route serves at this path. The router's own 405 names only the first route that
     matches the path, and GET and POST /v1/galleries are two routes."""
-    bare = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", ""), "method": ""}
+    root = scope.get("app_root_path", scope.get("root_path", ""))  # a mount adds its prefix to root_path
+    bare = {"type": "http", "path": scope["path"], "root_path": root, "method": ""}
     methods: set[str] = set()
     for route in [*app.router.routes, *app.state.api_routes]:
-        if getattr(route, "methods", None) and route.matches(bare)[0] is not Match.NONE:
-            methods |= route.methods
+        if isinstance(getattr(route, "app", None), StaticFiles):  # a mount of files: what StaticFiles serves
+            served = {"GET", "HEAD"}
+        else:
+            served = getattr(route, "methods", None) or set()
+        if served and route.matches(bare)[0] is not Match.NONE:
+            methods |= served
     return sorted(methods)
 
 

@@ -128,7 +128,9 @@ def test_deleting_an_item_deletes_only_its_own_upload(live, setup):
     ("PUT", "/v1/galleries", {"GET", "POST"}),
     ("PATCH", "/v1/galleries/g", {"GET", "DELETE"}),
     ("GET", "/v1/galleries/g/search", {"POST"}),
-    ("PUT", "/v1/galleries/g/items/1", {"GET", "DELETE"}), ("HEAD", "/v1/galleries", {"GET", "POST"})])
+    ("PUT", "/v1/galleries/g/items/1", {"GET", "DELETE"}), ("HEAD", "/v1/galleries", {"GET", "POST"}),
+    ("POST", "/static/app.js", {"GET", "HEAD"}), ("PUT", "/static-offline-docs/swagger-ui.css", {"GET", "HEAD"}),
+    ("DELETE", "/healthz", {"GET"})])
 def test_405_names_the_allowed_methods(live, method, path, allowed):
     r = live["client"].request(method, path, headers=KEY)
     assert r.status_code == 405 and (method == "HEAD" or error_of(r, 405)["code"] == "method_not_allowed")
