@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from asymret.retrieval import rerank as rr
 
 ItemId = Annotated[int, Field(ge=0, lt=2**63, description="the item's stable 64-bit id")]
-Text = Annotated[str, Field(max_length=255)]
+# a label or camera: text, and a number sent is taken as its text (label 7 is "7"), as the spec says
+Text = Annotated[str, Field(max_length=255),
+                 WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 255}, {"type": "number"}]})]
 Scalar = str | int | float | bool
 K = Annotated[int, Field(ge=1, le=1000, description="hits per query")]
 GALLERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

@@ -182,6 +182,11 @@ def test_a_number_is_not_a_path_but_labels_stay_text(live):
     body = {"items": [{"path": "ok.png", "label": 7}]}
     r = client.post("/v1/galleries/g/items/paths", json=body, headers=KEY)
     assert r.status_code == 201 and r.json()["items"][0]["label"] == "7"  # documented: labels are text
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]  # and the spec says both
+    for model, field in [("PathItem", "label"), ("PathItem", "camera"), ("Query", "label"), ("Filters", "camera")]:
+        assert {"type": "number"} in schemas[model]["properties"][field]["anyOf"], (model, field)
+    assert schemas["PathItem"]["properties"]["path"]["type"] == "string"
+    assert schemas["GalleryCreate"]["properties"]["name"]["type"] == "string"
 
 
 def test_a_missing_key_is_401_with_a_challenge_and_a_wrong_one_403(live, setup):
