@@ -53,8 +53,15 @@ class ConflictError(AsymretError):
     http_status = 409
 
 
+class UnauthorizedError(AsymretError):
+    """The request carries no credentials where some are needed (no API key)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
 class ForbiddenError(AsymretError):
-    """The request is not allowed (path outside the allowed roots, missing API key)."""
+    """The request is not allowed (path outside the allowed roots, a wrong API key)."""
 
     code = "forbidden"
     http_status = 403

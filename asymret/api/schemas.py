@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from asymret.retrieval import rerank as rr
 
 ItemId = Annotated[int, Field(ge=0, lt=2**63, description="the item's stable 64-bit id")]
-Text = Annotated[str, Field(max_length=255)]
+# a label or camera: text, and a number sent is taken as its text (label 7 is "7"), as the spec says
+Text = Annotated[str, Field(max_length=255),
+                 WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 255}, {"type": "number"}]})]
 Scalar = str | int | float | bool
 K = Annotated[int, Field(ge=1, le=1000, description="hits per query")]
 GALLERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class In(BaseModel):
-    """A request body: unknown keys are errors; a number where text is expected (label 7) is text."""
+    """A request body: unknown keys are errors; a number where a label or camera is expected (label 7) is
+    text, but names, factory strings and paths are strict (``{"name": 0}`` is refused, not the name "0")."""
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
@@ -37,8 +40,8 @@ class ErrorBody(Out):
 
 # --------------------------------------------------------------------------------------- galleries
 class GalleryCreate(In):
-    name: str = Field(pattern=GALLERY_NAME, description="1-64 letters, digits, '_', '-' or '.'")
-    factory: str = Field("Flat", max_length=128,
+    name: str = Field(pattern=GALLERY_NAME, strict=True, description="1-64 letters, digits, '_', '-' or '.'")
+    factory: str = Field("Flat", max_length=128, strict=True,
                          description="FAISS index factory string: Flat, HNSW32, IVF4096,Flat, IVF4096,PQ64, ...")
 
 
@@ -77,7 +80,8 @@ class ItemOut(Out):
 
 
 class PathItem(In):
-    path: str = Field(min_length=1, max_length=4096, description="a file under one of the server's allowed roots")
+    path: str = Field(min_length=1, max_length=4096, strict=True,
+                      description="a file under one of the server's allowed roots")
     label: Text | None = None
     camera: Text | None = None
     attributes: dict[str, Any] = Field(default_factory=dict)

@@ -9,6 +9,10 @@ Several pairs may be served together when they share the gallery network (the sa
 one, a server-size one) searches the same galleries, and a request names the one it wants.
 Query encodes are coalesced into batches by one :class:`~asymret.api.batcher.Batcher` per query
 network, so a batch never mixes networks.
+
+Over 450 lines because the settings, the service and its metrics share one life cycle that every router
+reads; what can stand alone lives beside it (file and upload rules in :mod:`~asymret.api.uploads`,
+the readiness probe in :mod:`~asymret.api.probe`, coalescing in :mod:`~asymret.api.batcher`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,16 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from asymret.api.batcher import Batcher
-from asymret.api.uploads import ImageLimits, decode_image, resolve_under_roots
-from asymret.errors import AsymretError, ConfigError, ConflictError, ForbiddenError, NotFoundError
+from asymret.api.probe import DatabaseProbe
+from asymret.api.uploads import ImageLimits, decode_image, own_upload, read_user_file, resolve_under_roots
+from asymret.errors import (
+    AsymretError,
+    ConfigError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    UnauthorizedError,
+)
 
 log = logging.getLogger("asymret.serve")
 UPLOADS = "_uploads"  # under the galleries folder; gallery names cannot start with '_'
@@ -79,6 +91,8 @@ class ServeConfig(BaseModel):
     runtime: Literal["torch", "onnx"] = Field("torch", description="what encodes the queries: PyTorch, or ONNX "
                                                "Runtime on the query network exported at start-up "
                                                "(asymret export; needs the [onnx] extra)")
+    ready_timeout_s: float = Field(2.0, gt=0, description="how long /readyz waits for the metadata database "
+                                                          "to answer its probe before answering 503")
     search_threads: int = Field(1, ge=1, description="FAISS threads per search: concurrency comes from the "
                                                      "requests, and waking a thread team costs more than a "
                                                      "small search (raise it for large batch searches)")
@@ -179,6 +193,7 @@ class Service:
         self.limits = ImageLimits(int(config.max_image_mb * 2**20), config.max_image_pixels,
                                   tuple(f.upper() for f in config.image_formats))
         self.uploads = config.galleries / UPLOADS
+        self.probe, self.ready_timeout_s = DatabaseProbe(), config.ready_timeout_s
         self.metrics = Metrics(self)
         self.galleries: dict = {}
         self.query_nets: dict[str, QueryNet] = {}  # by name, the default first
@@ -292,8 +307,13 @@ class Service:
             self.galleries.clear()
         if self.store is not None:
             self.store.close()
+        self.probe.close()
         if getattr(self, "_onnx_dir", None) is not None:
             self._onnx_dir.cleanup()
+
+    def database_problem(self) -> str | None:
+        """None when the loaded store's database answers a probe within ``ready_timeout_s``, else why not."""
+        return self.probe.check(self.store.ping, self.ready_timeout_s)
 
     def check_ready(self) -> Service:
         if not self.ready.is_set():
@@ -307,7 +327,7 @@ class Service:
         if not keys or not (write or self.config.keys_for_reads):
             return
         if key is None:
-            raise ForbiddenError("this request needs an API key; send it in the X-API-Key header")
+            raise UnauthorizedError("this request needs an API key; send it in the X-API-Key header")
         if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
             raise ForbiddenError("the X-API-Key header holds no valid key; check the key")
 
@@ -439,7 +459,7 @@ class Service:
     def image_from_path(self, path: str):
         """``(RGB image, real path)`` of a server file under the allowed roots."""
         real = resolve_under_roots(path, self.config.allowed_roots)
-        return decode_image(real.read_bytes(), self.limits, f"file {path!r}"), real
+        return decode_image(read_user_file(real, path), self.limits, f"file {path!r}"), real
 
     def save_upload(self, gallery: str, data: bytes) -> Path:
         """Keep an uploaded (already validated) gallery image: its thumbnail is served from it."""
@@ -451,19 +471,30 @@ class Service:
         path.write_bytes(data)
         return path.resolve()
 
-    def forget_upload(self, path: str | None) -> None:
-        if path and self.uploads.resolve() in Path(path).parents:
-            Path(path).unlink(missing_ok=True)
+    def forget_upload(self, gallery: str, path: str | None) -> None:
+        """Delete the kept upload of an item of ``gallery``: only a real file in its own uploads folder."""
+        real = own_upload(path, self.uploads / gallery)
+        if real is not None:
+            real.unlink(missing_ok=True)
 
     def item_image(self, path: str | None) -> Path:
         """The image file of an item, if it lies where this server may read (roots or uploads)."""
         if path:
             try:
                 return resolve_under_roots(path, [*self.config.allowed_roots, self.uploads])
-            except (ForbiddenError, NotFoundError):
+            except AsymretError:  # outside the roots, gone, not a file, a name the file system refuses
                 pass
         raise NotFoundError("this item has no image the server may show (added by path outside the "
                             "allowed roots, or the file is gone); add its folder with --allow-root")
+
+    def thumbnail_of(self, path: str | None) -> bytes:
+        """The JPEG thumbnail of an item's image (cached while the file is unchanged)."""
+        real = self.item_image(path)
+        try:
+            return self.thumbnail(real, real.stat().st_mtime_ns)
+        except OSError:  # gone (or unreadable) since it was found
+            raise NotFoundError("this item's image file is gone or unreadable on the server; add the "
+                                "image again") from None
 
     def _thumbnail(self, path: Path, mtime_ns: int) -> bytes:
         image = decode_image(path.read_bytes(), self.limits, f"item image {path.name}")

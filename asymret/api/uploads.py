@@ -8,7 +8,9 @@ prepared exactly as the gallery images were offline; 16-bit grey images are scal
 of being clipped. Every failure is an :class:`~asymret.errors.ImageError` (HTTP 422).
 
 Server paths must lie under one of the configured roots, after resolving ``..`` and symlinks
-(:class:`~asymret.errors.ForbiddenError`, HTTP 403, otherwise).
+(:class:`~asymret.errors.ForbiddenError`, HTTP 403, otherwise); any OSError a path causes (a name over
+the file system's limit, a loop of links, a file that cannot be read) is an
+:class:`~asymret.errors.InputError` (HTTP 400) naming the path and the reason.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from asymret.errors import ForbiddenError, ImageError, NotFoundError
+from asymret.errors import ForbiddenError, ImageError, InputError, NotFoundError
 
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -96,15 +99,49 @@ def resolve_under_roots(path: str, roots: Sequence[Path]) -> Path:
     if not any(_under(candidate, Path(os.path.abspath(r))) for r in roots):
         raise ForbiddenError(f"path {path!r} is outside the allowed roots; give a path under "
                              f"{', '.join(str(r) for r in roots)}")
-    if not candidate.exists():
-        raise NotFoundError(f"no file at {path!r} on the server; check the path")
-    real = Path(os.path.realpath(candidate))
-    if not any(_under(real, Path(os.path.realpath(r))) for r in roots):
-        raise ForbiddenError(f"path {path!r} leads outside the allowed roots through a symbolic link")
-    if not real.is_file():
-        raise ImageError(f"path {path!r} is not a file; give an image file")
+    with user_path_errors(path):
+        if not candidate.exists():
+            raise NotFoundError(f"no file at {path!r} on the server; check the path")
+        real = Path(os.path.realpath(candidate, strict=True))
+        if not any(_under(real, Path(os.path.realpath(r))) for r in roots):
+            raise ForbiddenError(f"path {path!r} leads outside the allowed roots through a symbolic link")
+        if not real.is_file():
+            raise ImageError(f"path {path!r} is not a file; give an image file")
     return real
+
+
+def read_user_file(path: Path, shown: str) -> bytes:
+    """The bytes of a file a user named (``shown`` as they wrote it), OSError as the user's error."""
+    with user_path_errors(shown):
+        return path.read_bytes()
+
+
+@contextmanager
+def user_path_errors(path: str):
+    """Any OSError on a path a user gave (a 300-character name, a loop of links, a file gone or
+    unreadable) as an :class:`~asymret.errors.InputError` (HTTP 400) that names the path and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        shown = path if len(path) <= 120 else f"{path[:100]}...{path[-12:]} ({len(path)} characters)"
+        raise InputError(f"path {shown!r} cannot be used on the server ({exc.strerror or exc}); give the "
+                         "path of a readable image file under an allowed root") from None
 
 
 def _under(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
+
+
+def own_upload(path: str | None, folder: Path) -> Path | None:
+    """The file ``path`` names if it is a regular file of ``folder`` once resolved (``..`` and links
+    followed, never a link itself), else None: what deleting an item may delete with it. Stored paths
+    are compared resolved, not as text: ``<folder>/../../victim.txt`` is outside ``folder``."""
+    if not path:
+        return None
+    try:
+        given = Path(path)
+        real = given.resolve(strict=True)
+        inside = real.is_relative_to(folder.resolve()) and real != folder.resolve()
+        return real if inside and not given.is_symlink() and real.is_file() else None
+    except (OSError, RuntimeError, ValueError):  # gone, a loop of links, a NUL byte: nothing of ours
+        return None

@@ -273,6 +273,11 @@ class GalleryStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """One cheap read of the store's own table (readiness probes); raises if the database fails."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.select(galleries.c.name).limit(1)).all()
+
     def folder(self, name: str) -> Path:
         if not isinstance(name, str) or not NAME.match(name):
             raise InputError(f"gallery name {name!r} must be 1-64 letters, digits, '_', '-' or '.', "

@@ -97,7 +97,7 @@ def test_info(client):
 
 # ------------------------------------------------------------------------------------- galleries
 def test_gallery_lifecycle(client):
-    assert error_of(client.post("/v1/galleries", json={"name": "tmp"}), 403) == "forbidden"
+    assert error_of(client.post("/v1/galleries", json={"name": "tmp"}), 401) == "unauthorized"
     assert error_of(client.post("/v1/galleries", json={"name": "tmp"}, headers={"X-API-Key": "nope"}), 403)
     r = client.post("/v1/galleries", json={"name": "tmp", "factory": "HNSW16"}, headers=KEY)
     assert r.status_code == 201
@@ -110,7 +110,7 @@ def test_gallery_lifecycle(client):
     assert error_of(client.post("/v1/galleries", json={"name": "y", "factory": "Nope9"}, headers=KEY), 400)
     assert "tmp" in [g["name"] for g in client.get("/v1/galleries").json()["galleries"]]
     assert client.get("/v1/galleries/tmp").json()["index"]["factory"] == "HNSW16"
-    assert error_of(client.delete("/v1/galleries/tmp"), 403) == "forbidden"
+    assert error_of(client.delete("/v1/galleries/tmp"), 401) == "unauthorized"
     assert client.delete("/v1/galleries/tmp", headers=KEY).json() == {"deleted": "tmp"}
     assert error_of(client.get("/v1/galleries/tmp"), 404) == "not_found"
     assert error_of(client.delete("/v1/galleries/tmp", headers=KEY), 404) == "not_found"
@@ -133,7 +133,7 @@ def test_added_items_are_gallery_network_embeddings(client, gallery, setup):
 
 def test_add_errors(client, gallery):
     one = files(encoded(photo(7)))
-    assert error_of(client.post("/v1/galleries/people/items", files=one), 403) == "forbidden"
+    assert error_of(client.post("/v1/galleries/people/items", files=one), 401) == "unauthorized"
     assert error_of(client.post("/v1/galleries/nope/items", files=one, headers=KEY), 404) == "not_found"
     two = files(encoded(photo(7)), encoded(photo(8)))
     assert error_of(client.post("/v1/galleries/people/items", files=two, data={"label": ["x"]}, headers=KEY), 400)
@@ -180,7 +180,7 @@ def test_thumbnail_and_delete(client, setup):
     with Image.open(__import__("io").BytesIO(thumb.content)) as im:
         assert im.size == (160, 40)  # longer side 160, aspect kept
     assert Path(item["path"]).is_file()
-    assert error_of(client.delete(f"/v1/galleries/thumbs/items/{item['id']}"), 403) == "forbidden"
+    assert error_of(client.delete(f"/v1/galleries/thumbs/items/{item['id']}"), 401) == "unauthorized"
     assert client.delete(f"/v1/galleries/thumbs/items/{item['id']}", headers=KEY).json() == {"deleted": str(item["id"])}
     assert not Path(item["path"]).exists()  # the kept upload goes with its item
     assert error_of(client.get(f"/v1/galleries/thumbs/items/{item['id']}"), 404) == "not_found"
@@ -357,7 +357,7 @@ def test_metrics(client, gallery):
 def test_keys_for_reads(setup, tmp_path):
     config = setup["config"].model_copy(update={"keys_for_reads": True, "galleries": tmp_path / "g"})
     with serve(config) as url:
-        assert error_of(httpx.get(f"{url}/v1/galleries"), 403) == "forbidden"
+        assert error_of(httpx.get(f"{url}/v1/galleries"), 401) == "unauthorized"
         assert httpx.get(f"{url}/v1/galleries", headers=KEY).json() == {"galleries": []}
         assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Path, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, Header, Path, Request
 
 from asymret.api.schemas import GALLERY_NAME
 from asymret.api.service import Service
 
-api_key = APIKeyHeader(name="X-API-Key", auto_error=False,
-                       description="needed for writes when the server has keys; for reads too with keys_for_reads")
+KEY_HEADER = "X-API-Key"
+# Hidden from the generated spec: which operations need it depends on the server's settings, so the app
+# writes the security requirements itself (asymret.api.app.document_keys).
+ApiKey = Annotated[str | None, Header(alias=KEY_HEADER, include_in_schema=False)]
 
 
 def _service(request: Request, key: str | None, *, write: bool) -> Service:
@@ -20,11 +21,11 @@ def _service(request: Request, key: str | None, *, write: bool) -> Service:
     return service.check_ready()
 
 
-def reader(request: Request, key: Annotated[str | None, Security(api_key)]) -> Service:
+def reader(request: Request, key: ApiKey = None) -> Service:
     return _service(request, key, write=False)
 
 
-def writer(request: Request, key: Annotated[str | None, Security(api_key)]) -> Service:
+def writer(request: Request, key: ApiKey = None) -> Service:
     return _service(request, key, write=True)
 
 

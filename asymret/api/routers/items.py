@@ -76,7 +76,7 @@ def add_images(name: GalleryName, service: Writer,
             for p, lb, c, a in zip(paths, labels, cameras, attrs)])
     except BaseException:
         for path in paths:
-            service.forget_upload(str(path))
+            service.forget_upload(name, str(path))
         raise
 
 
@@ -101,13 +101,12 @@ def delete_item(name: GalleryName, item_id: ItemId, service: Writer):
     gallery = service.gallery(name)
     item = gallery.get([item_id])[0]
     gallery.remove([item_id])
-    service.forget_upload(item.path)
+    service.forget_upload(name, item.path)
     return {"deleted": str(item_id)}
 
 
 @router.get("/{item_id}/thumbnail", response_class=Response, summary="A JPEG thumbnail of an item's image",
             responses={200: {"content": {"image/jpeg": {}}}})
 def thumbnail(name: GalleryName, item_id: ItemId, service: Reader):
-    path = service.item_image(service.gallery(name).get([item_id])[0].path)
-    jpeg = service.thumbnail(path, path.stat().st_mtime_ns)
+    jpeg = service.thumbnail_of(service.gallery(name).get([item_id])[0].path)
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

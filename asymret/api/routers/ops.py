@@ -1,4 +1,5 @@
-"""Operations: ``/healthz`` (the process answers), ``/readyz`` (pair and galleries loaded),
+"""Operations: ``/healthz`` (the process answers), ``/readyz`` (pair and galleries loaded, the database
+answering a probe within ``ready_timeout_s``),
 ``/metrics`` (Prometheus), ``/v1/info`` (the networks, their costs per image, and the limits this
 server runs with)."""
 
@@ -19,13 +20,16 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Ready, summary="Readiness: 503 until the pair and galleries are loaded",
-            responses={503: {"model": Ready, "description": "still loading, or loading failed"}})
+@router.get("/readyz", response_model=Ready,
+            summary="Readiness: 503 until the pair and galleries are loaded, and while the database fails",
+            responses={503: {"model": Ready, "description": "still loading, loading failed, or the database "
+                                                            "does not answer (the reason is in 'error')"}})
 def readyz(request: Request):
     service = request.app.state.service
-    ready = service.ready.is_set()
-    body = {"ready": ready, "galleries": len(service.galleries), "error": service.error}
-    return body if ready else JSONResponse(body, status_code=503)
+    loaded = service.ready.is_set()
+    error = service.database_problem() if loaded else service.error  # None while still loading
+    body = {"ready": loaded and error is None, "galleries": len(service.galleries), "error": error}
+    return body if body["ready"] else JSONResponse(body, status_code=503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
