@@ -24,6 +24,12 @@ def register(subparsers) -> None:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--root", default="galleries", help="folder of the galleries' files (default ./galleries)")
     store.add_argument("--db", metavar="URL", help="SQLAlchemy URL of the metadata (default: ROOT/galleries.db)")
+    store.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                       help="where galleries live: faiss (default: FAISS files in ROOT + SQL metadata) or milvus "
+                       "(collections at --uri; ROOT holds only build scratch)")
+    store.add_argument("--uri", metavar="URI", help="with --backend milvus: a Milvus Lite file (default "
+                       "ROOT/galleries.milvus.db) or http://host:19530 (a server or cluster)")
+    store.add_argument("--token", metavar="T", help="with --backend milvus: the server's token (user:password)")
     named = argparse.ArgumentParser(add_help=False, parents=[store])
     named.add_argument("--name", required=True, help="the gallery")
     network = argparse.ArgumentParser(add_help=False)
@@ -85,9 +91,9 @@ def register(subparsers) -> None:
 
 
 def _store(args):
-    from asymret.index import GalleryStore
+    from asymret.index.backend import open_store
 
-    return GalleryStore(args.root, args.db)
+    return open_store(args.backend, args.root, uri=args.uri, token=args.token, db_url=args.db)
 
 
 def _gallery_side(args, device):
@@ -191,8 +197,10 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, default=str))
         return 0
+    where = (f"{info['index_bytes'] / 2**20:.1f} MiB on disk" if "index_bytes" in info else
+             f"Milvus {info['index']['type']} in collection {info['index']['collection']} at {info['index']['uri']}")
     print(f"gallery '{info['name']}': {info['count']:,} items, {info['dim']}-d, index {info['factory']} "
-          f"({info['metric']}), {info['index_bytes'] / 2**20:.1f} MiB on disk")
+          f"({info['metric']}), {where}")
     print(f"  gallery network: {gb.describe_network(info['network_spec'])}")
     for step, settings in info["processing"].items():
         print(f"  vectors processed before adding: {step} ({', '.join(f'{k}={v}' for k, v in settings.items())})")
