@@ -296,8 +296,13 @@ def pending_build(store: GalleryStore, name: str) -> dict | None:
     plan = read_json(folder / PLAN, "build plan")
     if "shard_size" in plan:
         plan["shards"] = _num_shards(plan)
-        plan["shards_done"] = sum(_shard_done(folder, s, _shard_rows(plan, s), plan["dim"])
-                                  for s in range(plan["shards"]))
+        if _direct(store, plan) and store.exists(name):  # a shard is done once its ids are in the gallery
+            with store.open(name, readonly=True) as gallery:
+                plan["shards_done"] = sum(bool(gallery.contains(_shard_ids(plan, s)).all())
+                                          for s in range(plan["shards"]))
+        else:
+            plan["shards_done"] = sum(_shard_done(folder, s, _shard_rows(plan, s), plan["dim"])
+                                      for s in range(plan["shards"]))
     return plan
 
 
@@ -396,6 +401,10 @@ def _shard_rows(plan: dict, shard: int) -> int:
     return min(plan["shard_size"], plan["count"] - shard * plan["shard_size"])
 
 
+def _shard_ids(plan: dict, shard: int) -> np.ndarray:
+    return plan["first_id"] + shard * plan["shard_size"] + np.arange(_shard_rows(plan, shard), dtype=np.int64)
+
+
 def _shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard_{shard:05d}.npy"
 
@@ -448,7 +457,7 @@ def _encode_into(store: GalleryStore, name: str, side: SideEncoder, records, pla
     rows = item_rows(records)
     with store.open(name) as gallery:
         mine = range(rank, _num_shards(plan), world)
-        ids = {s: first + s * shard_size + np.arange(_shard_rows(plan, s), dtype=np.int64) for s in mine}
+        ids = {s: _shard_ids(plan, s) for s in mine}
         todo = [s for s in mine if not gallery.contains(ids[s]).all()]
         total = sum(_shard_rows(plan, s) for s in mine)
         remaining = sum(_shard_rows(plan, s) for s in todo)
