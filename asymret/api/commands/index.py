@@ -153,7 +153,7 @@ def run_build(args: argparse.Namespace) -> int:
         with _store(args) as store:
             summary = gb.build_gallery(store, args.name, side, records, factory=args.factory, dba=dba,
                                        **_encode_args(args, device))
-    _print_summary(summary, args.root)
+    _print_summary(summary, args)
     return 0
 
 
@@ -165,15 +165,16 @@ def run_add(args: argparse.Namespace) -> int:
     records, side, device = _images_and_side(args)
     with _store(args) as store:
         summary = gb.add_images(store, args.name, side, records, **_encode_args(args, device))
-    _print_summary(summary, args.root)
+    _print_summary(summary, args)
     return 0
 
 
-def _print_summary(summary: dict, root: str) -> None:
+def _print_summary(summary: dict, args) -> None:
     if "rank" in summary:  # a torchrun worker: rank 0 reports the gallery
         return
     done = {"build": "built", "add": "added to", "embeddings": "built"}[summary["kind"]]
-    print(f"{done} gallery '{summary['name']}' in {Path(root) / summary['name']}: now {summary['count']:,} items "
+    where = Path(args.root) / summary["name"] if args.backend == "faiss" else f"Milvus {args.uri or 'Lite in ' + args.root}"
+    print(f"{done} gallery '{summary['name']}' in {where}: now {summary['count']:,} items "
           f"({summary['dim']}-d); {summary['added']:,} added, {summary['encoded']:,} images encoded by this "
           f"process [{summary['seconds']:.1f} s]")
 
