@@ -12,7 +12,7 @@ pymilvus is imported here only, when a store is opened.
   ``attributes`` JSON (all nullable), ``created_at`` (microseconds since the epoch).
 * **Index** from the same FAISS factory string the other backend takes (so :func:`recommend_index`
   serves both): ``Flat`` -> FLAT (exact), ``IVF<n>,Flat`` -> IVF_FLAT, ``IVF<n>,SQ8`` -> IVF_SQ8,
-  ``IVF<n>,PQ<m>`` -> IVF_PQ, ``HNSW<M>`` -> HNSW (efConstruction 40, FAISS's default); ``nprobe``
+  ``IVF<n>,PQ<m>`` -> IVF_PQ (``OPQ<m>,IVF<n>,PQ<m>`` too, without the rotation), ``HNSW<M>`` -> HNSW (efConstruction 40, FAISS's default); ``nprobe``
   (default as FAISS's) and ``efSearch`` (default 16, at least ``k``) per search.
 * **Properties** of the collection: ``asymret`` (JSON: name, dim, factory, metric, network spec and
   hash, created_at; written once), ``asymret.next_id``, ``asymret.processing``, ``asymret.updated_at``.
@@ -31,6 +31,7 @@ pymilvus is imported here only, when a store is opened.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -42,6 +43,8 @@ from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
 from asymret.index.backend import exclusion_rules
 from asymret.index.store import NAME, Hit, Item, as_json, spec_hash, validate_rows
 from asymret.index.vectors import as_ids, default_nprobe, normalise
+
+log = logging.getLogger(__name__)
 
 PREFIX = "asymret_"
 FORMAT = 1
@@ -75,6 +78,9 @@ def index_params(factory: str) -> tuple[str, dict]:
         return "IVF_SQ8", {"nlist": int(m[1])}
     if m := re.fullmatch(r"IVF(\d+),PQ(\d+)(x8)?", f):
         return "IVF_PQ", {"nlist": int(m[1]), "m": int(m[2]), "nbits": 8}
+    if m := re.fullmatch(r"OPQ(\d+)(_\d+)?,IVF(\d+),PQ(\d+)(x8)?", f):  # what recommend_index picks when memory is short
+        log.warning("Milvus has no OPQ rotation; '%s' becomes IVF_PQ without it (expect lower recall)", factory)
+        return "IVF_PQ", {"nlist": int(m[3]), "m": int(m[4]), "nbits": 8}
     if m := re.fullmatch(r"HNSW(\d+)(,Flat)?", f):
         return "HNSW", {"M": int(m[1]), "efConstruction": 40}
     raise ConfigError(f"Milvus has no index like FAISS '{factory}'; use Flat, IVF<n>,Flat, IVF<n>,SQ8, "
@@ -155,7 +161,7 @@ class MilvusStore:
             self.uri = str(Path(self.uri).expanduser().resolve())
         try:
             self.client = pymilvus.MilvusClient(uri=self.uri, token=token or "")
-        except Exception as exc:
+        except pymilvus.exceptions.MilvusException as exc:
             raise ConfigError(f"cannot reach Milvus at {self.uri} ({type(exc).__name__}: {exc}); start the server, "
                               "check --uri and --token, or close the other process using this Lite file") from None
         self._pymilvus = pymilvus

@@ -121,3 +121,20 @@ def test_service_on_milvus_lite_keeps_items_through_a_restart(pair_file, tmp_pat
         assert client.get("/v1/galleries/people/items/1").status_code == 404
         more = client.post("/v1/galleries/people/items", files=files(encoded(photo(9))), data={"label": "d"})
         assert [item["id"] for item in more.json()["items"]] == [5]  # never a removed item's id
+
+
+def test_build_from_embeddings_into_milvus(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "q.npy", x[17])
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"img{i}.jpg,car{i % 5}\n" for i in range(50)))
+    common = ["--name", "e", "--root", tmp_path / "scratch", "--backend", "milvus", "--uri", tmp_path / "e.milvus.db"]
+    assert "now 50 items (8-d)" in run(capsys, "build", *common, "--embeddings", tmp_path / "x.npy", "--meta",
+                                       tmp_path / "m.csv", "--factory", "HNSW16")
+    hit = json.loads(run(capsys, "search", *common, "--vector", tmp_path / "q.npy", "-k", 1, "--json"))
+    assert {k: hit["results"][0]["hits"][0][k] for k in ("id", "path", "label")} == {
+        "id": 17, "path": "img17.jpg", "label": "car2"}
+    assert "removed 2 item(s) from gallery 'e'; 48 remain" in run(capsys, "remove", *common, "--ids", "3,17")
+    assert "has no item [17]" in fails(capsys, "remove", *common, "--ids", "17")
+    assert "deleted gallery 'e' (48 items)" in run(capsys, "delete", *common)

@@ -16,7 +16,7 @@ from asymret.index.backend import GalleryBackend, StoreBackend, open_store
 from .conftest import brute_force, unit
 
 pytest.importorskip("milvus_lite", reason="milvus-lite has no wheel for this platform; the milvus backend is untested here")
-from asymret.index import milvus  # noqa: E402
+from asymret.index import milvus
 
 N, DIM = 240, 16
 
@@ -151,13 +151,13 @@ def test_remove_then_reopen_keeps_everything(store, filled, lite):
         from milvus_lite.server_manager import server_manager_instance
 
         server_manager_instance.release_server(str(lite))
-    with open_store(store.backend, root, uri=str(lite) if store.backend == "milvus" else None) as again:
-        with again.open(name, readonly=True) as reopened:
-            assert len(reopened) == N - 1 and reopened.next_id == N + 2
-            assert as_tuples(reopened.search(x[:4], k=6)) == before
-            assert reopened.get([N])[0].label == "new" and reopened.network_spec == {"net": "a"}
-            with pytest.raises(ConflictError, match="readonly"):
-                reopened.add(x[:1])
+    uri = str(lite) if store.backend == "milvus" else None
+    with open_store(store.backend, root, uri=uri) as again, again.open(name, readonly=True) as reopened:
+        assert len(reopened) == N - 1 and reopened.next_id == N + 2
+        assert as_tuples(reopened.search(x[:4], k=6)) == before
+        assert reopened.get([N])[0].label == "new" and reopened.network_spec == {"net": "a"}
+        with pytest.raises(ConflictError, match="readonly"):
+            reopened.add(x[:1])
 
 
 def test_backends_agree_on_every_result(tmp_path, lite):
@@ -194,8 +194,9 @@ def test_approximate_indexes_map_and_find_the_neighbours(tmp_path, lite):
     assert milvus.index_params("IVF64,Flat") == ("IVF_FLAT", {"nlist": 64})
     assert milvus.index_params("HNSW32") == ("HNSW", {"M": 32, "efConstruction": 40})
     assert milvus.index_params("IVF8,PQ4") == ("IVF_PQ", {"nlist": 8, "m": 4, "nbits": 8})
-    with pytest.raises(ConfigError, match="Milvus has no index like FAISS 'OPQ8,IVF8,PQ8'"):
-        milvus.index_params("OPQ8,IVF8,PQ8")
+    assert milvus.index_params("OPQ8,IVF16,PQ8") == ("IVF_PQ", {"nlist": 16, "m": 8, "nbits": 8})  # no rotation
+    with pytest.raises(ConfigError, match="Milvus has no index like FAISS 'PCA64,Flat'"):
+        milvus.index_params("PCA64,Flat")
     assert milvus.collection_name("a_b-c.d") == "asymret_a__b_mc_dd" != milvus.collection_name("a__b-c.d")
     x, q = unit(1000, DIM, seed=6), unit(20, DIM, seed=7)
     _, exact = brute_force(q, x, 10)

@@ -69,7 +69,7 @@ def stored(store, name):
 
 
 def test_torchrun_ranks_write_directly_what_one_faiss_process_builds(server, store, side, folder, pair_file,  # noqa: F811
-                                                                      reference, tmp_path):
+                                                                      reference, tmp_path):  # noqa: F811
     common = ["--pair", pair_file, "--images", folder, "--workers", 0, "--shard-size", 3]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -117,7 +117,7 @@ KILLED_BUILD = textwrap.dedent("""
 
 
 def test_killed_build_resumes_without_duplicating_or_losing_an_item(server, store, side, folder, pair_file,  # noqa: F811
-                                                                   reference, monkeypatch):
+                                                                   reference, monkeypatch):  # noqa: F811
     killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(store.root), server, str(pair_file), str(folder)],
                             check=False, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr[-3000:]
