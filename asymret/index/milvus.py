@@ -13,7 +13,7 @@ pymilvus is imported here only, when a store is opened.
 * **Index** from the same FAISS factory string the other backend takes (so :func:`recommend_index`
   serves both): ``Flat`` -> FLAT (exact), ``IVF<n>,Flat`` -> IVF_FLAT, ``IVF<n>,SQ8`` -> IVF_SQ8,
   ``IVF<n>,PQ<m>`` -> IVF_PQ (``OPQ<m>,IVF<n>,PQ<m>`` too, without the rotation), ``HNSW<M>`` -> HNSW (efConstruction 40, FAISS's default); ``nprobe``
-  (default as FAISS's) and ``efSearch`` (default 16, at least ``k``) per search.
+  and ``efSearch`` (at least ``k``) per search, with the FAISS backend's defaults.
 * **Properties** of the collection: ``asymret`` (JSON: name, dim, factory, metric, network spec and
   hash, created_at; written once), ``asymret.next_id``, ``asymret.processing``, ``asymret.updated_at``.
   A query network whose gallery side differs from the stored spec is refused as with FAISS
@@ -23,9 +23,8 @@ pymilvus is imported here only, when a store is opened.
   reserved in ``asymret.next_id`` before the rows are written, so a removed item's id is never reused.
   Several processes may write one gallery (``shared_writes``) with explicit ids: torchrun ranks add
   their shards directly; ids without ``ids`` come from one writer at a time.
-* **Filters and exclusion** become one Milvus boolean expression per distinct (filters, exclusion)
-  pair, so results are exact whatever their selectivity. Comparisons with a null field are guarded
-  (``is not null``): Milvus's three-valued logic would otherwise drop items with no camera.
+* **Filters and exclusion** become one Milvus boolean expression (:mod:`asymret.index.milvus_expr`)
+  per distinct (filters, exclusion) pair, so results are exact whatever their selectivity.
 """
 
 from __future__ import annotations
@@ -41,8 +40,9 @@ import numpy as np
 
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
 from asymret.index.backend import exclusion_rules
+from asymret.index.milvus_expr import exclusion_expression, filter_expression
 from asymret.index.store import NAME, Hit, Item, as_json, spec_hash, validate_rows
-from asymret.index.vectors import as_ids, default_nprobe, normalise
+from asymret.index.vectors import DEFAULT_EF_SEARCH, as_ids, default_nprobe, normalise
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ PREFIX = "asymret_"
 FORMAT = 1
 CHUNK_IDS = 10_000  # ids per "id in [...]" expression
 MAX_TOPK = 16_384  # Milvus's limit on hits per query
-EF_SEARCH = 16  # FAISS's HNSW default
 INSTALL = 'the milvus backend needs pymilvus and milvus-lite: pip install -e ".[milvus]"'
 
 
@@ -93,52 +92,6 @@ def _now() -> datetime:
 
 def _micros(t: datetime) -> int:
     return int(t.timestamp() * 1_000_000)
-
-
-def _literal(value) -> str:
-    """A Milvus expression literal (text is JSON-quoted, so quotes in it cannot end it)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)) and np.isfinite(value):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    raise InputError(f"attribute filters compare to text, numbers or booleans, got {type(value).__name__}")
-
-
-def _equals(field: str, value) -> str:
-    """``field == value``, false (not null) where the field is null, as the SQL store compares."""
-    return f"({field} is not null and {field} == {_literal(value)})"
-
-
-def filter_expression(filters: Mapping | None) -> str | None:
-    """The Milvus expression of the store's filters (:func:`asymret.index.store` module doc)."""
-    if not filters:
-        return None
-    parts = []
-    for key, value in filters.items():
-        values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-        if key in ("label", "camera", "path"):
-            text = [str(v) for v in values]
-            parts.append(f"({key} is not null and {key} in {json.dumps(text)})" if text else "id < 0")
-        elif key == "attributes" and isinstance(value, Mapping):
-            for name, wanted in value.items():
-                options = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
-                field = f"attributes[{json.dumps(str(name))}]"
-                parts.append("(" + " or ".join(_equals(field, v) for v in options) + ")" if options else "id < 0")
-        else:
-            raise InputError(f"cannot filter on '{key}'; filters take label, camera, path and "
-                             "attributes (a mapping of attribute name to value)")
-    return " and ".join(parts)
-
-
-def _exclusion_expression(rules: Sequence[Mapping]) -> str | None:
-    parts = []
-    for rule in rules:
-        terms = [f"id == {int(v)}" if key == "id" else f"{key} is null" if v is None else _equals(key, v)
-                 for key, v in rule.items()]
-        parts.append("not (" + " and ".join(terms) + ")")
-    return " and ".join(parts) or None
 
 
 # ----------------------------------------------------------------------------------------- store
@@ -409,7 +362,7 @@ class MilvusGallery:
         base = filter_expression(filters)
         groups: dict[str, list[int]] = {}
         for i, rule in enumerate(rules):
-            expression = " and ".join(e for e in (base, _exclusion_expression(rule)) if e)
+            expression = " and ".join(e for e in (base, exclusion_expression(rule)) if e)
             groups.setdefault(expression, []).append(i)
         params = self._search_params(k, nprobe, efSearch)
         out: list[list[Hit]] = [[] for _ in range(len(q))]
@@ -427,7 +380,7 @@ class MilvusGallery:
             nlist = self.index_params["nlist"]
             return {"nprobe": int(nprobe) if nprobe else default_nprobe(nlist)}
         if self.index_type == "HNSW":
-            return {"ef": max(int(k), int(efSearch or EF_SEARCH))}
+            return {"ef": max(int(k), int(efSearch or DEFAULT_EF_SEARCH))}
         return {}
 
     def __len__(self) -> int:

@@ -241,3 +241,14 @@ def test_store_errors(tmp_path, lite, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pymilvus)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[milvus\]"'):
         open_store("milvus", tmp_path, uri=str(lite))
+
+
+def test_quotes_in_values_cannot_change_the_filter(store):
+    sneaky = 'x" or id >= 0 or label == "'
+    with store.create("quotes", 4) as gallery:
+        gallery.add(unit(3, 4, seed=8), [{"label": sneaky, "camera": "c"}, {"label": "y"}, {"label": "x"}])
+        q = unit(1, 4, seed=9)
+        assert [h.id for h in gallery.search(q, k=3, filters={"label": sneaky})[0]] == [0]
+        assert [h.id for h in gallery.search(q, k=3, filters={"attributes": {'a"]': 1}})[0]] == []
+        kept = gallery.search(q, k=3, exclude=[{"label": sneaky, "camera": "c"}])[0]
+        assert sorted(h.id for h in kept) == [1, 2]
