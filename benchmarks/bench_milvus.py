@@ -4,7 +4,8 @@ Both are driven through the one interface (``open_store(...).create/add/search``
 included, as the CLI and the service drive them. For each index type (``Flat``; ``IVF`` as
 :func:`~asymret.index.vectors.recommend_index` picks it for this size; ``HNSW32``):
 
-* build: create + add every vector with its row + one search (which makes Milvus build its index);
+* build: create + add every vector with its row + close (FAISS saves its file, Milvus flushes and
+  builds its index) + reopen + one search;
 * QPS at batch 1 (queries one by one) and batch 64;
 * recall@10 against exact search (``topk_inner_product``), default ``nprobe`` / ``efSearch``;
 * and Milvus's figure over FAISS's, measured in the same run.
@@ -50,6 +51,7 @@ def measure(backend: str, folder: Path, factory: str, x: np.ndarray, q: np.ndarr
                 gallery.train(x[np.random.default_rng(0).choice(len(x), min(len(x), 64 * 1024), replace=False)])
             for s in range(0, len(x), ADD):
                 gallery.add(x[s:s + ADD], rows[s:s + ADD], ids=np.arange(s, min(s + ADD, len(x))))
+        with store.open(name, readonly=True) as gallery:  # as served after a build: closing flushed it
             gallery.search(q[:1], K)
             build = time.perf_counter() - start
             start = time.perf_counter()

@@ -226,7 +226,7 @@ class MilvusGallery:
         self.dim, self.factory, self.metric = int(meta["dim"]), meta["factory"], meta["metric"]
         self.network_spec, self.network_hash = meta.get("network_spec"), meta.get("network_hash")
         self.index_type, self.index_params = index_params(self.factory)
-        self._closed = False
+        self._closed = self._dirty = False
 
     # ------------------------------------------------------------------------------- properties
     def _property(self, key: str, default: str) -> str:
@@ -295,6 +295,7 @@ class MilvusGallery:
             raise ConflictError(f"gallery '{self.name}' already holds ids {present[:5].tolist()}; nothing was added")
         self.reserve_ids(int(ids.max()) + 1)  # before the rows: a crash now skips these ids, never reuses them
         created = _micros(_now())
+        self._dirty = True
         step = max(1, 4_000_000 // self.dim)  # ~16 MB per request, under gRPC's message limit
         for s in range(0, len(ids), step):
             self.client.upsert(self.collection, [
@@ -309,6 +310,7 @@ class MilvusGallery:
         missing = ids[~self.contains(ids)]
         if missing.size:
             raise NotFoundError(f"gallery '{self.name}' has no item {missing[:5].tolist()}; nothing was removed")
+        self._dirty = True
         for s in range(0, len(ids), CHUNK_IDS):
             self.client.delete(self.collection, ids=ids[s:s + CHUNK_IDS].tolist())
         if ids.size:
@@ -395,7 +397,11 @@ class MilvusGallery:
                           "collection": self.collection, "uri": self.store.uri}}
 
     def close(self) -> None:
-        self._closed = True  # the client belongs to the store
+        """Flush what this object wrote (Milvus then seals it and builds its index: a search over unsealed
+        rows scans them all, as an unsaved journal does in the FAISS backend). The client is the store's."""
+        if self._dirty and not self._closed:
+            self.client.flush(self.collection)
+        self._closed, self._dirty = True, False
 
     def __enter__(self):
         return self
