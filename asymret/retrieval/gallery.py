@@ -469,7 +469,8 @@ def _encode_into(store: GalleryStore, name: str, side: SideEncoder, records, pla
                 start = s * shard_size
                 x = side.encode_records(records[start:start + shard_size], progress=False, **encode)
                 new = ~gallery.contains(ids[s])  # a killed run may have added part of it
-                gallery.add(x[new], [rows[i - first] for i in ids[s][new]], ids=ids[s][new])
+                if new.any():
+                    gallery.add(x[new], [rows[i - first] for i in ids[s][new]], ids=ids[s][new])
                 bar.update(len(x))
     return remaining
 
