@@ -116,3 +116,12 @@ def distributed(timeout: timedelta | None = None) -> Iterator[tuple[int, int]]:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def broadcast(obj, world: int):
+    """Rank 0's ``obj`` on every rank (any picklable object; ranks on other machines cannot read rank 0's files)."""
+    if world == 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

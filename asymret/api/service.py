@@ -73,6 +73,11 @@ class ServeConfig(BaseModel):
                                                                 "same gallery network's galleries, after 'pair'")
     galleries: Path = Field(Path("galleries"), description="folder of the gallery store")
     db_url: str | None = Field(None, description="SQLAlchemy URL of the metadata; SQLite in the folder by default")
+    backend: Literal["faiss", "milvus"] = Field("faiss", description="where galleries live: FAISS files + SQL "
+                                                "metadata, or Milvus (needs the [milvus] extra; docs/scale.md)")
+    uri: str | None = Field(None, description="with backend milvus: a Milvus Lite file (default "
+                                              "<galleries>/galleries.milvus.db) or http://host:19530")
+    token: str | None = Field(None, description="with backend milvus: the server's token (user:password)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -221,7 +226,7 @@ class Service:
             log.exception("could not load the pair and galleries")
 
     def load(self) -> None:
-        from asymret.index import GalleryStore
+        from asymret.index.backend import open_store
         from asymret.retrieval.cost import encoder_cost
         from asymret.runtime import resolve_device, set_threads
 
@@ -229,8 +234,9 @@ class Service:
         set_threads(self.config.torch_threads)
         self._load_pairs()
         self.dim = self.pair.whitening.dim if self.pair.whitening is not None else self.pair.gallery_net.dim
-        self.store = GalleryStore(self.config.galleries, self.config.db_url,
-                                  device="auto" if self.device.type == "cuda" else "cpu")
+        self.store = open_store(self.config.backend, self.config.galleries, uri=self.config.uri,
+                                token=self.config.token, db_url=self.config.db_url,
+                                device="auto" if self.device.type == "cuda" else "cpu")
         for summary in self.store.list():
             self._open(summary["name"])
         if self.config.runtime == "onnx":
@@ -409,12 +415,13 @@ class Service:
                                 f"{self.dim}-d with {describe_network(self.network_spec)}; serve the pair the "
                                 "gallery was built with, or search it by vector")
 
-    def search(self, gallery, vectors: np.ndarray, k: int, filters: dict | None):
-        """``gallery.search`` on ``search_threads`` FAISS threads (OpenMP's setting is per calling thread)."""
+    def search(self, gallery, vectors: np.ndarray, k: int, filters: dict | None, exclude=None):
+        """``gallery.search`` on ``search_threads`` FAISS threads (OpenMP's setting is per calling thread);
+        ``exclude``: one list of exclusion rules per query (:mod:`asymret.index.backend`)."""
         import faiss
 
         faiss.omp_set_num_threads(self.config.search_threads)
-        return gallery.search(vectors, k, filters=filters)
+        return gallery.search(vectors, k, filters=filters, exclude=exclude)
 
     # --------------------------------------------------------------------------------- encoding
     def decode(self, data: bytes, name: str = "upload"):

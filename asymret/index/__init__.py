@@ -9,8 +9,12 @@ Knows nothing about images or networks: imports neither torch models nor ``retri
 * :class:`GalleryStore` / :class:`Gallery` (``store``): an index plus its SQL metadata (SQLite or any
   SQLAlchemy URL), kept consistent by a write-ahead journal; metadata filters on search.
 * :func:`synthetic_embeddings` (``synthetic``): deterministic R1M-scale distractors without images.
+* :func:`open_store` (``backend``): the gallery-backend interface (:class:`StoreBackend`,
+  :class:`GalleryBackend`) over ``faiss`` (``store``) or ``milvus`` (``milvus``: a Milvus server or
+  Milvus Lite file; pymilvus imported only there, only when used).
 """
 
+from asymret.index.backend import GalleryBackend, StoreBackend, open_store
 from asymret.index.recommend import IndexRecommendation, index_memory, recommend_index
 from asymret.index.store import Gallery, GalleryStore, Hit, Item
 from asymret.index.synthetic import iter_synthetic_embeddings, synthetic_embeddings
@@ -18,6 +22,7 @@ from asymret.index.topk import topk_inner_product
 from asymret.index.vectors import VectorIndex
 
 __all__ = [
-    "Gallery", "GalleryStore", "Hit", "IndexRecommendation", "Item", "VectorIndex", "index_memory",
-    "iter_synthetic_embeddings", "recommend_index", "synthetic_embeddings", "topk_inner_product",
+    "Gallery", "GalleryBackend", "GalleryStore", "Hit", "IndexRecommendation", "Item", "StoreBackend", "VectorIndex",
+    "index_memory", "iter_synthetic_embeddings", "open_store", "recommend_index", "synthetic_embeddings",
+    "topk_inner_product",
 ]

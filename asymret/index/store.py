@@ -49,6 +49,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
+from asymret.index.backend import exclusion_rules, search_excluding
 from asymret.index.files import read_json
 from asymret.index.journal import ADD, REMOVE, Journal
 from asymret.index.vectors import VectorIndex, as_ids, sidecar_path
@@ -162,6 +163,10 @@ def _text(value) -> str | None:
     return None if value is None else str(value)
 
 
+# the other backends (asymret.index.milvus) check rows and JSON values exactly as this one does
+validate_rows, as_json = _rows, _as_json
+
+
 # ------------------------------------------------------------------------------------- filters
 def _where(filters: Mapping) -> list:
     """SQL conditions for ``{"label": v, "camera": [v1, v2], "attributes": {"key": v}}``.
@@ -229,8 +234,11 @@ class GalleryStore:
     >>> hits = gallery.search(queries, k=10, filters={"camera": [1, 2]})
 
     ``schema`` puts the tables in that PostgreSQL schema (created if missing). A gallery is written by
-    one :class:`Gallery` at a time; others open it ``readonly`` (a snapshot as of opening).
+    one :class:`Gallery` at a time; others open it ``readonly`` (a snapshot as of opening). The
+    ``faiss`` implementation of :class:`~asymret.index.backend.StoreBackend`.
     """
+
+    backend, shared_writes = "faiss", False
 
     def __init__(self, root_dir: str | Path, db_url: str | None = None, *, schema: str | None = None,
                  device: str = "cpu", checkpoint_bytes: int = 64 << 20, selector_limit: int = 100_000):
@@ -292,6 +300,11 @@ class GalleryStore:
             known = ", ".join(g["name"] for g in self.list()) or "none yet"
             raise NotFoundError(f"no gallery named '{name}' (galleries: {known}); create it first")
         return row
+
+    def exists(self, name: str) -> bool:
+        self.folder(name)
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(galleries.c.id).where(galleries.c.name == name)).first() is not None
 
     def create(self, name: str, dim: int, factory: str = "Flat", network_spec=None, *,
                metric: str = "ip") -> Gallery:
@@ -542,9 +555,16 @@ class Gallery:
             self.checkpoint()
 
     # ------------------------------------------------------------------------------------- reads
-    def search(self, queries, k: int = 10, *, filters: Mapping | None = None, nprobe: int | None = None,
-               efSearch: int | None = None) -> list[list[Hit]]:
-        """The ``k`` best items per query, best first, with their metadata; see module doc for filters."""
+    def search(self, queries, k: int = 10, *, filters: Mapping | None = None, exclude=None,
+               nprobe: int | None = None, efSearch: int | None = None) -> list[list[Hit]]:
+        """The ``k`` best items per query, best first, with their metadata; see module doc for filters,
+        :mod:`asymret.index.backend` for ``exclude`` (one rule list per query, e.g. the re-ID rule)."""
+        queries = self.index.as_unit(queries, "queries")
+        rules = exclusion_rules(exclude, len(queries))
+        return search_excluding(lambda fetch: self._search(queries, fetch, filters, nprobe, efSearch),
+                                len(queries), k, rules, len(self.index))
+
+    def _search(self, queries, k: int, filters, nprobe, efSearch) -> list[list[Hit]]:
         with self._lock:
             params = {"nprobe": nprobe, "efSearch": efSearch}
             if not filters:
@@ -607,6 +627,36 @@ class Gallery:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    # the rest of the backend interface (asymret.index.backend), over the index
+    def contains(self, ids) -> np.ndarray:
+        return self.index.contains(as_ids(ids))
+
+    def vectors(self, ids) -> np.ndarray:
+        """The stored vectors of these items, in this order (a Flat index keeps them exactly; InputError else)."""
+        vectors, stored = self.index.flat_storage()
+        wanted = as_ids(ids)
+        rows = np.flatnonzero(np.isin(stored, wanted))  # one pass over the ids, whatever the number wanted
+        where = dict(zip(stored[rows].tolist(), rows.tolist()))  # the last entry of an id wins
+        missing = [int(i) for i in wanted if int(i) not in where]
+        if missing:
+            raise NotFoundError(f"gallery '{self.name}' has no item {missing[:5]}")
+        return vectors[[where[int(i)] for i in wanted]].reshape(len(wanted), vectors.shape[1])
+
+    def as_unit(self, vectors, name: str = "vectors") -> np.ndarray:
+        return self.index.as_unit(vectors, name)
+
+    @property
+    def is_trained(self) -> bool:
+        return self.index.is_trained
+
+    def training_size(self) -> tuple[int, int]:
+        return self.index.training_size()
+
+    @property
+    def next_id(self) -> int:
+        """The next id an add without ids gives (never one a removed item had)."""
+        return self._next_id
 
     def info(self) -> dict:
         row = self.store._row(self.name)

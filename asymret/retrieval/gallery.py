@@ -17,6 +17,12 @@ into a :class:`~asymret.index.Gallery` (FAISS index + SQL metadata) that query n
 * **Processes**: under ``torchrun`` rank ``r`` of ``W`` encodes shards ``r, r + W, ...``; after a
   barrier rank 0 adds the shards in order under ids ``first_id + row`` (row = record order),
   skipping ids already present, so a merge killed half-way resumes too. Then ``build/`` goes.
+* **Direct writes** (a store with ``shared_writes``: Milvus): no shard files and no merge; each rank
+  adds each shard it encodes to the gallery at once, under the same ids, and a shard whose ids are all
+  present is done: a rerun encodes only the others, and never adds an id twice. Rank 0 writes the plan
+  (on its machine's ``--root``) and reserves the ids; the other ranks receive the plan from it, so
+  machines need share no folder (``torchrun --nnodes``). With ``dba`` (which needs all vectors before
+  any add) the build goes through shard files as above.
 * **Database-side augmentation** (``dba``): once every shard is encoded, each vector is replaced by
   the α-weighted sum of its top ``k`` in the whole database (:func:`~asymret.retrieval.rerank.database_augmentation`)
   before it is added; the gallery records it (``Gallery.processing``). Items added later are not
@@ -42,15 +48,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import sqlalchemy as sa
 from tqdm.auto import tqdm
 
 from asymret import runtime
 from asymret.config import load_tree, validate
 from asymret.errors import ConflictError, DataError, InputError
 from asymret.files import atomic_write, read_json, write_json_atomic
-from asymret.index import Gallery, GalleryStore
-from asymret.index.store import galleries
+from asymret.index.backend import GalleryBackend as Gallery
+from asymret.index.backend import StoreBackend as GalleryStore
 from asymret.retrieval.cache import records_fingerprint
 from asymret.retrieval.datasets import (
     IMAGE_EXTENSIONS,
@@ -289,8 +294,13 @@ def pending_build(store: GalleryStore, name: str) -> dict | None:
     plan = read_json(folder / PLAN, "build plan")
     if "shard_size" in plan:
         plan["shards"] = _num_shards(plan)
-        plan["shards_done"] = sum(_shard_done(folder, s, _shard_rows(plan, s), plan["dim"])
-                                  for s in range(plan["shards"]))
+        if _direct(store, plan) and store.exists(name):  # a shard is done once its ids are in the gallery
+            with store.open(name, readonly=True) as gallery:
+                plan["shards_done"] = sum(bool(gallery.contains(_shard_ids(plan, s)).all())
+                                          for s in range(plan["shards"]))
+        else:
+            plan["shards_done"] = sum(_shard_done(folder, s, _shard_rows(plan, s), plan["dim"])
+                                      for s in range(plan["shards"]))
     return plan
 
 
@@ -309,7 +319,7 @@ def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None
     (a build), or check that ``existing`` built it and fix the first new id (an add).
     Returns the plan in force."""
     path = store.folder(name) / BUILD_DIR / PLAN
-    exists = any(g["name"] == name for g in store.list())
+    exists = store.exists(name)
     if exists and path.is_file():
         old = read_json(path, "build plan")
         differ = sorted(k for k in plan if k != "first_id" and old.get(k) != plan[k])
@@ -330,16 +340,16 @@ def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None
             if "database_augmentation" in gallery.processing:
                 log.warning("gallery '%s' was built with database-side augmentation; the images added now are "
                             "not augmented (rebuild it to augment them with the rest)", name)
-        plan = {**plan, "first_id": _next_id(store, name)}
+        with store.open(name, readonly=True) as gallery:
+            plan = {**plan, "first_id": gallery.next_id}  # never an id a removed item had
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, plan)
     return plan
 
 
-def _next_id(store: GalleryStore, name: str) -> int:
-    """The gallery's next free id (never one a removed item had)."""
-    with store.engine.connect() as conn:
-        return int(conn.execute(sa.select(galleries.c.next_id).where(galleries.c.name == name)).scalar_one())
+def _direct(store: GalleryStore, plan: dict) -> bool:
+    """Whether every rank writes its shards into the gallery itself (module doc)."""
+    return bool(store.shared_writes) and not plan.get("dba")
 
 
 def _encode_job(store, name, side, records, plan: dict, progress: bool, encode: dict, **begin) -> dict:
@@ -347,10 +357,23 @@ def _encode_job(store, name, side, records, plan: dict, progress: bool, encode: 
     with distributed() as (rank, world):
         if rank == 0:
             plan = _begin(store, name, plan, **begin)
-        _barrier(world)  # the gallery folder exists before anyone writes shards into it
+            if _direct(store, plan):  # ranks write at once: reserve the ids before any of them does
+                with store.open(name) as gallery:
+                    gallery.reserve_ids(plan["first_id"] + plan["count"])
+        if _direct(store, plan):
+            plan = runtime.broadcast(plan, world)  # the gallery exists, its ids reserved, before anyone writes
+            encoded = _encode_into(store, name, side, records, plan, rank, world, progress and rank == 0, encode)
+            runtime.barrier(world)
+            if rank != 0:
+                return {"rank": rank, "encoded": encoded}
+            with store.open(name, readonly=True) as gallery:
+                count = len(gallery)
+            shutil.rmtree(store.folder(name) / BUILD_DIR, ignore_errors=True)
+            return _summary(name, count, plan, encoded=encoded, added=encoded, start=start)
+        runtime.barrier(world)  # the gallery folder exists before anyone writes shards into it
         folder = store.folder(name) / BUILD_DIR
         encoded = _encode_shards(side, records, folder, plan, rank, world, progress and rank == 0, encode)
-        _barrier(world)
+        runtime.barrier(world)
         if rank != 0:
             return {"rank": rank, "encoded": encoded}
         shards = [_load_shard(folder, s, _shard_rows(plan, s), plan["dim"]) for s in range(_num_shards(plan))]
@@ -374,6 +397,10 @@ def _num_shards(plan: dict) -> int:
 
 def _shard_rows(plan: dict, shard: int) -> int:
     return min(plan["shard_size"], plan["count"] - shard * plan["shard_size"])
+
+
+def _shard_ids(plan: dict, shard: int) -> np.ndarray:
+    return plan["first_id"] + shard * plan["shard_size"] + np.arange(_shard_rows(plan, shard), dtype=np.int64)
 
 
 def _shard_path(folder: Path, shard: int) -> Path:
@@ -420,6 +447,32 @@ def _encode_shards(side: SideEncoder, records, folder: Path, plan: dict, rank: i
     return remaining
 
 
+def _encode_into(store: GalleryStore, name: str, side: SideEncoder, records, plan: dict, rank: int, world: int,
+                 progress: bool, encode: dict) -> int:
+    """Direct writes: encode this rank's shards whose ids are not all in the gallery, add each at once
+    (the ids it lacks); returns the images encoded."""
+    shard_size, first = plan["shard_size"], plan["first_id"]
+    rows = item_rows(records)
+    with store.open(name) as gallery:
+        mine = range(rank, _num_shards(plan), world)
+        ids = {s: _shard_ids(plan, s) for s in mine}
+        todo = [s for s in mine if not gallery.contains(ids[s]).all()]
+        total = sum(_shard_rows(plan, s) for s in mine)
+        remaining = sum(_shard_rows(plan, s) for s in todo)
+        log.info("rank %d/%d: %d shard(s) of %d image(s) to encode into '%s', %d already there", rank, world,
+                 len(todo), remaining, name, len(mine) - len(todo))
+        with tqdm(total=total, initial=total - remaining, unit="img", disable=not progress,
+                  desc=f"encoding ({side.encoder.spec.backbone}) into '{name}'") as bar:
+            for s in todo:
+                start = s * shard_size
+                x = side.encode_records(records[start:start + shard_size], progress=False, **encode)
+                new = ~gallery.contains(ids[s])  # a killed run may have added part of it
+                if new.any():
+                    gallery.add(x[new], [rows[i - first] for i in ids[s][new]], ids=ids[s][new])
+                bar.update(len(x))
+    return remaining
+
+
 def _augmented(gallery: Gallery, chunks: Sequence[np.ndarray], dba: dict | None) -> Sequence[np.ndarray]:
     """``chunks`` as one augmented array when ``dba`` is set (the whole database in memory, as its
     neighbours come from all of it), recorded in the gallery; else unchanged."""
@@ -446,7 +499,7 @@ def _fill(gallery: Gallery, chunks: Sequence[np.ndarray], rows: Sequence[dict], 
             for s in range(0, len(chunk), ADD_BATCH):
                 x = np.asarray(chunk[s:s + ADD_BATCH])
                 ids = first_id + offset + s + np.arange(len(x), dtype=np.int64)
-                new = ~gallery.index.contains(ids)
+                new = ~gallery.contains(ids)
                 if new.any():
                     gallery.add(x[new], [rows[i - first_id] for i in ids[new]], ids=ids[new])
                     added += int(new.sum())
@@ -457,11 +510,11 @@ def _fill(gallery: Gallery, chunks: Sequence[np.ndarray], rows: Sequence[dict], 
 
 def _train(gallery: Gallery, chunks: Sequence[np.ndarray], seed: int = 0) -> None:
     """Train on a random sample of all rows, not on the first batch (which may hold one class)."""
-    if gallery.index.is_trained:
+    if gallery.is_trained:
         return
     sizes = [len(c) for c in chunks]
     n = sum(sizes)
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, 2 * gallery.index.training_size()[1]), replace=False))
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, 2 * gallery.training_size()[1]), replace=False))
     bounds = np.cumsum([0, *sizes])
     gallery.train(np.concatenate([np.asarray(c[rows[(rows >= lo) & (rows < hi)] - lo])
                                   for c, lo, hi in zip(chunks, bounds[:-1], bounds[1:])]))
@@ -471,7 +524,3 @@ def _train(gallery: Gallery, chunks: Sequence[np.ndarray], seed: int = 0) -> Non
 def distributed():
     """``(rank, world)`` (:func:`asymret.runtime.distributed`): torchrun's gloo group, waiting up to a day."""
     return runtime.distributed(timeout=BARRIER_TIMEOUT)
-
-
-def _barrier(world: int) -> None:
-    runtime.barrier(world)

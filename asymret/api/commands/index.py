@@ -24,6 +24,12 @@ def register(subparsers) -> None:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--root", default="galleries", help="folder of the galleries' files (default ./galleries)")
     store.add_argument("--db", metavar="URL", help="SQLAlchemy URL of the metadata (default: ROOT/galleries.db)")
+    store.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                       help="where galleries live: faiss (default: FAISS files in ROOT + SQL metadata) or milvus "
+                       "(collections at --uri; ROOT holds only build scratch)")
+    store.add_argument("--uri", metavar="URI", help="with --backend milvus: a Milvus Lite file (default "
+                       "ROOT/galleries.milvus.db) or http://host:19530 (a server or cluster)")
+    store.add_argument("--token", metavar="T", help="with --backend milvus: the server's token (user:password)")
     named = argparse.ArgumentParser(add_help=False, parents=[store])
     named.add_argument("--name", required=True, help="the gallery")
     network = argparse.ArgumentParser(add_help=False)
@@ -85,9 +91,9 @@ def register(subparsers) -> None:
 
 
 def _store(args):
-    from asymret.index import GalleryStore
+    from asymret.index.backend import open_store
 
-    return GalleryStore(args.root, args.db)
+    return open_store(args.backend, args.root, uri=args.uri, token=args.token, db_url=args.db)
 
 
 def _gallery_side(args, device):
@@ -148,7 +154,7 @@ def run_build(args: argparse.Namespace) -> int:
         with _store(args) as store:
             summary = gb.build_gallery(store, args.name, side, records, factory=args.factory, dba=dba,
                                        **_encode_args(args, device))
-    _print_summary(summary, args.root)
+    _print_summary(summary, args)
     return 0
 
 
@@ -160,15 +166,16 @@ def run_add(args: argparse.Namespace) -> int:
     records, side, device = _images_and_side(args)
     with _store(args) as store:
         summary = gb.add_images(store, args.name, side, records, **_encode_args(args, device))
-    _print_summary(summary, args.root)
+    _print_summary(summary, args)
     return 0
 
 
-def _print_summary(summary: dict, root: str) -> None:
+def _print_summary(summary: dict, args) -> None:
     if "rank" in summary:  # a torchrun worker: rank 0 reports the gallery
         return
     done = {"build": "built", "add": "added to", "embeddings": "built"}[summary["kind"]]
-    print(f"{done} gallery '{summary['name']}' in {Path(root) / summary['name']}: now {summary['count']:,} items "
+    where = Path(args.root) / summary["name"] if args.backend == "faiss" else f"Milvus {args.uri or 'Lite in ' + args.root}"
+    print(f"{done} gallery '{summary['name']}' in {where}: now {summary['count']:,} items "
           f"({summary['dim']}-d); {summary['added']:,} added, {summary['encoded']:,} images encoded by this "
           f"process [{summary['seconds']:.1f} s]")
 
@@ -192,8 +199,10 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, default=str))
         return 0
+    where = (f"{info['index_bytes'] / 2**20:.1f} MiB on disk" if "index_bytes" in info else
+             f"Milvus {info['index']['type']} in collection {info['index']['collection']} at {info['index']['uri']}")
     print(f"gallery '{info['name']}': {info['count']:,} items, {info['dim']}-d, index {info['factory']} "
-          f"({info['metric']}), {info['index_bytes'] / 2**20:.1f} MiB on disk")
+          f"({info['metric']}), {where}")
     print(f"  gallery network: {gb.describe_network(info['network_spec'])}")
     for step, settings in info["processing"].items():
         print(f"  vectors processed before adding: {step} ({', '.join(f'{k}={v}' for k, v in settings.items())})")

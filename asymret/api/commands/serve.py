@@ -9,7 +9,7 @@ FLAGS = {  # flag -> ServeConfig key (--pair: below, it fills two keys)
     "galleries": "galleries", "db": "db_url", "host": "host", "port": "port", "device": "device",
     "api_key": "api_keys", "allow_root": "allowed_roots", "max_request_mb": "max_request_mb",
     "max_image_pixels": "max_image_pixels", "max_batch": "max_batch", "max_wait_ms": "max_wait_ms",
-    "torch_threads": "torch_threads", "runtime": "runtime",
+    "torch_threads": "torch_threads", "runtime": "runtime", "backend": "backend", "uri": "uri", "token": "token",
 }
 
 
@@ -27,6 +27,11 @@ def register(subparsers) -> None:
                         "it by, defaults to the pair's run name)")
     parser.add_argument("--galleries", metavar="DIR", help="gallery store folder (default ./galleries)")
     parser.add_argument("--db", metavar="URL", help="SQLAlchemy URL of the metadata (default: SQLite in DIR)")
+    parser.add_argument("--backend", choices=["faiss", "milvus"], help="where galleries live (default faiss: "
+                        "FAISS files + SQL metadata; milvus: docs/scale.md)")
+    parser.add_argument("--uri", metavar="URI", help="with --backend milvus: a Milvus Lite file (default "
+                        "DIR/galleries.milvus.db) or http://host:19530")
+    parser.add_argument("--token", metavar="T", help="with --backend milvus: the server's token (user:password)")
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -12,7 +12,8 @@ router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
 
 def gallery_info(service, gallery) -> dict:
     info = gallery.info()
-    index = {**info["index"], **{key: info[key] for key in ("index_bytes", "journal_bytes", "last_seq", "processing")}}
+    keys = ("index_bytes", "journal_bytes", "last_seq", "processing", "backend")  # those the backend reports
+    index = {**info["index"], **{key: info[key] for key in keys if key in info}}
     return {**info, "index": index, "compatible": service.compatible(gallery)}
 
 

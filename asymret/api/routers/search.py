@@ -2,8 +2,9 @@
 of the gallery.
 
 The re-ID rule "exclude same identity on same camera" (Market-1501/VeRi protocols) drops hits whose
-label and camera both equal the query's; hits are fetched in growing rounds (k, 4k, 16k, ...) until
-``k`` survive the rule or the gallery is exhausted, so the answer is exact.
+label and camera both equal the query's, and a search by item leaves the item out of its own hits:
+both are exclusion rules the gallery's search applies exactly (``exclude``, :mod:`asymret.index.backend`;
+a filter expression in Milvus, growing rounds k, 4k, 16k, ... over FAISS).
 
 ``rerank`` (a search option; :mod:`asymret.retrieval.rerank`) post-processes each query's ranking with
 the gallery's stored vectors (a Flat gallery): ``aqe`` / ``alpha_qe`` expand the query with its top
@@ -46,16 +47,13 @@ QueryNetName = Annotated[str | None, Form(max_length=64, description=QUERY_NET_F
 
 
 def item_vectors(gallery, item_ids, purpose: str = "search by item id") -> np.ndarray:
-    """The stored vectors of existing items, in the order of ``item_ids`` (a Flat gallery keeps them exactly)."""
+    """The stored vectors of existing items, in the order of ``item_ids`` (a Flat FAISS gallery keeps them
+    exactly, Milvus whatever its index)."""
     try:
-        vectors, ids = gallery.index.flat_storage()
+        return gallery.vectors(np.asarray(item_ids, np.int64))
     except InputError:
         raise InputError(f"{purpose} needs a Flat gallery (exact vectors); '{gallery.name}' is "
                          f"{gallery.factory}: search it without that option, or rebuild it as Flat") from None
-    wanted = np.asarray(item_ids, np.int64)
-    rows = np.flatnonzero(np.isin(ids, wanted))  # one pass over the ids, whatever the number wanted
-    where = dict(zip(ids[rows].tolist(), rows.tolist()))  # the last entry of an id wins
-    return vectors[[where[int(i)] for i in wanted]].reshape(len(wanted), vectors.shape[1])
 
 
 def run_search(service, gallery, vectors: np.ndarray, options: SearchOptions, queries: list[dict]) -> list[dict]:
@@ -72,13 +70,7 @@ def run_search(service, gallery, vectors: np.ndarray, options: SearchOptions, qu
 def find(service, gallery, vectors: np.ndarray, k: int, options: SearchOptions, queries: list[dict]) -> list[list]:
     """The ``k`` best hits per query that pass the filters and the rules (store ``Hit`` objects)."""
     filters = options.filters.as_store_filters() if options.filters else None
-    fetch = k + any(q.get("self_id") is not None for q in queries)
-    while True:
-        rows = service.search(gallery, vectors, fetch, filters)
-        kept = [[h for h in row if not _dropped(h, q, options.exclude_same_camera)] for row, q in zip(rows, queries)]
-        if all(len(hits) >= k or len(row) < fetch for hits, row in zip(kept, rows)):
-            return [hits[:k] for hits in kept]
-        fetch *= 4
+    return service.search(gallery, vectors, k, filters, [_rules(q, options.exclude_same_camera) for q in queries])
 
 
 def reranked(service, gallery, vectors: np.ndarray, options: SearchOptions, queries: list[dict]):
@@ -89,7 +81,7 @@ def reranked(service, gallery, vectors: np.ndarray, options: SearchOptions, quer
     defaults = rerank.RerankOptions()
     purpose = f"rerank={options.rerank}"
     item_vectors(gallery, [], purpose)  # a non-Flat gallery is refused before searching
-    q = gallery.index.as_unit(vectors, "queries")
+    q = gallery.as_unit(vectors, "queries")
 
     def stored(rows):  # every hit's vector, one pass over the gallery's ids for the whole batch
         ids = sorted({h.id for row in rows for h in row})
@@ -124,10 +116,12 @@ def reranked(service, gallery, vectors: np.ndarray, options: SearchOptions, quer
     return hits, order_scores
 
 
-def _dropped(hit, query: dict, same_camera_rule: bool) -> bool:
-    if hit.id == query.get("self_id"):
-        return True
-    return same_camera_rule and hit.item.label == query["label"] and hit.item.camera == query["camera"]
+def _rules(query: dict, same_camera_rule: bool) -> list[dict]:
+    """The gallery's exclusion rules of one query: itself (a search by item), its identity on its camera."""
+    rules = [{"id": query["self_id"]}] if query.get("self_id") is not None else []
+    if same_camera_rule:
+        rules.append({"label": query["label"], "camera": query["camera"]})
+    return rules
 
 
 def _result(gallery: str, hits, group_by_label: bool, rerank_scores=None) -> dict:
