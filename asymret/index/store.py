@@ -51,6 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
 from asymret.index.files import read_json
 from asymret.index.journal import ADD, REMOVE, Journal
+from asymret.index.migrate import upgrade
 from asymret.index.vectors import VectorIndex, as_ids, sidecar_path
 
 if TYPE_CHECKING:
@@ -82,12 +83,20 @@ items = sa.Table(
     sa.Column("camera", sa.String(64)),
     sa.Column("attributes", sa.JSON),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sha256", sa.String(64)),  # of the image file's bytes: reruns skip what is stored (migrate.py)
     sa.Index("ix_items_label", "gallery_id", "label"),
     sa.Index("ix_items_camera", "gallery_id", "camera"),
+    sa.Index("ix_items_path", "gallery_id", "path"),
 )
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ROW_KEYS = ("path", "label", "camera", "attributes")
+ROW_KEYS = ("path", "label", "camera", "attributes", "sha256")
+# Names that would put a gallery folder where the store keeps its own files: the SQLite database and
+# its journal/WAL/shm sidecars (any ``galleries.db*``), the API's uploads and the folder that holds
+# galleries an older asymret let take such a name (they keep working from there: _folder_of).
+RESERVED_PREFIX = "galleries.db"
+RESERVED = frozenset({"_uploads", "_reserved"})
+RESERVED_DIR = "_reserved"
 SQL_CHUNK = 10_000  # ids per IN (...) list: under SQLite's and PostgreSQL's parameter limits
 
 
@@ -101,6 +110,7 @@ class Item:
     camera: str | None
     attributes: dict
     created_at: datetime
+    sha256: str | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "created_at": self.created_at.isoformat()}
@@ -152,8 +162,11 @@ def _rows(rows, n: int) -> list[dict]:
             extra = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, Mapping) else type(row).__name__
             raise InputError(f"metadata rows are mappings with keys {', '.join(ROW_KEYS)}; got {extra} "
                              "(put anything else under 'attributes')")
+        sha = row.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise InputError("a row's 'sha256' must be 64 lower-case hex digits (hashlib.sha256(data).hexdigest())")
         out.append({"path": _text(row.get("path")), "label": _text(row.get("label")),
-                    "camera": _text(row.get("camera")),
+                    "camera": _text(row.get("camera")), "sha256": sha,
                     "attributes": _as_json(row.get("attributes") or {}, "a row's 'attributes'")})
     return out
 
@@ -233,8 +246,16 @@ class GalleryStore:
     """
 
     def __init__(self, root_dir: str | Path, db_url: str | None = None, *, schema: str | None = None,
-                 device: str = "cpu", checkpoint_bytes: int = 64 << 20, selector_limit: int = 100_000):
+                 device: str = "cpu", checkpoint_bytes: int = 64 << 20, selector_limit: int = 100_000,
+                 create: bool = True):
         self.root = Path(root_dir)
+        if not create:  # read-only commands (list, info, search) create nothing
+            if not self.root.is_dir():
+                raise NotFoundError(f"no galleries folder {self.root}; give --root the folder 'asymret index "
+                                    "build' wrote to (nothing was created)")
+            if db_url is None and not (self.root / "galleries.db").is_file():
+                raise NotFoundError(f"no gallery database in {self.root} (no galleries.db); give --root the "
+                                    "folder 'asymret index build' wrote to, or --db its URL")
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{self.root.resolve() / 'galleries.db'}"
         self.device, self.checkpoint_bytes, self.selector_limit = device, checkpoint_bytes, selector_limit
@@ -250,7 +271,25 @@ class GalleryStore:
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
             engine = engine.execution_options(schema_translate_map={None: schema})
         self.engine = engine
+        self._set_aside_reserved()
         self._create_tables()
+        done = upgrade(self.engine, items, schema)
+        if done:
+            log.info("store %s: upgraded its tables (%s)", self.db_url, ", ".join(done))
+
+    def _set_aside_reserved(self) -> None:
+        """Move the folder of a gallery an older asymret let take a reserved name (``galleries.db-journal``
+        as a folder stops SQLite from ever writing again) to ``_reserved/``, where it keeps working."""
+        for path in self.root.glob(f"{RESERVED_PREFIX}*"):
+            if path.is_dir() and not path.is_symlink():
+                target = self.root / RESERVED_DIR / path.name
+                target.parent.mkdir(exist_ok=True)
+                if target.exists():
+                    raise ConflictError(f"both {path} and {target} exist; move {path} aside (it is not "
+                                        "the store's) and open the store again")
+                os.replace(path, target)
+                log.warning("gallery folder %s had a name reserved for the store's database files; moved "
+                            "it to %s (the gallery keeps working from there)", path, target)
 
     def _create_tables(self, attempts: int = 3) -> None:
         """``create_all`` checks, then creates: two processes opening a fresh store at once (torchrun ranks,
@@ -274,10 +313,12 @@ class GalleryStore:
         self.engine.dispose()
 
     def folder(self, name: str) -> Path:
+        """The gallery's folder: ``<root>/<name>``, or ``<root>/_reserved/<name>`` for a reserved name
+        that an older asymret accepted (:meth:`_set_aside_reserved`)."""
         if not isinstance(name, str) or not NAME.match(name):
             raise InputError(f"gallery name {name!r} must be 1-64 letters, digits, '_', '-' or '.', "
                              "starting with a letter or digit")
-        return self.root / name
+        return self.root / RESERVED_DIR / name if reserved_name(name) else self.root / name
 
     def _row(self, name: str):
         self.folder(name)
@@ -292,21 +333,39 @@ class GalleryStore:
                metric: str = "ip") -> Gallery:
         """A new, empty gallery, open for writing."""
         folder = self.folder(name)
+        if reserved_name(name):
+            raise InputError(f"gallery name '{name}' is reserved for the store's own files (galleries.db*, "
+                             "_uploads, _reserved); choose another name")
         index = VectorIndex(dim, factory, metric=metric)  # checks dim, factory and metric first
         spec = _as_json(network_spec, "network_spec")
         now = _now()
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(galleries.insert().values(
-                    name=name, dim=dim, factory=factory, metric=metric, network_spec=spec,
-                    network_hash=spec_hash(spec), last_seq=0, next_id=0, created_at=now, updated_at=now))
-        except IntegrityError:
-            raise ConflictError(f"gallery '{name}' already exists; open it, or delete it first") from None
-        if folder.exists():  # left by a delete that crashed after its database commit
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        index.save(folder / Gallery.INDEX, extra={"checkpoint_seq": 0})
+        # The folder (with its empty index) exists before the row commits, so no row is ever without
+        # its folder; the root's create lock keeps a concurrent create of the same name off it.
+        with _flocked(self.root / ".create.lock", fcntl.LOCK_EX):
+            exists = self._exists(name)
+            if exists:
+                raise ConflictError(f"gallery '{name}' already exists; open it, or delete it first")
+            if folder.exists() or folder.is_symlink():  # left by a delete that crashed after its commit
+                if not folder.is_dir() or folder.is_symlink():
+                    raise ConflictError(f"{folder} exists and is not a gallery folder; move it away or "
+                                        "choose another gallery name")
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            try:
+                index.save(folder / Gallery.INDEX, extra={"checkpoint_seq": 0})
+                _insert_gallery(self.engine, name=name, dim=dim, factory=factory, metric=metric,
+                                network_spec=spec, network_hash=spec_hash(spec), last_seq=0, next_id=0,
+                                created_at=now, updated_at=now)
+            except BaseException as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                if isinstance(exc, IntegrityError):  # created through another root on a shared database
+                    raise ConflictError(f"gallery '{name}' already exists; open it, or delete it first") from None
+                raise
         return self.open(name)
+
+    def _exists(self, name: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(galleries.c.id).where(galleries.c.name == name)).first() is not None
 
     def open(self, name: str, *, readonly: bool = False, mmap: bool = False) -> Gallery:
         """Open a gallery: replays or drops what a crash left in its journal (see module doc).
@@ -335,6 +394,17 @@ class GalleryStore:
         finally:
             if lock is not None:
                 os.close(lock)
+
+
+def reserved_name(name: str) -> bool:
+    """Whether a gallery of this name would sit on the store's own files (see ``RESERVED``)."""
+    return name.lower().startswith(RESERVED_PREFIX) or name in RESERVED
+
+
+def _insert_gallery(engine, **values) -> None:
+    """The commit point of a create (a function of its own so tests can make it fail)."""
+    with engine.begin() as conn:
+        conn.execute(galleries.insert().values(**values))
 
 
 def _summary(row: Mapping) -> dict:
@@ -588,8 +658,21 @@ class Gallery:
                     for row in conn.execute(sa.select(items).where(items.c.gallery_id == self._gid,
                                                                    items.c.id.in_(chunk.tolist()))):
                         found[row.id] = Item(row.id, row.path, row.label, row.camera, row.attributes or {},
-                                             row.created_at)
+                                             row.created_at, row.sha256)
         return found
+
+    def stored(self, paths: Sequence[str], hashes: Sequence[str]) -> np.ndarray:
+        """Whether each (path, sha256) pair is already an item of this gallery: an idempotent add skips
+        those. The same path with other bytes is a new version, added as a new item (docs/gallery.md)."""
+        paths = [str(p) for p in paths]
+        found: set[tuple[str, str]] = set()
+        unique = sorted(set(paths))
+        with self.store.engine.connect() as conn:
+            for start in range(0, len(unique), SQL_CHUNK):
+                found.update((path, sha) for path, sha in conn.execute(sa.select(items.c.path, items.c.sha256).where(
+                    items.c.gallery_id == self._gid, items.c.path.in_(unique[start:start + SQL_CHUNK]),
+                    items.c.sha256.is_not(None))))
+        return np.fromiter(((p, h) in found for p, h in zip(paths, hashes)), bool, len(paths))
 
     def get(self, ids) -> list[Item]:
         """The items with these ids, in this order; an unknown id is a NotFoundError."""
