@@ -49,7 +49,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
-from asymret.index.files import read_json
+from asymret.index.files import fsync_dir, read_json
 from asymret.index.journal import ADD, REMOVE, Journal
 from asymret.index.migrate import upgrade
 from asymret.index.vectors import VectorIndex, as_ids, sidecar_path
@@ -418,6 +418,7 @@ class Gallery:
     """One gallery: vectors in a :class:`VectorIndex`, item rows in the database, one journal."""
 
     INDEX, JOURNAL, LOCK, CHECKPOINT_LOCK = "vectors.faiss", "journal.bin", "writer.lock", "checkpoint.lock"
+    STAGED = "restore.faiss"  # a replace_all's index until its rows commit
 
     def __init__(self, store: GalleryStore, row, *, readonly: bool, mmap: bool):
         self.store, self.name, self.readonly = store, row.name, readonly
@@ -442,6 +443,7 @@ class Gallery:
         mode = fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX
         with _flocked(self.folder / self.CHECKPOINT_LOCK, mode):
             row = self.store._row(self.name)  # before the journal: all it committed is in there
+            index_path = self._settle_replace(row.last_seq, index_path)
             self._journal = Journal(self.folder / self.JOURNAL)
             records, valid = self._journal.read()
             checkpoint = 0
@@ -475,6 +477,62 @@ class Gallery:
             self._verify()
             if records or valid < self._journal.size():
                 self.checkpoint()
+
+    def _settle_replace(self, committed: int, index_path: Path) -> Path:
+        """Finish or drop what a :meth:`replace_all` killed half-way left: its staged index counts once
+        its sequence number is committed. Returns the index file to load (a reader may load the staged one)."""
+        staged = self.folder / self.STAGED
+        meta_path = sidecar_path(staged)
+        if not meta_path.exists():
+            return index_path
+        seq = read_json(meta_path, "staged index sidecar").get("extra", {}).get("checkpoint_seq", 0)
+        if seq > committed:  # never committed: roll back
+            if not self.readonly:
+                staged.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+            return index_path
+        if self.readonly:
+            return staged if staged.exists() else index_path
+        if staged.exists():
+            os.replace(staged, index_path)
+        os.replace(meta_path, sidecar_path(index_path))
+        fsync_dir(self.folder)
+        (self.folder / self.JOURNAL).unlink(missing_ok=True)  # its records are all before the replace
+        return index_path
+
+    def replace_all(self, index: VectorIndex, rows: Sequence[Mapping], ids, created_at, *, next_id: int) -> None:
+        """Make this gallery hold exactly ``index`` and these item rows (a restore): one commit, crash-safe.
+
+        The index is staged beside the current one under the next sequence number, then one transaction
+        replaces every item row and commits that number, then the staged file takes the index's place
+        (:meth:`_settle_replace` finishes that after a kill). ``ids`` must be the index's ids.
+        """
+        with self._lock:
+            self._writable()
+            ids = as_ids(ids)
+            if index.dim != self.dim or index.metric != self.metric:
+                raise InputError(f"gallery '{self.name}' holds {self.dim}-d {self.metric} vectors; the new "
+                                 f"index has {index.dim}-d {index.metric}")
+            if not np.array_equal(np.sort(ids), index.ids()):
+                raise InputError("the item rows' ids differ from the index's ids; give one row per vector")
+            rows = _rows(rows, len(ids))
+            self.checkpoint()  # the journal is empty: nothing to replay across the replace
+            seq = self._seq + 1
+            index.save(self.folder / self.STAGED, extra={**index.extra, "checkpoint_seq": seq})
+            records = [{"gallery_id": self._gid, "id": int(i), "created_at": c or _now(), **row}
+                       for i, c, row in zip(ids, created_at, rows)]
+            next_id = max(next_id, int(ids.max()) + 1 if len(ids) else 0)
+            with self.store.engine.begin() as conn:
+                conn.execute(items.delete().where(items.c.gallery_id == self._gid))
+                for start in range(0, len(records), SQL_CHUNK):
+                    conn.execute(items.insert(), records[start:start + SQL_CHUNK])
+                conn.execute(galleries.update().where(galleries.c.id == self._gid)
+                             .values(last_seq=seq, next_id=next_id, updated_at=_now()))
+            self._seq, self._next_id = seq, next_id
+            with _flocked(self.folder / self.CHECKPOINT_LOCK, fcntl.LOCK_EX):
+                self._settle_replace(seq, self.folder / self.INDEX)
+            self.index = VectorIndex.load(self.folder / self.INDEX, dim=self.dim, metric=self.metric,
+                                          device=self.store.device)
 
     def _verify(self) -> None:
         db_ids = self._db_ids()
@@ -673,6 +731,21 @@ class Gallery:
                     items.c.gallery_id == self._gid, items.c.path.in_(unique[start:start + SQL_CHUNK]),
                     items.c.sha256.is_not(None))))
         return np.fromiter(((p, h) in found for p, h in zip(paths, hashes)), bool, len(paths))
+
+    @contextmanager
+    def consistent(self):
+        """``(index, items sorted by id, next_id)`` of one moment, held still while in the block (a snapshot).
+
+        A read-only handle beside a writer may see rows the writer committed since it opened: then
+        this refuses rather than pairing vectors and rows of two moments."""
+        with self._lock:
+            ids = self.index.ids()
+            if not np.array_equal(self._db_ids(), ids):
+                raise ConflictError(f"gallery '{self.name}' changed since it was opened (another process writes "
+                                    "it); take the snapshot through that process (the server's snapshot "
+                                    "endpoint) or when it is done")
+            found = self._items(ids)
+            yield self.index, [found[int(i)] for i in ids], self._next_id
 
     def get(self, ids) -> list[Item]:
         """The items with these ids, in this order; an unknown id is a NotFoundError."""
