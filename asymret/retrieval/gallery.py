@@ -260,7 +260,7 @@ def add_images(store: GalleryStore, name: str, side: SideEncoder, records: Seque
     already holds (same path and bytes) are skipped, so a rerun adds nothing twice; with
     ``skip_bad`` images that do not decode are logged and skipped (:mod:`asymret.retrieval.dedupe`).
     """
-    plan = {"kind": "add", **_images_plan(side.network_spec(), side.dim, records, shard_size)}
+    plan = {"kind": "add", **_images_plan(side.network_spec(), side.dim, records, shard_size), "skip_bad": skip_bad}
     return _encode_job(store, name, side, records, plan, progress, encode, existing=side, skip_bad=skip_bad)
 
 
@@ -352,7 +352,13 @@ def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None
     exists = any(g["name"] == name for g in store.list())
     if exists and path.is_file():
         old = read_json(path, "build plan")
-        differ = sorted(k for k in plan if k not in DERIVED and old.get(k) != plan[k])
+        differ = sorted(k for k in plan if k not in DERIVED and old.get(k, False) != plan[k])
+        if differ == ["skip_bad"] and plan["skip_bad"]:
+            # the same add, stopped by an image that does not decode: plan it again without such
+            # images; what it may have added is skipped as already stored, so nothing is added twice
+            log.info("planning the unfinished add of gallery '%s' again, skipping undecodable images", name)
+            shutil.rmtree(path.parent)
+            return _begin(store, name, plan, network_spec, existing=existing, records=records, skip_bad=skip_bad)
         if differ:
             raise ConflictError(f"gallery '{name}' has an unfinished {old.get('kind', 'build')} of another job "
                                 f"(its {', '.join(differ)} differ); rerun that command to finish it, or drop "

@@ -43,6 +43,7 @@ from asymret.retrieval.encoders import (
     encoder_checkpoint,
     key_mismatch,
 )
+from asymret.retrieval.checkpoints import load_torch_file
 from asymret.retrieval.whitening import Whitening
 
 FORMAT = "asymret.pair"
@@ -137,7 +138,7 @@ def load_pair(path: str | Path, device="cpu") -> Pair:
     if not path.is_file():
         raise NotFoundError(f"pair file not found: {path}; pass the pair.pt a training run wrote")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_torch_file(path)
     except UNREADABLE_CHECKPOINT as exc:
         raise DataError(f"{path} is not a readable pair file ({type(exc).__name__}); re-export it") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -36,7 +36,7 @@ from asymret.config import dump_config
 from asymret.errors import AsymretError, ConfigError, TrainingError
 from asymret.index.files import atomic_write
 from asymret.retrieval.cache import EmbeddingCache
-from asymret.retrieval.checkpoints import read_checkpoint_whitening
+from asymret.retrieval.checkpoints import load_torch_file, read_checkpoint_whitening
 from asymret.retrieval.encode import RecordImages, encode_records, shape_groups
 from asymret.retrieval.encoders import Encoder, create_encoder, encoder_checkpoint, set_bn_eval
 from asymret.retrieval.evaluate import evaluate_pair
@@ -388,7 +388,7 @@ class Trainer:
         }
 
     def load_state(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = load_torch_file(path, map_location=self.device, weights_only=False)
         trained = ckpt.get("trained", "query_net")
         if trained != self.trained:
             raise ConfigError(f"{path} trained the {trained} but this config trains the {self.trained}; "
@@ -456,7 +456,7 @@ class Trainer:
         net = self.net
         if best.is_file():
             net = copy.deepcopy(self.net).cpu()
-            net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+            net.load_state_dict(load_torch_file(best)["state_dict"])
         _atomic_save(encoder_checkpoint(net), self.run_dir / f"{self.trained}.pt")
         meta = {"run": self.cfg.name, "loss": self.cfg.loss.name, "mode": self.cfg.loss.mode,
                 "recipe": "reid" if self.recipe is not None else "aml"}
