@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from asymret import __version__
-from asymret.api.routers import galleries, items, ops, search, web
+from asymret.api.routers import galleries, items, ops, search, snapshots, web
 from asymret.api.schemas import ErrorBody
 from asymret.api.service import ServeConfig, Service
 from asymret.errors import AsymretError
@@ -46,7 +46,7 @@ def create_app(config: ServeConfig | Service) -> FastAPI:
                   description="Asymmetric image retrieval: the small query network encodes your image, "
                               "the gallery the large gallery network encoded offline answers.")
     app.state.service = service
-    for router in (galleries.router, items.router, search.router, ops.router, web.router):
+    for router in (galleries.router, items.router, search.router, snapshots.router, ops.router, web.router):
         app.include_router(router)  # each carries its full prefix: route templates name the metrics
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(AsymretError, _asymret_error)

@@ -521,7 +521,8 @@ class Gallery:
             index.save(self.folder / self.STAGED, extra={**index.extra, "checkpoint_seq": seq})
             records = [{"gallery_id": self._gid, "id": int(i), "created_at": c or _now(), **row}
                        for i, c, row in zip(ids, created_at, rows)]
-            next_id = max(next_id, int(ids.max()) + 1 if len(ids) else 0)
+            # never below this gallery's own: an id it gave out (then replaced away) is not given again
+            next_id = max(next_id, self._next_id, int(ids.max()) + 1 if len(ids) else 0)
             with self.store.engine.begin() as conn:
                 conn.execute(items.delete().where(items.c.gallery_id == self._gid))
                 for start in range(0, len(records), SQL_CHUNK):
@@ -731,6 +732,16 @@ class Gallery:
                     items.c.gallery_id == self._gid, items.c.path.in_(unique[start:start + SQL_CHUNK]),
                     items.c.sha256.is_not(None))))
         return np.fromiter(((p, h) in found for p, h in zip(paths, hashes)), bool, len(paths))
+
+    def referenced(self, paths: Sequence[str]) -> np.ndarray:
+        """Whether some item of this gallery has each of these paths (what an upload sweep keeps)."""
+        paths = [str(p) for p in paths]
+        unique, found = sorted(set(paths)), set()
+        with self.store.engine.connect() as conn:
+            for start in range(0, len(unique), SQL_CHUNK):
+                found.update(conn.execute(sa.select(items.c.path).where(
+                    items.c.gallery_id == self._gid, items.c.path.in_(unique[start:start + SQL_CHUNK]))).scalars())
+        return np.fromiter((p in found for p in paths), bool, len(paths))
 
     @contextmanager
     def consistent(self):
