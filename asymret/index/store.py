@@ -95,7 +95,7 @@ ROW_KEYS = ("path", "label", "camera", "attributes", "sha256")
 # its journal/WAL/shm sidecars (any ``galleries.db*``), the API's uploads and the folder that holds
 # galleries an older asymret let take such a name (they keep working from there: _folder_of).
 RESERVED_PREFIX = "galleries.db"
-RESERVED = frozenset({"_uploads", "_reserved"})
+RESERVED = frozenset({"_uploads", "_reserved", "_snapshots"})
 RESERVED_DIR = "_reserved"
 SQL_CHUNK = 10_000  # ids per IN (...) list: under SQLite's and PostgreSQL's parameter limits
 
@@ -335,7 +335,7 @@ class GalleryStore:
         folder = self.folder(name)
         if reserved_name(name):
             raise InputError(f"gallery name '{name}' is reserved for the store's own files (galleries.db*, "
-                             "_uploads, _reserved); choose another name")
+                             "_uploads, _reserved, _snapshots); choose another name")
         index = VectorIndex(dim, factory, metric=metric)  # checks dim, factory and metric first
         spec = _as_json(network_spec, "network_spec")
         now = _now()
