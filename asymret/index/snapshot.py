@@ -60,8 +60,7 @@ def write_snapshot(store: GalleryStore, name: str, out, gallery: Gallery | None 
         with gallery.consistent() as (index, items, next_id):
             index.save(tmp / INDEX, extra=index.extra)
             with open(tmp / ROWS, "w", encoding="utf-8") as f:
-                for item in items:
-                    f.write(json.dumps(item.to_dict(), sort_keys=True) + "\n")
+                f.writelines(json.dumps(item.to_dict(), sort_keys=True) + "\n" for item in items)
         files = {path: {"sha256": file_sha256(tmp / path), "bytes": (tmp / path).stat().st_size}
                  for path in (INDEX, sidecar_path(INDEX).name, ROWS)}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "count": len(items),

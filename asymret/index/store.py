@@ -25,6 +25,13 @@ Metadata filters (``label``, ``camera``, ``path``, ``attributes``) are applied i
 matching at most ``selector_limit`` items restricts the FAISS search itself to those ids (an
 ``IDSelectorBatch``: exact, however selective); a broader one over-fetches (4k, 16k, ... hits) and
 keeps the first ``k`` that match.
+
+Restores (:meth:`Gallery.replace_all`, used by :mod:`asymret.index.snapshot`) stage the new index as
+``restore.faiss`` and count once the sequence number they commit is in the database. Migrations of
+older databases are in :mod:`asymret.index.migrate`.
+
+Over 450 lines on purpose: the journal protocol (append, commit, replay, checkpoint, replace) is one
+invariant that every write and every open must keep, and it is checked by reading it in one place.
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ into a :class:`~asymret.index.Gallery` (FAISS index + SQL metadata) that query n
   network's whitening, which AML applies to both sides. A gallery stores its gallery side's
   :meth:`SideEncoder.network_spec`; :func:`check_space` refuses a pair whose gallery side differs,
   as its query network was trained for another embedding space.
+* **Adds** skip images already stored (same path and bytes) and, with ``skip_bad``, those that do not
+  decode (:mod:`asymret.retrieval.dedupe`); the positions kept are in the plan (``keep``), so a rerun
+  resumes the same job. :func:`abort_pending` drops an unfinished job (its items stay).
+
+Over 450 lines on purpose: the plan, the shards and the merge are one resumable job whose rerun rules
+(what a killed build or add resumes, when it is another job) must be read together.
 """
 
 from __future__ import annotations

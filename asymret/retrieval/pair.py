@@ -36,6 +36,7 @@ from torch import nn
 from asymret import __version__
 from asymret.errors import DataError, InputError, NotFoundError
 from asymret.index.files import atomic_write
+from asymret.retrieval.checkpoints import load_torch_file
 from asymret.retrieval.encoders import (
     UNREADABLE_CHECKPOINT,
     Encoder,
@@ -43,7 +44,6 @@ from asymret.retrieval.encoders import (
     encoder_checkpoint,
     key_mismatch,
 )
-from asymret.retrieval.checkpoints import load_torch_file
 from asymret.retrieval.whitening import Whitening
 
 FORMAT = "asymret.pair"

@@ -3,9 +3,8 @@ SIGKILL without re-encoding, add/remove with stable ids, precomputed embeddings,
 
 from __future__ import annotations
 
-import hashlib
-
 import csv
+import hashlib
 import os
 import pickle
 import subprocess

@@ -76,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
 
     from asymret.api.app import create_app
     from asymret.errors import NotFoundError
-
     from asymret.retrieval.checkpoints import load_torch_file
 
     config = build_config(args)

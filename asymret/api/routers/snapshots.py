@@ -12,8 +12,8 @@ from pydantic import Field
 
 from asymret.api.routers.deps import GalleryName, Reader, Writer
 from asymret.api.schemas import GALLERY_NAME, In, Out
-from asymret.index.snapshot import MANIFEST
 from asymret.index.files import read_json
+from asymret.index.snapshot import MANIFEST
 
 router = APIRouter(tags=["snapshots"])
 SnapshotId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-\d{8}T\d{12}Z$",
