@@ -236,7 +236,10 @@ class Service:
         self.store = GalleryStore(self.config.galleries, self.config.db_url,
                                   device="auto" if self.device.type == "cuda" else "cpu")
         for summary in self.store.list():
-            self._open(summary["name"])
+            try:
+                self._open(summary["name"])
+            except AsymretError as exc:  # one broken gallery must not keep the others from serving
+                log.error("gallery '%s' is not served: %s", summary["name"], exc)
         if self.config.runtime == "onnx":
             self._export_query_nets()
         self._warm_up()

@@ -93,3 +93,16 @@ def test_upload_files_no_item_points_to_are_swept_at_open(setup, tmp_path):
     assert not old_orphan.exists()  # killed between saving the upload and committing its row
     assert young_orphan.exists()  # may belong to an add in progress
     assert all(os.path.exists(p) for p in kept)  # an item points to these: never deleted
+
+
+def test_one_gallery_that_does_not_open_does_not_stop_the_others(setup, tmp_path):
+    config = setup["config"].model_copy(update={"galleries": tmp_path / "galleries"})
+    with serve(config) as url, httpx.Client(base_url=url, timeout=60) as client:
+        for name in ("good", "bad"):
+            assert client.post("/v1/galleries", json={"name": name}, headers=KEY).status_code == 201
+        add(client, "bad", [1])
+    (tmp_path / "galleries" / "bad" / "vectors.faiss.json").write_text("{not json")  # damaged on disk
+    with serve(config) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/v1/galleries/good").status_code == 200
+        r = client.get("/v1/galleries/bad")
+        assert 400 <= r.status_code < 500 and "not valid JSON" in r.json()["error"]["message"]
