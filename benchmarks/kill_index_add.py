@@ -2,7 +2,8 @@
 
 Round ``r`` adds the images of batches ``0..r`` (a list file: every earlier image again, plus a new
 batch) to a gallery built from batch 0. A child ``asymret index add`` is started, SIGKILLed at a
-random moment after it logged its encoding plan (or it finishes first), and then the same command
+random moment (a quarter before it logs its encoding plan, the rest after it; or it finishes
+first), and then the same command
 is rerun to completion. After every rerun the check is:
 
 * every image of batches ``0..r`` is in the gallery exactly once (by path), and no other item;
@@ -75,10 +76,11 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run(cmd: list[str], kill_after: float | None = None, timeout: float = 600) -> dict:
-    """Run ``cmd``; with ``kill_after``, SIGKILL it that many seconds after it logged its encoding plan
-    (unless it ended first). Returns its outcome (``killed`` / ``finished``), status, output and how long
-    it ran after the plan (``post_plan_s``)."""
+def run(cmd: list[str], kill_after: float | None = None, timeout: float = 600, kill_at: float | None = None) -> dict:
+    """Run ``cmd``; with ``kill_after``, SIGKILL it that many seconds after it logged its encoding plan,
+    with ``kill_at`` that many seconds after its start (unless it ended first). Returns its outcome
+    (``killed`` / ``finished``), status, output, when it logged its plan (``plan_s``) and how long it
+    ran after that (``post_plan_s``)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     planned, lines = threading.Event(), []
     moments = {}
@@ -91,12 +93,16 @@ def run(cmd: list[str], kill_after: float | None = None, timeout: float = 600) -
                 planned.set()
         planned.set()
 
+    start = time.monotonic()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     outcome = "finished"
-    if kill_after is not None:
-        planned.wait(timeout)
-        time.sleep(kill_after)
+    if kill_after is not None or kill_at is not None:
+        if kill_at is not None:
+            time.sleep(kill_at)
+        else:
+            planned.wait(timeout)
+            time.sleep(kill_after)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             outcome = "killed"
@@ -105,7 +111,7 @@ def run(cmd: list[str], kill_after: float | None = None, timeout: float = 600) -
     end = time.monotonic()
     watcher.join(10)
     return {"outcome": outcome, "status": status, "stdout": out, "stderr": "".join(lines),
-            "post_plan_s": end - moments.get("plan", end)}
+            "plan_s": moments.get("plan", end) - start, "post_plan_s": end - moments.get("plan", end)}
 
 
 def phase(outcome: str, rerun_out: str, expected: int) -> str:
@@ -172,17 +178,26 @@ def main() -> int:
         first = work / "round_first.txt"
         first.write_text("\n".join(str(p) for p in batches[0]) + "\n")
         subprocess.run(command(args, root, pair, first, "build"), check=True, env=env(), capture_output=True)
-        post = 1.0  # how long an add runs after logging its plan: the window kills are drawn from
+        # Kill moments: a quarter before the plan is logged (start-up, hashing, choosing the images),
+        # the rest uniform over how long an add that encodes and adds runs after its plan (measured on
+        # the reruns that did add, starting from 0.3 s): encoding, the commit, the clean-up, the exit.
+        plan_s, post = 5.0, 0.3
         rounds, failures = [], 0
         for r in range(1, args.kills + 1):
             listing = work / f"round_{r:02d}.txt"
             expected = [p for batch in batches[:r + 1] for p in batch]
             listing.write_text("\n".join(str(p) for p in expected) + "\n")
-            delay = chooser.uniform(0.0, post)
-            killed = run(command(args, root, pair, listing), kill_after=delay)
+            if chooser.random() < 0.25:
+                delay = -chooser.uniform(0.0, plan_s / 2)
+                killed = run(command(args, root, pair, listing), kill_at=plan_s + delay)
+            else:
+                delay = chooser.uniform(0.0, post)
+                killed = run(command(args, root, pair, listing), kill_after=delay)
             rerun = run(command(args, root, pair, listing))
-            if killed["outcome"] == "finished":
-                post = max(post, killed["post_plan_s"])
+            if rerun["status"] == 0:
+                plan_s = rerun["plan_s"]
+                if not re.search(r"; 0 added", rerun["stdout"]):
+                    post = max(post, rerun["post_plan_s"])
             result = {"round": r, "kill_after_plan_s": round(delay, 3), "outcome": killed["outcome"],
                       "phase": phase(killed["outcome"], rerun["stdout"], len(expected)),
                       "rerun_status": rerun["status"], "rerun": " | ".join(rerun["stdout"].strip().splitlines()),

@@ -100,7 +100,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ROW_KEYS = ("path", "label", "camera", "attributes", "sha256")
 # Names that would put a gallery folder where the store keeps its own files: the SQLite database and
 # its journal/WAL/shm sidecars (any ``galleries.db*``), the API's uploads and the folder that holds
-# galleries an older asymret let take such a name (they keep working from there: _folder_of).
+# galleries an older asymret let take such a name (they keep working from there: GalleryStore.folder).
 RESERVED_PREFIX = "galleries.db"
 RESERVED = frozenset({"_uploads", "_reserved", "_snapshots"})
 RESERVED_DIR = "_reserved"

@@ -363,7 +363,8 @@ def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None
             # the same add, stopped by an image that does not decode: plan it again without such
             # images; what it may have added is skipped as already stored, so nothing is added twice
             log.info("planning the unfinished add of gallery '%s' again, skipping undecodable images", name)
-            shutil.rmtree(path.parent)
+            with _job_lock(path.parent, name):  # not while that add still runs somewhere
+                shutil.rmtree(path.parent)
             return _begin(store, name, plan, network_spec, existing=existing, records=records, skip_bad=skip_bad)
         if differ:
             raise ConflictError(f"gallery '{name}' has an unfinished {old.get('kind', 'build')} of another job "
