@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from asymret import __version__
-from asymret.api.routers import galleries, items, ops, search, web
+from asymret.api.routers import galleries, items, ops, search, snapshots, web
 from asymret.api.routers.deps import KEY_HEADER, reader, writer
 from asymret.api.schemas import ErrorBody
 from asymret.api.service import ServeConfig, Service
@@ -55,7 +55,7 @@ def create_app(config: ServeConfig | Service) -> FastAPI:
                          description="Asymmetric image retrieval: the small query network encodes your image, "
                                      "the gallery the large gallery network encoded offline answers.")
     app.state.service = service
-    routers = (galleries.router, items.router, search.router, ops.router, web.router)
+    routers = (galleries.router, items.router, search.router, snapshots.router, ops.router, web.router)
     for router in routers:
         app.include_router(router)  # each carries its full prefix: route templates name the metrics
     # our endpoints as declared (FastAPI >= 0.120 nests included routers in app.routes: read them here)

@@ -1,7 +1,8 @@
 """The ``asymret`` command line: one command, subcommands discovered from ``asymret.api.commands``.
 
 User errors (:class:`asymret.errors.AsymretError`) print one line, ``error: ...``, and exit 2;
-``ASYMRET_DEBUG=1`` shows the traceback instead.
+``ASYMRET_DEBUG=1`` shows the traceback instead. Output into a closed pipe (``| head -1``) ends the
+command with status 141, as a shell tool killed by SIGPIPE, without a traceback.
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:  # `asymret index info ... | head -1`: the reader left; end as a shell tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more reaches the closed pipe at exit
+        return 141
     except AsymretError as exc:
         if os.environ.get("ASYMRET_DEBUG"):
             raise

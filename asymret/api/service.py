@@ -24,8 +24,10 @@ import logging
 import re
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +50,9 @@ from asymret.errors import (
 
 log = logging.getLogger("asymret.serve")
 UPLOADS = "_uploads"  # under the galleries folder; gallery names cannot start with '_'
+UPLOAD_GRACE_S = 600.0  # an upload file younger than this may belong to an add in progress
+SNAPSHOTS = "_snapshots"  # REST snapshots, also under the galleries folder
+SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-\d{8}T\d{12}Z$")
 QUERY_NET_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # what NAME=PATH may name a query network
 
 
@@ -199,6 +204,8 @@ class Service:
                                   tuple(f.upper() for f in config.image_formats))
         self.uploads = config.galleries / UPLOADS
         self.probe, self.ready_timeout_s = DatabaseProbe(), config.ready_timeout_s
+        self.snapshots = config.galleries / SNAPSHOTS
+        self.upload_grace_s, self._swept = UPLOAD_GRACE_S, {}
         self.metrics = Metrics(self)
         self.galleries: dict = {}
         self.query_nets: dict[str, QueryNet] = {}  # by name, the default first
@@ -238,7 +245,10 @@ class Service:
                                 token=self.config.token, db_url=self.config.db_url,
                                 device="auto" if self.device.type == "cuda" else "cpu")
         for summary in self.store.list():
-            self._open(summary["name"])
+            try:
+                self._open(summary["name"])
+            except AsymretError as exc:  # one broken gallery must not keep the others from serving
+                log.error("gallery '%s' is not served: %s", summary["name"], exc)
         if self.config.runtime == "onnx":
             self._export_query_nets()
         self._warm_up()
@@ -364,6 +374,8 @@ class Service:
             log.warning("%s; serving gallery '%s' read-only", exc, name)
             gallery = self.store.open(name, readonly=True)
         self.galleries[name] = gallery
+        if not gallery.readonly:
+            self.sweep_uploads(name, gallery, force=True)
         return gallery
 
     def gallery(self, name: str):
@@ -389,6 +401,36 @@ class Service:
                 gallery.close()
             self.store.delete(name)
             shutil.rmtree(self.uploads / name, ignore_errors=True)
+
+    # -------------------------------------------------------------------------------- snapshots
+    def snapshot_gallery(self, name: str) -> tuple[str, dict]:
+        """Write gallery ``name`` to a new snapshot under ``<galleries>/_snapshots``: ``(id, manifest)``."""
+        from asymret.index.snapshot import write_snapshot
+
+        gallery = self.gallery(name)
+        snapshot = f"{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        return snapshot, write_snapshot(self.store, name, self.snapshots / snapshot, gallery=gallery)
+
+    def restore_gallery(self, snapshot: str, name: str | None, replace: bool) -> tuple[str, int]:
+        """Restore a snapshot of ``<galleries>/_snapshots`` (of this server's gallery network only)."""
+        from asymret.index.snapshot import read_manifest, restore_snapshot
+        from asymret.index.store import spec_hash
+
+        folder = self.snapshots / snapshot
+        if not SNAPSHOT_ID.match(snapshot) or not folder.is_dir():
+            raise NotFoundError(f"no snapshot '{snapshot[:80]}' on this server (see GET /v1/snapshots)")
+        target = name or read_manifest(folder)["gallery"]["name"]
+        with self._lock:
+            held = self.galleries.pop(target, None)
+            if held is not None:
+                held.close()  # the restore writes it: this process's writer lock must go first
+            try:
+                name, count = restore_snapshot(self.store, folder, name=target, replace=replace,
+                                               network_hash=spec_hash(self.network_spec))
+            finally:
+                if any(g["name"] == target for g in self.store.list()):
+                    self._open(target)  # restored, or the old one back after a refusal
+        return name, count
 
     def compatible(self, gallery) -> bool:
         """Whether this pair's gallery side encodes into ``gallery``'s space (architecture, input, weights,
@@ -477,6 +519,29 @@ class Service:
         path = folder / f"{uuid.uuid4().hex}.{Image.open(io.BytesIO(data)).format.lower()}"
         path.write_bytes(data)
         return path.resolve()
+
+    def sweep_uploads(self, name: str, gallery, *, force: bool = False) -> int:
+        """Delete upload files of gallery ``name`` that no item points to and that are older than
+        ``upload_grace_s`` (left by a kill between saving the upload and committing its row; younger
+        ones may belong to an add in progress). Runs at open and at most once per grace period on adds;
+        a file an item points to is never deleted. Returns how many went."""
+        now = time.time()
+        if not force and now - self._swept.get(name, 0.0) < self.upload_grace_s:
+            return 0
+        self._swept[name] = now
+        folder = self.uploads / name
+        if not folder.is_dir():
+            return 0
+        old = [p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime > self.upload_grace_s]
+        if not old:
+            return 0
+        paths = [str(p.resolve()) for p in old]
+        orphans = [p for p, used in zip(old, gallery.referenced(paths)) if not used]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        if orphans:
+            log.warning("gallery '%s': deleted %d upload file(s) no item points to (left by a kill)", name, len(orphans))
+        return len(orphans)
 
     def forget_upload(self, gallery: str, path: str | None) -> None:
         """Delete the kept upload of an item of ``gallery``: only a real file in its own uploads folder."""

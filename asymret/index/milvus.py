@@ -9,7 +9,7 @@ pymilvus is imported here only, when a store is opened.
 * **Collection** ``asymret_<name>`` (``_`` ``-`` ``.`` of the gallery name escaped): ``id`` INT64
   primary key equal to our 64-bit ids, ``vector`` FLOAT_VECTOR of the gallery's dimension (L2-normalised,
   metric IP: scores are cosines, as with FAISS), ``path``/``label``/``camera`` VARCHAR and
-  ``attributes`` JSON (all nullable), ``created_at`` (microseconds since the epoch).
+  ``attributes`` JSON, ``sha256`` of the image file (all nullable), ``created_at`` (microseconds since the epoch).
 * **Index** from the same FAISS factory string the other backend takes (so :func:`recommend_index`
   serves both): ``Flat`` -> FLAT (exact), ``IVF<n>,Flat`` -> IVF_FLAT, ``IVF<n>,SQ8`` -> IVF_SQ8,
   ``IVF<n>,PQ<m>`` -> IVF_PQ (``OPQ<m>,IVF<n>,PQ<m>`` too, without the rotation), ``HNSW<M>`` -> HNSW (efConstruction 40, FAISS's default); ``nprobe``
@@ -40,7 +40,7 @@ import numpy as np
 
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
 from asymret.index.backend import exclusion_rules
-from asymret.index.milvus_expr import exclusion_expression, filter_expression
+from asymret.index.milvus_expr import exclusion_expression, filter_expression, in_expression
 from asymret.index.store import NAME, Hit, Item, as_json, spec_hash, validate_rows
 from asymret.index.vectors import DEFAULT_EF_SEARCH, as_ids, default_nprobe, normalise
 
@@ -100,16 +100,22 @@ class MilvusStore:
 
     backend, shared_writes = "milvus", True
 
-    def __init__(self, root_dir: str | Path, uri: str, *, token: str | None = None, **_ignored):
+    def __init__(self, root_dir: str | Path, uri: str, *, token: str | None = None, create: bool = True,
+                 **_ignored):
         pymilvus = _pymilvus()
         self.root = Path(root_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.uri = str(uri)
         self.lite = not re.match(r"^(https?|tcp|unix)://", self.uri)
         if self.lite:
             if not self.uri.endswith(".db"):
                 raise ConfigError(f"--uri {self.uri!r} is neither a Milvus Lite file (ending in .db) nor a server "
                                   "address (http://host:19530); give one of them")
+            if not create and not Path(self.uri).expanduser().is_file():
+                raise NotFoundError(f"no Milvus Lite file at {self.uri}; give the --uri that 'asymret index build' "
+                                    "wrote to (nothing was created)")
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        if self.lite:
             Path(self.uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
             self.uri = str(Path(self.uri).expanduser().resolve())
         try:
@@ -165,6 +171,7 @@ class MilvusStore:
         schema.add_field("label", DataType.VARCHAR, max_length=255, nullable=True)
         schema.add_field("camera", DataType.VARCHAR, max_length=64, nullable=True)
         schema.add_field("attributes", DataType.JSON, nullable=True)
+        schema.add_field("sha256", DataType.VARCHAR, max_length=64, nullable=True)  # what makes a rerun idempotent
         schema.add_field("created_at", DataType.INT64)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=index_type, metric_type="IP", params=params)
@@ -217,7 +224,7 @@ def _summary(properties: Mapping, count: int) -> dict:
 class MilvusGallery:
     """One gallery's collection; the methods of :class:`~asymret.index.backend.GalleryBackend`."""
 
-    FIELDS = ("path", "label", "camera", "attributes", "created_at")
+    FIELDS = ("path", "label", "camera", "attributes", "sha256", "created_at")
 
     def __init__(self, store: MilvusStore, name: str, properties: Mapping, *, readonly: bool):
         meta = json.loads(properties["asymret"])
@@ -327,6 +334,24 @@ class MilvusGallery:
                                          output_fields=fields, limit=len(chunk))
         return out
 
+    def _paths(self, paths: Sequence[str], fields: list[str]) -> list[dict]:
+        """The rows (``fields``) of the items whose path is one of ``paths``."""
+        unique, out = sorted({str(p) for p in paths}), []
+        for s in range(0, len(unique), CHUNK_IDS):
+            out += self.client.query(self.collection, filter=in_expression("path", unique[s:s + CHUNK_IDS]),
+                                     output_fields=fields)
+        return out
+
+    def stored(self, paths: Sequence[str], hashes: Sequence[str]) -> np.ndarray:
+        """Whether each (path, sha256) pair is already an item (the FAISS store's :meth:`stored`)."""
+        found = {(r["path"], r["sha256"]) for r in self._paths(paths, ["path", "sha256"]) if r.get("sha256")}
+        return np.fromiter(((str(p), h) in found for p, h in zip(paths, hashes)), bool, len(paths))
+
+    def referenced(self, paths: Sequence[str]) -> np.ndarray:
+        """Whether some item has each of these paths (what an upload sweep keeps)."""
+        found = {r["path"] for r in self._paths(paths, ["path"])}
+        return np.fromiter((str(p) in found for p in paths), bool, len(paths))
+
     def contains(self, ids) -> np.ndarray:
         ids = as_ids(ids)
         found = {int(r["id"]) for r in self._query(np.unique(ids), ["id"])}
@@ -413,4 +438,4 @@ class MilvusGallery:
 def _item(row: Mapping) -> Item:
     created = datetime.fromtimestamp(int(row.get("created_at") or 0) / 1e6, timezone.utc)
     return Item(int(row["id"]), row.get("path"), row.get("label"), row.get("camera"), row.get("attributes") or {},
-                created)
+                created, row.get("sha256"))

@@ -33,6 +33,11 @@ def _equals(field: str, value) -> str:
     return f"({field} is not null and {field} == {_literal(value)})"
 
 
+def in_expression(field: str, values: Sequence[str]) -> str:
+    """``field in [values]`` (text values, each JSON-quoted), false where the field is null."""
+    return f"({field} is not null and {field} in [{', '.join(_literal(str(v)) for v in values)}])"
+
+
 def filter_expression(filters: Mapping | None) -> str | None:
     """The Milvus expression of the store's filters (:func:`asymret.index.store` module doc)."""
     if not filters:

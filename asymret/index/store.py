@@ -25,6 +25,13 @@ Metadata filters (``label``, ``camera``, ``path``, ``attributes``) are applied i
 matching at most ``selector_limit`` items restricts the FAISS search itself to those ids (an
 ``IDSelectorBatch``: exact, however selective); a broader one over-fetches (4k, 16k, ... hits) and
 keeps the first ``k`` that match.
+
+Restores (:meth:`Gallery.replace_all`, used by :mod:`asymret.index.snapshot`) stage the new index as
+``restore.faiss`` and count once the sequence number they commit is in the database. Migrations of
+older databases are in :mod:`asymret.index.migrate`.
+
+Over 450 lines on purpose: the journal protocol (append, commit, replay, checkpoint, replace) is one
+invariant that every write and every open must keep, and it is checked by reading it in one place.
 """
 
 from __future__ import annotations
@@ -50,8 +57,9 @@ from sqlalchemy.exc import IntegrityError
 
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
 from asymret.index.backend import exclusion_rules, search_excluding
-from asymret.index.files import read_json
+from asymret.index.files import fsync_dir, read_json
 from asymret.index.journal import ADD, REMOVE, Journal
+from asymret.index.migrate import upgrade
 from asymret.index.vectors import VectorIndex, as_ids, sidecar_path
 
 if TYPE_CHECKING:
@@ -83,12 +91,20 @@ items = sa.Table(
     sa.Column("camera", sa.String(64)),
     sa.Column("attributes", sa.JSON),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sha256", sa.String(64)),  # of the image file's bytes: reruns skip what is stored (migrate.py)
     sa.Index("ix_items_label", "gallery_id", "label"),
     sa.Index("ix_items_camera", "gallery_id", "camera"),
+    sa.Index("ix_items_path", "gallery_id", "path"),
 )
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ROW_KEYS = ("path", "label", "camera", "attributes")
+ROW_KEYS = ("path", "label", "camera", "attributes", "sha256")
+# Names that would put a gallery folder where the store keeps its own files: the SQLite database and
+# its journal/WAL/shm sidecars (any ``galleries.db*``), the API's uploads and the folder that holds
+# galleries an older asymret let take such a name (they keep working from there: GalleryStore.folder).
+RESERVED_PREFIX = "galleries.db"
+RESERVED = frozenset({"_uploads", "_reserved", "_snapshots"})
+RESERVED_DIR = "_reserved"
 SQL_CHUNK = 10_000  # ids per IN (...) list: under SQLite's and PostgreSQL's parameter limits
 
 
@@ -102,6 +118,7 @@ class Item:
     camera: str | None
     attributes: dict
     created_at: datetime
+    sha256: str | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "created_at": self.created_at.isoformat()}
@@ -153,8 +170,11 @@ def _rows(rows, n: int) -> list[dict]:
             extra = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, Mapping) else type(row).__name__
             raise InputError(f"metadata rows are mappings with keys {', '.join(ROW_KEYS)}; got {extra} "
                              "(put anything else under 'attributes')")
+        sha = row.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise InputError("a row's 'sha256' must be 64 lower-case hex digits (hashlib.sha256(data).hexdigest())")
         out.append({"path": _text(row.get("path")), "label": _text(row.get("label")),
-                    "camera": _text(row.get("camera")),
+                    "camera": _text(row.get("camera")), "sha256": sha,
                     "attributes": _as_json(row.get("attributes") or {}, "a row's 'attributes'")})
     return out
 
@@ -241,8 +261,16 @@ class GalleryStore:
     backend, shared_writes = "faiss", False
 
     def __init__(self, root_dir: str | Path, db_url: str | None = None, *, schema: str | None = None,
-                 device: str = "cpu", checkpoint_bytes: int = 64 << 20, selector_limit: int = 100_000):
+                 device: str = "cpu", checkpoint_bytes: int = 64 << 20, selector_limit: int = 100_000,
+                 create: bool = True):
         self.root = Path(root_dir)
+        if not create:  # read-only commands (list, info, search) create nothing
+            if not self.root.is_dir():
+                raise NotFoundError(f"no galleries folder {self.root}; give --root the folder 'asymret index "
+                                    "build' wrote to (nothing was created)")
+            if db_url is None and not (self.root / "galleries.db").is_file():
+                raise NotFoundError(f"no gallery database in {self.root} (no galleries.db); give --root the "
+                                    "folder 'asymret index build' wrote to, or --db its URL")
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{self.root.resolve() / 'galleries.db'}"
         self.device, self.checkpoint_bytes, self.selector_limit = device, checkpoint_bytes, selector_limit
@@ -258,7 +286,25 @@ class GalleryStore:
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
             engine = engine.execution_options(schema_translate_map={None: schema})
         self.engine = engine
+        self._set_aside_reserved()
         self._create_tables()
+        done = upgrade(self.engine, items, schema)
+        if done:
+            log.info("store %s: upgraded its tables (%s)", self.db_url, ", ".join(done))
+
+    def _set_aside_reserved(self) -> None:
+        """Move the folder of a gallery an older asymret let take a reserved name (``galleries.db-journal``
+        as a folder stops SQLite from ever writing again) to ``_reserved/``, where it keeps working."""
+        for path in self.root.glob(f"{RESERVED_PREFIX}*"):
+            if path.is_dir() and not path.is_symlink():
+                target = self.root / RESERVED_DIR / path.name
+                target.parent.mkdir(exist_ok=True)
+                if target.exists():
+                    raise ConflictError(f"both {path} and {target} exist; move {path} aside (it is not "
+                                        "the store's) and open the store again")
+                os.replace(path, target)
+                log.warning("gallery folder %s had a name reserved for the store's database files; moved "
+                            "it to %s (the gallery keeps working from there)", path, target)
 
     def _create_tables(self, attempts: int = 3) -> None:
         """``create_all`` checks, then creates: two processes opening a fresh store at once (torchrun ranks,
@@ -287,10 +333,12 @@ class GalleryStore:
             conn.execute(sa.select(galleries.c.name).limit(1)).all()
 
     def folder(self, name: str) -> Path:
+        """The gallery's folder: ``<root>/<name>``, or ``<root>/_reserved/<name>`` for a reserved name
+        that an older asymret accepted (:meth:`_set_aside_reserved`)."""
         if not isinstance(name, str) or not NAME.match(name):
             raise InputError(f"gallery name {name!r} must be 1-64 letters, digits, '_', '-' or '.', "
                              "starting with a letter or digit")
-        return self.root / name
+        return self.root / RESERVED_DIR / name if reserved_name(name) else self.root / name
 
     def _row(self, name: str):
         self.folder(name)
@@ -310,21 +358,39 @@ class GalleryStore:
                metric: str = "ip") -> Gallery:
         """A new, empty gallery, open for writing."""
         folder = self.folder(name)
+        if reserved_name(name):
+            raise InputError(f"gallery name '{name}' is reserved for the store's own files (galleries.db*, "
+                             "_uploads, _reserved, _snapshots); choose another name")
         index = VectorIndex(dim, factory, metric=metric)  # checks dim, factory and metric first
         spec = _as_json(network_spec, "network_spec")
         now = _now()
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(galleries.insert().values(
-                    name=name, dim=dim, factory=factory, metric=metric, network_spec=spec,
-                    network_hash=spec_hash(spec), last_seq=0, next_id=0, created_at=now, updated_at=now))
-        except IntegrityError:
-            raise ConflictError(f"gallery '{name}' already exists; open it, or delete it first") from None
-        if folder.exists():  # left by a delete that crashed after its database commit
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        index.save(folder / Gallery.INDEX, extra={"checkpoint_seq": 0})
+        # The folder (with its empty index) exists before the row commits, so no row is ever without
+        # its folder; the root's create lock keeps a concurrent create of the same name off it.
+        with _flocked(self.root / ".create.lock", fcntl.LOCK_EX):
+            exists = self._exists(name)
+            if exists:
+                raise ConflictError(f"gallery '{name}' already exists; open it, or delete it first")
+            if folder.exists() or folder.is_symlink():  # left by a delete that crashed after its commit
+                if not folder.is_dir() or folder.is_symlink():
+                    raise ConflictError(f"{folder} exists and is not a gallery folder; move it away or "
+                                        "choose another gallery name")
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            try:
+                index.save(folder / Gallery.INDEX, extra={"checkpoint_seq": 0})
+                _insert_gallery(self.engine, name=name, dim=dim, factory=factory, metric=metric,
+                                network_spec=spec, network_hash=spec_hash(spec), last_seq=0, next_id=0,
+                                created_at=now, updated_at=now)
+            except BaseException as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                if isinstance(exc, IntegrityError):  # created through another root on a shared database
+                    raise ConflictError(f"gallery '{name}' already exists; open it, or delete it first") from None
+                raise
         return self.open(name)
+
+    def _exists(self, name: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(galleries.c.id).where(galleries.c.name == name)).first() is not None
 
     def open(self, name: str, *, readonly: bool = False, mmap: bool = False) -> Gallery:
         """Open a gallery: replays or drops what a crash left in its journal (see module doc).
@@ -355,6 +421,17 @@ class GalleryStore:
                 os.close(lock)
 
 
+def reserved_name(name: str) -> bool:
+    """Whether a gallery of this name would sit on the store's own files (see ``RESERVED``)."""
+    return name.lower().startswith(RESERVED_PREFIX) or name in RESERVED
+
+
+def _insert_gallery(engine, **values) -> None:
+    """The commit point of a create (a function of its own so tests can make it fail)."""
+    with engine.begin() as conn:
+        conn.execute(galleries.insert().values(**values))
+
+
 def _summary(row: Mapping) -> dict:
     keys = ("name", "dim", "factory", "metric", "count", "network_hash")
     return {**{key: row[key] for key in keys}, "created_at": row["created_at"].isoformat(),
@@ -366,6 +443,7 @@ class Gallery:
     """One gallery: vectors in a :class:`VectorIndex`, item rows in the database, one journal."""
 
     INDEX, JOURNAL, LOCK, CHECKPOINT_LOCK = "vectors.faiss", "journal.bin", "writer.lock", "checkpoint.lock"
+    STAGED = "restore.faiss"  # a replace_all's index until its rows commit
 
     def __init__(self, store: GalleryStore, row, *, readonly: bool, mmap: bool):
         self.store, self.name, self.readonly = store, row.name, readonly
@@ -390,6 +468,7 @@ class Gallery:
         mode = fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX
         with _flocked(self.folder / self.CHECKPOINT_LOCK, mode):
             row = self.store._row(self.name)  # before the journal: all it committed is in there
+            index_path = self._settle_replace(row.last_seq, index_path)
             self._journal = Journal(self.folder / self.JOURNAL)
             records, valid = self._journal.read()
             checkpoint = 0
@@ -423,6 +502,63 @@ class Gallery:
             self._verify()
             if records or valid < self._journal.size():
                 self.checkpoint()
+
+    def _settle_replace(self, committed: int, index_path: Path) -> Path:
+        """Finish or drop what a :meth:`replace_all` killed half-way left: its staged index counts once
+        its sequence number is committed. Returns the index file to load (a reader may load the staged one)."""
+        staged = self.folder / self.STAGED
+        meta_path = sidecar_path(staged)
+        if not meta_path.exists():
+            return index_path
+        seq = read_json(meta_path, "staged index sidecar").get("extra", {}).get("checkpoint_seq", 0)
+        if seq > committed:  # never committed: roll back
+            if not self.readonly:
+                staged.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+            return index_path
+        if self.readonly:
+            return staged if staged.exists() else index_path
+        if staged.exists():
+            os.replace(staged, index_path)
+        os.replace(meta_path, sidecar_path(index_path))
+        fsync_dir(self.folder)
+        (self.folder / self.JOURNAL).unlink(missing_ok=True)  # its records are all before the replace
+        return index_path
+
+    def replace_all(self, index: VectorIndex, rows: Sequence[Mapping], ids, created_at, *, next_id: int) -> None:
+        """Make this gallery hold exactly ``index`` and these item rows (a restore): one commit, crash-safe.
+
+        The index is staged beside the current one under the next sequence number, then one transaction
+        replaces every item row and commits that number, then the staged file takes the index's place
+        (:meth:`_settle_replace` finishes that after a kill). ``ids`` must be the index's ids.
+        """
+        with self._lock:
+            self._writable()
+            ids = as_ids(ids)
+            if index.dim != self.dim or index.metric != self.metric:
+                raise InputError(f"gallery '{self.name}' holds {self.dim}-d {self.metric} vectors; the new "
+                                 f"index has {index.dim}-d {index.metric}")
+            if not np.array_equal(np.sort(ids), index.ids()):
+                raise InputError("the item rows' ids differ from the index's ids; give one row per vector")
+            rows = _rows(rows, len(ids))
+            self.checkpoint()  # the journal is empty: nothing to replay across the replace
+            seq = self._seq + 1
+            index.save(self.folder / self.STAGED, extra={**index.extra, "checkpoint_seq": seq})
+            records = [{"gallery_id": self._gid, "id": int(i), "created_at": c or _now(), **row}
+                       for i, c, row in zip(ids, created_at, rows)]
+            # never below this gallery's own: an id it gave out (then replaced away) is not given again
+            next_id = max(next_id, self._next_id, int(ids.max()) + 1 if len(ids) else 0)
+            with self.store.engine.begin() as conn:
+                conn.execute(items.delete().where(items.c.gallery_id == self._gid))
+                for start in range(0, len(records), SQL_CHUNK):
+                    conn.execute(items.insert(), records[start:start + SQL_CHUNK])
+                conn.execute(galleries.update().where(galleries.c.id == self._gid)
+                             .values(last_seq=seq, next_id=next_id, updated_at=_now()))
+            self._seq, self._next_id = seq, next_id
+            with _flocked(self.folder / self.CHECKPOINT_LOCK, fcntl.LOCK_EX):
+                self._settle_replace(seq, self.folder / self.INDEX)
+            self.index = VectorIndex.load(self.folder / self.INDEX, dim=self.dim, metric=self.metric,
+                                          device=self.store.device)
 
     def _verify(self) -> None:
         db_ids = self._db_ids()
@@ -613,8 +749,46 @@ class Gallery:
                     for row in conn.execute(sa.select(items).where(items.c.gallery_id == self._gid,
                                                                    items.c.id.in_(chunk.tolist()))):
                         found[row.id] = Item(row.id, row.path, row.label, row.camera, row.attributes or {},
-                                             row.created_at)
+                                             row.created_at, row.sha256)
         return found
+
+    def stored(self, paths: Sequence[str], hashes: Sequence[str]) -> np.ndarray:
+        """Whether each (path, sha256) pair is already an item of this gallery: an idempotent add skips
+        those. The same path with other bytes is a new version, added as a new item (docs/gallery.md)."""
+        paths = [str(p) for p in paths]
+        found: set[tuple[str, str]] = set()
+        unique = sorted(set(paths))
+        with self.store.engine.connect() as conn:
+            for start in range(0, len(unique), SQL_CHUNK):
+                found.update((path, sha) for path, sha in conn.execute(sa.select(items.c.path, items.c.sha256).where(
+                    items.c.gallery_id == self._gid, items.c.path.in_(unique[start:start + SQL_CHUNK]),
+                    items.c.sha256.is_not(None))))
+        return np.fromiter(((p, h) in found for p, h in zip(paths, hashes)), bool, len(paths))
+
+    def referenced(self, paths: Sequence[str]) -> np.ndarray:
+        """Whether some item of this gallery has each of these paths (what an upload sweep keeps)."""
+        paths = [str(p) for p in paths]
+        unique, found = sorted(set(paths)), set()
+        with self.store.engine.connect() as conn:
+            for start in range(0, len(unique), SQL_CHUNK):
+                found.update(conn.execute(sa.select(items.c.path).where(
+                    items.c.gallery_id == self._gid, items.c.path.in_(unique[start:start + SQL_CHUNK]))).scalars())
+        return np.fromiter((p in found for p in paths), bool, len(paths))
+
+    @contextmanager
+    def consistent(self):
+        """``(index, items sorted by id, next_id)`` of one moment, held still while in the block (a snapshot).
+
+        A read-only handle beside a writer may see rows the writer committed since it opened: then
+        this refuses rather than pairing vectors and rows of two moments."""
+        with self._lock:
+            ids = self.index.ids()
+            if not np.array_equal(self._db_ids(), ids):
+                raise ConflictError(f"gallery '{self.name}' changed since it was opened (another process writes "
+                                    "it); take the snapshot through that process (the server's snapshot "
+                                    "endpoint) or when it is done")
+            found = self._items(ids)
+            yield self.index, [found[int(i)] for i in ids], self._next_id
 
     def get(self, ids) -> list[Item]:
         """The items with these ids, in this order; an unknown id is a NotFoundError."""

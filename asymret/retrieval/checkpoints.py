@@ -36,7 +36,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from asymret.errors import ConfigError
+from asymret.errors import ConfigError, DataError, NotFoundError
 from asymret.retrieval.whitening import Whitening
 
 PACKAGE_SCHEME = "pkg:"
@@ -125,6 +125,27 @@ def _numpy_globals() -> list:
               for module in ("numpy.core.multiarray", "numpy._core.multiarray")]]
 
 
+def load_torch_file(path: str | Path, *, map_location="cpu", weights_only: bool = True) -> object:
+    """``torch.load`` for every asymret file (weights, pair files, training checkpoints): a truncated or
+    corrupt file is the typed error "FILE is not a complete checkpoint (truncated or corrupt?): ...",
+    not an ``OSError``/``RuntimeError`` traceback. Files in pickle's own (non-zip) format fall through
+    to the caller's check (``UNREADABLE_CHECKPOINT``)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except FileNotFoundError:
+        raise NotFoundError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder; give the checkpoint file") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a complete checkpoint (truncated or corrupt?): "
+                        f"{type(exc).__name__}: {exc or 'ends early'}; copy it again or use another file") from None
+    except RuntimeError as exc:
+        if "zip archive" not in str(exc) and "PytorchStreamReader" not in str(exc):
+            raise
+        raise DataError(f"{path} is not a complete checkpoint (truncated or corrupt?): "
+                        f"{str(exc).split('. ')[0]}; copy it again or use another file") from None
+
+
 def read_checkpoint(path: str | Path) -> object:
     """The object a ``torch.save`` file holds, read with ``weights_only`` (tensors, containers, numpy arrays)."""
     path = resolve_weights_path(path)
@@ -132,7 +153,7 @@ def read_checkpoint(path: str | Path) -> object:
         raise ConfigError(f"weights file not found: {path}; fix weights: in the encoder config")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_torch_file(path)
     except UNREADABLE_CHECKPOINT as exc:
         raise ConfigError(f"weights file {path} is not a tensor checkpoint ({type(exc).__name__}); "
                           "save a state dict with torch.save(model.state_dict(), path)") from None

@@ -31,10 +31,17 @@ into a :class:`~asymret.index.Gallery` (FAISS index + SQL metadata) that query n
   network's whitening, which AML applies to both sides. A gallery stores its gallery side's
   :meth:`SideEncoder.network_spec`; :func:`check_space` refuses a pair whose gallery side differs,
   as its query network was trained for another embedding space.
+* **Adds** skip images already stored (same path and bytes) and, with ``skip_bad``, those that do not
+  decode (:mod:`asymret.retrieval.dedupe`); the positions kept are in the plan (``keep``), so a rerun
+  resumes the same job. :func:`abort_pending` drops an unfinished job (its items stay).
+
+Over 450 lines on purpose: the plan, the shards and the merge are one resumable job whose rerun rules
+(what a killed build or add resumes, when it is another job) must be read together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -64,6 +71,7 @@ from asymret.retrieval.datasets import (
     read_lines,
     require_files,
 )
+from asymret.retrieval.dedupe import record_sha256, select_new
 from asymret.retrieval.encode import encode_images, encode_records
 from asymret.retrieval.encoders import Encoder, create_encoder
 from asymret.retrieval.pair import Pair, weights_hash
@@ -77,7 +85,10 @@ log = logging.getLogger(__name__)
 # workers start anew per shard, ~0.3 s: under 10 % of a shard even on a fast GPU).
 SHARD_SIZE = 8192
 ADD_BATCH = 65536  # vectors per acknowledged gallery add (one journal record, one transaction)
-BUILD_DIR, PLAN = "build", "plan.json"
+BUILD_DIR, PLAN, JOB_LOCK = "build", "plan.json", "job.lock"
+# plan keys a rerun does not compare: where the ids start, and which records (and so how many) an
+# add kept after skipping those already stored or undecodable
+DERIVED = ("first_id", "keep", "count", "skipped_stored", "skipped_bad")
 PROVENANCE = ("weights", "pretrained")  # where an encoder's weights came from, not what it computes
 BARRIER_TIMEOUT = timedelta(hours=24)  # ranks wait at a barrier while the slowest encodes its shards
 
@@ -194,8 +205,10 @@ def _folder(root: Path) -> list[ImageRecord]:
 
 
 def item_rows(records: Sequence[ImageRecord]) -> list[dict]:
-    """The metadata row of each record: absolute path, label (the dataset's own), camera."""
-    return [{"path": os.path.abspath(r.path), "label": r.identity, "camera": r.camera} for r in records]
+    """The metadata row of each record: absolute path, label (the dataset's own), camera, and the
+    SHA-256 of the file's bytes (what makes a rerun of an add skip it: :mod:`asymret.retrieval.dedupe`)."""
+    return [{"path": os.path.abspath(r.path), "label": r.identity, "camera": r.camera,
+             "sha256": record_sha256(r)} for r in records]
 
 
 def read_item_rows(path) -> list[dict]:
@@ -249,13 +262,44 @@ def build_gallery(store: GalleryStore, name: str, side: SideEncoder, records: Se
 
 
 def add_images(store: GalleryStore, name: str, side: SideEncoder, records: Sequence[ImageRecord], *,
-               shard_size: int = SHARD_SIZE, progress: bool = True, **encode) -> dict:
+               shard_size: int = SHARD_SIZE, progress: bool = True, skip_bad: bool = False, **encode) -> dict:
     """Encode ``records`` into the existing gallery ``name`` under new ids (resumable, torchrun-aware).
 
-    ``side`` must be the gallery network that built it (:func:`check_space`).
+    ``side`` must be the gallery network that built it (:func:`check_space`). Images the gallery
+    already holds (same path and bytes) are skipped, so a rerun adds nothing twice; with
+    ``skip_bad`` images that do not decode are logged and skipped (:mod:`asymret.retrieval.dedupe`).
     """
-    plan = {"kind": "add", **_images_plan(side.network_spec(), side.dim, records, shard_size)}
-    return _encode_job(store, name, side, records, plan, progress, encode, existing=side)
+    plan = {"kind": "add", **_images_plan(side.network_spec(), side.dim, records, shard_size), "skip_bad": skip_bad}
+    return _encode_job(store, name, side, records, plan, progress, encode, existing=side, skip_bad=skip_bad)
+
+
+def abort_pending(store: GalleryStore, name: str) -> dict | None:
+    """Drop the unfinished build or add of gallery ``name`` (its plan and encoded shards); returns
+    its plan, or None when there was none. Items it already added are committed and stay (a rerun
+    of the add skips them); refused while the job is running."""
+    store.open(name, readonly=True).close()  # a clear error for an unknown gallery
+    folder = store.folder(name) / BUILD_DIR
+    if not folder.is_dir():
+        return None
+    plan = pending_build(store, name) if (folder / PLAN).is_file() else {"kind": "build"}
+    with _job_lock(folder, name):
+        shutil.rmtree(folder)
+    return plan
+
+
+@contextlib.contextmanager
+def _job_lock(folder: Path, name: str):
+    """Held by the process running a build or add (rank 0) and by an abort; the kernel drops it on a kill."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / JOB_LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(f"the build or add of gallery '{name}' is running in another process; "
+                                "wait for it, or stop it first") from None
+        yield
 
 
 def build_from_embeddings(store: GalleryStore, name: str, vectors: np.ndarray, rows: Sequence[dict] | None = None,
@@ -314,7 +358,7 @@ def _images_plan(network_spec: dict, dim: int, records: Sequence[ImageRecord], s
 
 
 def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None = None, *,
-           existing: SideEncoder | None = None) -> dict:
+           existing: SideEncoder | None = None, records: Sequence[ImageRecord] = (), skip_bad: bool = False) -> dict:
     """Before any work (rank 0): resume the killed run of this same job; else create the gallery
     (a build), or check that ``existing`` built it and fix the first new id (an add).
     Returns the plan in force."""
@@ -322,11 +366,18 @@ def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None
     exists = store.exists(name)
     if exists and path.is_file():
         old = read_json(path, "build plan")
-        differ = sorted(k for k in plan if k != "first_id" and old.get(k) != plan[k])
+        differ = sorted(k for k in plan if k not in DERIVED and old.get(k, False) != plan[k])
+        if differ == ["skip_bad"] and plan["skip_bad"]:
+            # the same add, stopped by an image that does not decode: plan it again without such
+            # images; what it may have added is skipped as already stored, so nothing is added twice
+            log.info("planning the unfinished add of gallery '%s' again, skipping undecodable images", name)
+            with _job_lock(path.parent, name):  # not while that add still runs somewhere
+                shutil.rmtree(path.parent)
+            return _begin(store, name, plan, network_spec, existing=existing, records=records, skip_bad=skip_bad)
         if differ:
             raise ConflictError(f"gallery '{name}' has an unfinished {old.get('kind', 'build')} of another job "
-                                f"(its {', '.join(differ)} differ); rerun that command to finish it, or delete "
-                                f"{path.parent} to drop it")
+                                f"(its {', '.join(differ)} differ); rerun that command to finish it, or drop "
+                                f"it with 'asymret index abort {name}' (what it already added stays)")
         log.info("resuming the unfinished %s of gallery '%s'", old["kind"], name)
         return old
     if existing is None:
@@ -340,8 +391,10 @@ def _begin(store: GalleryStore, name: str, plan: dict, network_spec: dict | None
             if "database_augmentation" in gallery.processing:
                 log.warning("gallery '%s' was built with database-side augmentation; the images added now are "
                             "not augmented (rebuild it to augment them with the rest)", name)
-        with store.open(name, readonly=True) as gallery:
-            plan = {**plan, "first_id": gallery.next_id}  # never an id a removed item had
+            chosen = select_new(gallery, records, skip_bad=skip_bad)
+            # first_id: never an id a removed item had
+            plan = {**plan, "first_id": gallery.next_id, "keep": chosen.keep, "count": len(chosen.keep),
+                    "skipped_stored": chosen.stored, "skipped_bad": len(chosen.bad)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, plan)
     return plan
@@ -354,24 +407,32 @@ def _direct(store: GalleryStore, plan: dict) -> bool:
 
 def _encode_job(store, name, side, records, plan: dict, progress: bool, encode: dict, **begin) -> dict:
     start = time.perf_counter()
-    with distributed() as (rank, world):
+    folder = store.folder(name) / BUILD_DIR
+    with distributed() as (rank, world), contextlib.ExitStack() as held:
         if rank == 0:
-            plan = _begin(store, name, plan, **begin)
+            plan = _begin(store, name, plan, records=records, **begin)
+            held.enter_context(_job_lock(folder, name))
             if _direct(store, plan):  # ranks write at once: reserve the ids before any of them does
                 with store.open(name) as gallery:
                     gallery.reserve_ids(plan["first_id"] + plan["count"])
         if _direct(store, plan):
             plan = runtime.broadcast(plan, world)  # the gallery exists, its ids reserved, before anyone writes
+        else:
+            runtime.barrier(world)  # the gallery folder and its plan exist before anyone writes shards into it
+            if rank != 0:
+                plan = read_json(folder / PLAN, "build plan")
+        if "keep" in plan:  # an add: the records not yet stored (and, with skip_bad, that decode)
+            records = [records[i] for i in plan["keep"]]
+        if _direct(store, plan):
             encoded = _encode_into(store, name, side, records, plan, rank, world, progress and rank == 0, encode)
             runtime.barrier(world)
             if rank != 0:
                 return {"rank": rank, "encoded": encoded}
             with store.open(name, readonly=True) as gallery:
                 count = len(gallery)
-            shutil.rmtree(store.folder(name) / BUILD_DIR, ignore_errors=True)
-            return _summary(name, count, plan, encoded=encoded, added=encoded, start=start)
-        runtime.barrier(world)  # the gallery folder exists before anyone writes shards into it
-        folder = store.folder(name) / BUILD_DIR
+            shutil.rmtree(folder, ignore_errors=True)
+            return {**_summary(name, count, plan, encoded=encoded, added=encoded, start=start),
+                    "skipped_stored": plan.get("skipped_stored", 0), "skipped_bad": plan.get("skipped_bad", 0)}
         encoded = _encode_shards(side, records, folder, plan, rank, world, progress and rank == 0, encode)
         runtime.barrier(world)
         if rank != 0:
@@ -379,10 +440,11 @@ def _encode_job(store, name, side, records, plan: dict, progress: bool, encode: 
         shards = [_load_shard(folder, s, _shard_rows(plan, s), plan["dim"]) for s in range(_num_shards(plan))]
         with store.open(name) as gallery:
             added = _fill(gallery, _augmented(gallery, shards, plan.get("dba")), item_rows(records),
-                          plan["first_id"], progress)
+                          plan["first_id"], progress) if records else 0
             count = len(gallery)
-    shutil.rmtree(folder)
-    return _summary(name, count, plan, encoded=encoded, added=added, start=start)
+        shutil.rmtree(folder)
+    return {**_summary(name, count, plan, encoded=encoded, added=added, start=start),
+            "skipped_stored": plan.get("skipped_stored", 0), "skipped_bad": plan.get("skipped_bad", 0)}
 
 
 def _summary(name: str, count: int, plan: dict, *, encoded: int, added: int, start: float) -> dict:

@@ -36,6 +36,7 @@ from torch import nn
 from asymret import __version__
 from asymret.errors import DataError, InputError, NotFoundError
 from asymret.files import atomic_write
+from asymret.retrieval.checkpoints import load_torch_file
 from asymret.retrieval.encoders import (
     UNREADABLE_CHECKPOINT,
     Encoder,
@@ -137,7 +138,7 @@ def load_pair(path: str | Path, device="cpu") -> Pair:
     if not path.is_file():
         raise NotFoundError(f"pair file not found: {path}; pass the pair.pt a training run wrote")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_torch_file(path)
     except UNREADABLE_CHECKPOINT as exc:
         raise DataError(f"{path} is not a readable pair file ({type(exc).__name__}); re-export it") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

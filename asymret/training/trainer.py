@@ -41,7 +41,7 @@ from asymret import runtime
 from asymret.config import dump_config
 from asymret.errors import ConfigError, TrainingError
 from asymret.files import atomic_write
-from asymret.retrieval.checkpoints import read_checkpoint_whitening
+from asymret.retrieval.checkpoints import load_torch_file, read_checkpoint_whitening
 from asymret.retrieval.encoders import encoder_checkpoint
 from asymret.retrieval.evaluate import evaluate_pair
 from asymret.retrieval.pair import save_pair
@@ -245,7 +245,7 @@ class Trainer:
         }
 
     def load_state(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = load_torch_file(path, map_location=self.device, weights_only=False)
         trained = ckpt.get("trained", "query_net")
         if trained != self.trained:
             raise ConfigError(f"{path} trained the {trained} but this config trains the {self.trained}; "
@@ -313,7 +313,7 @@ class Trainer:
         net = self.net
         if best.is_file():
             net = copy.deepcopy(self.net).cpu()
-            net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+            net.load_state_dict(load_torch_file(best)["state_dict"])
         _atomic_save(encoder_checkpoint(net), self.run_dir / f"{self.trained}.pt")
         meta = {"run": self.cfg.name, "loss": self.cfg.loss.name, "mode": self.cfg.loss.mode,
                 "recipe": self.recipe.name}

@@ -4,6 +4,7 @@ SIGKILL without re-encoding, add/remove with stable ids, precomputed embeddings,
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import pickle
 import subprocess
@@ -89,7 +90,8 @@ def test_read_images_folder_list_csv_and_gnd(folder, tmp_path):
     assert [r.path.name for r in records] == [f"img{i}.png" for i in range(8)]  # a/, b/, then the top level
     assert [r.identity for r in records] == ["a"] * 4 + ["b"] * 3 + [None]
     rows = gb.item_rows(records)
-    assert rows[4] == {"path": str(folder / "b" / "img4.png"), "label": "b", "camera": None}
+    sha = hashlib.sha256((folder / "b" / "img4.png").read_bytes()).hexdigest()
+    assert rows[4] == {"path": str(folder / "b" / "img4.png"), "label": "b", "camera": None, "sha256": sha}
 
     listing = tmp_path / "list.txt"  # absolute paths, and paths relative to the list's folder
     listing.write_text(f"# database\n{folder / 'a' / 'img1.png'}\n\n{os.path.relpath(folder, tmp_path)}/b/img5.png\n")
@@ -263,8 +265,11 @@ def test_dba_is_applied_once_at_build_and_recorded(store, side, folder, referenc
     with store.open("dba", readonly=True) as gallery:
         assert gallery.processing == {"database_augmentation": {"k": 2, "alpha": 1.0}}
         assert gallery.info()["processing"] == gallery.processing
+    copy = folder.parent / "later" / "copy.png"  # a new image: the same path and bytes would be skipped
+    copy.parent.mkdir()
+    copy.write_bytes(records[0].path.read_bytes())
     with caplog.at_level("WARNING"):
-        gb.add_images(store, "dba", side, records[:1], **ENCODE)
+        gb.add_images(store, "dba", side, [gb.ImageRecord(copy)], **ENCODE)
     assert "the images added now are not augmented" in caplog.text
     _, vectors, _ = stored(store, "dba")
     np.testing.assert_allclose(vectors[-1], reference[0], atol=1e-5)  # added as encoded

@@ -8,7 +8,7 @@ def register(subparsers) -> None:
         "config", help="validate an experiment config and print it resolved",
         description="Resolve _base_ inheritance and key=value overrides, validate, print as YAML.")
     parser.add_argument("config", help="YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings on top of the file, e.g. train.epochs=5")
     parser.set_defaults(func=run)
 
 

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         description="Evaluate your own descriptors. Rows must be L2-normalised (normalised with a "
         "warning otherwise) and in the order of the dataset's lists.")
     feats.add_argument("--protocol", required=True,
-                       choices=["revisited", "veri776", "reid", "msmt17", "inshop", "sop", "cub200"])
+                       choices=["revisited", "veri776", "reid", "msmt17", "inshop", "sop", "cub200"],
+                       help="the benchmark's protocol the features follow (docs/metrics.md)")
     feats.add_argument("--queries", required=True, metavar="Q.npy", help="query features")
     feats.add_argument("--database", required=True, metavar="X.npy", help="database / gallery features")
     feats.add_argument("--gnd", metavar="FILE", help="revisited: gnd_roxford5k.pkl / gnd_rparis6k.pkl")
@@ -46,7 +47,8 @@ def register(subparsers) -> None:
     feats.set_defaults(func=run_features)
     parser.add_argument("--pair", metavar="PAIR.pt", help="a pair file written by asymret train")
     parser.add_argument("--benchmark", choices=["roxford5k", "rparis6k", "mini-roxford", "veri776", "mini-veri",
-                                                "msmt17", "inshop", "sop", "cub200"])
+                                                "msmt17", "inshop", "sop", "cub200"],
+                        help="the benchmark to evaluate on (with --root its folder)")
     parser.add_argument("--root", help="the benchmark's folder (jpg/ + gnd_*.pkl, VeRi's image_*/ + name_*.txt, or "
                         "the official lists of MSMT17, In-Shop, SOP, CUB-200-2011; docs/reid.md)")
     parser.add_argument("--distractors", metavar="LIST", help="revisitop1m.txt list of R1M distractor images")
@@ -59,9 +61,9 @@ def register(subparsers) -> None:
     parser.add_argument("--topk", type=int, metavar="K",
                         help="rank through an index's top-K search (R1M scale); the report says when a "
                         "positive fell outside the K")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda:0, ...")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per encoder batch (default 16)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that open images (default 2)")
     parser.add_argument("--cache-dir", help="reuse the gallery network's database embeddings across runs")
     parser.add_argument("--amp", action="store_true",
                         help="encode under bf16 autocast on CUDA (faster; default fp32, which the published "

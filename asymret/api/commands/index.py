@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from asymret.errors import InputError
+from asymret.errors import ImageError, InputError
 
 
 def register(subparsers) -> None:
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     encoding = argparse.ArgumentParser(add_help=False, parents=[network])
     encoding.add_argument("--images", metavar="DIR|LIST|CSV", help="a folder (labels = sub-folders), a list "
                           "file (one path per line), a CSV path,label[,camera], or a gnd_*.pkl (its imlist)")
-    encoding.add_argument("--batch-size", type=int, default=32)
+    encoding.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
     encoding.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                           help="DataLoader workers that open images (default: up to 4, at most one per core)")
     encoding.add_argument("--device", default="auto", help="auto (this rank's GPU if any), cpu, cuda:0, ...")
@@ -62,8 +62,31 @@ def register(subparsers) -> None:
     build.set_defaults(func=run_build)
     add = sub.add_parser("add", parents=[named, encoding], help="encode more images into a gallery",
                          description="Encode more images into an existing gallery with the gallery network "
-                         "that built it; they get new ids.")
+                         "that built it; they get new ids. Images already in it (same path and bytes) are "
+                         "skipped, so rerunning the command adds nothing twice.")
+    add.add_argument("--skip-bad", action="store_true", help="log and skip images that do not decode "
+                     "(default: stop at the first one)")
     add.set_defaults(func=run_add)
+    abort = sub.add_parser("abort", parents=[store], help="drop the unfinished build or add of a gallery",
+                           description="Drop the unfinished build or add of a gallery (killed, or stopped by a "
+                           "bad image): its plan and encoded shards. Items it already added stay.")
+    abort.add_argument("name", help="the gallery")
+    abort.set_defaults(func=run_abort)
+    snapshot = sub.add_parser("snapshot", parents=[store], help="write a gallery to a snapshot folder",
+                              description="Write a gallery (FAISS index, item rows, sidecar, manifest with "
+                              "SHA-256 hashes) to a new folder OUT, for a backup or another store.")
+    snapshot.add_argument("name", help="the gallery")
+    snapshot.add_argument("out", metavar="OUT", help="the snapshot folder to create (must not exist)")
+    snapshot.set_defaults(func=run_snapshot)
+    restore = sub.add_parser("restore", parents=[store], help="restore a gallery from a snapshot folder",
+                             description="Restore a gallery from a snapshot folder: hashes are verified, and a "
+                             "snapshot of another gallery network or format version is refused.")
+    restore.add_argument("snapshot", metavar="SNAPSHOT", help="the folder 'asymret index snapshot' wrote")
+    restore.add_argument("--name", dest="new_name", metavar="NEW", help="restore under this name (default: "
+                         "the snapshot's gallery name)")
+    restore.add_argument("--replace", action="store_true", help="replace an existing gallery of that name "
+                         "(same gallery network only)")
+    restore.set_defaults(func=run_restore)
     remove = sub.add_parser("remove", parents=[named], help="remove items by id")
     remove.add_argument("--ids", required=True, help="comma-separated item ids, e.g. 3,17,42")
     remove.set_defaults(func=run_remove)
@@ -80,7 +103,7 @@ def register(subparsers) -> None:
     search.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     search.add_argument("--nprobe", type=int, help="IVF lists to visit")
     search.add_argument("--ef-search", type=int, help="HNSW beam width")
-    search.add_argument("--device", default="auto")
+    search.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda:0, ...")
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.set_defaults(func=run_search)
     listing = sub.add_parser("list", parents=[store], help="every gallery with its size and index type")
@@ -90,10 +113,11 @@ def register(subparsers) -> None:
     delete.set_defaults(func=run_delete)
 
 
-def _store(args):
+def _store(args, *, create: bool = True):
+    """The store of ``--backend``; ``create=False`` for read-only commands: a missing store is an error."""
     from asymret.index.backend import open_store
 
-    return open_store(args.backend, args.root, uri=args.uri, token=args.token, db_url=args.db)
+    return open_store(args.backend, args.root, uri=args.uri, token=args.token, db_url=args.db, create=create)
 
 
 def _gallery_side(args, device):
@@ -165,8 +189,49 @@ def run_add(args: argparse.Namespace) -> int:
         raise InputError("give --images DIR|LIST|CSV: the images to add")
     records, side, device = _images_and_side(args)
     with _store(args) as store:
-        summary = gb.add_images(store, args.name, side, records, **_encode_args(args, device))
-    _print_summary(summary, args)
+        try:
+            summary = gb.add_images(store, args.name, side, records, skip_bad=args.skip_bad,
+                                    **_encode_args(args, device))
+        except ImageError as exc:
+            raise ImageError(f"{exc}; rerun with --skip-bad to skip such images (after 'asymret index abort "
+                             f"{args.name}' to drop this unfinished add)") from None
+    _print_summary(summary, args.root)
+    skipped = [f"{summary[key]:,} {what}" for key, what in (("skipped_stored", "already in the gallery"),
+                                                               ("skipped_bad", "undecodable")) if summary.get(key)]
+    if skipped:
+        print(f"skipped {', '.join(skipped)}")
+    return 0
+
+
+def run_abort(args: argparse.Namespace) -> int:
+    from asymret.retrieval import gallery as gb
+
+    with _store(args, create=False) as store:
+        plan = gb.abort_pending(store, args.name)
+        count = len(store.open(args.name, readonly=True))
+    if plan is None:
+        print(f"gallery '{args.name}' has no unfinished build or add; nothing to do")
+    else:
+        print(f"dropped the unfinished {plan.get('kind', 'build')} of gallery '{args.name}'; it holds "
+              f"{count:,} items (what that job had added stays)")
+    return 0
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    from asymret.index.snapshot import write_snapshot
+
+    with _store(args, create=False) as store:
+        manifest = write_snapshot(store, args.name, args.out)
+    print(f"wrote snapshot of gallery '{args.name}' ({manifest['count']:,} items) to {args.out}")
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from asymret.index.snapshot import restore_snapshot
+
+    with _store(args) as store:
+        name, count = restore_snapshot(store, args.snapshot, name=args.new_name, replace=args.replace)
+    print(f"restored gallery '{name}' ({count:,} items) from {args.snapshot}")
     return 0
 
 
@@ -194,7 +259,7 @@ def run_remove(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from asymret.retrieval import gallery as gb
 
-    with _store(args) as store, store.open(args.name, readonly=True) as gallery:
+    with _store(args, create=False) as store, store.open(args.name, readonly=True) as gallery:
         info = {**gallery.info(), "pending_build": gb.pending_build(store, args.name)}
     if args.json:
         print(json.dumps(info, default=str))
@@ -210,7 +275,8 @@ def run_info(args: argparse.Namespace) -> int:
     pending = info["pending_build"]
     if pending:
         done = f"{pending['shards_done']} of {pending['shards']} shards encoded" if "shards" in pending else "not done"
-        print(f"  unfinished {pending['kind']}: {done}; rerun its command to finish it")
+        print(f"  unfinished {pending['kind']}: {done}; rerun its command to finish it, or drop it with "
+              f"'asymret index abort {info['name']}'")
     return 0
 
 
@@ -220,7 +286,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     if bool(args.image) == bool(args.vector):
         raise InputError("give --image IMG (with --pair) or --vector V.npy, one of them")
-    with _store(args) as store, store.open(args.name, readonly=True, mmap=True) as gallery:
+    with _store(args, create=False) as store, store.open(args.name, readonly=True, mmap=True) as gallery:
         if args.image:
             queries, names = _encode_query(args, gallery), [args.image]
         else:
@@ -267,7 +333,7 @@ def _encode_query(args, gallery):
 
 
 def run_list(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with _store(args, create=False) as store:
         galleries = store.list()
     if args.json:
         print(json.dumps(galleries))

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-sizes", default="1,8,64", help="comma-separated (default 1,8,64)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: the CPU, and CUDA too when present")
-    parser.add_argument("--runtime", choices=["both", "eager", "onnx"], default="both")
+    parser.add_argument("--runtime", choices=["both", "eager", "onnx"], default="both",
+                        help="profile PyTorch eager, the ONNX export, or both (default)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per configuration (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--token", metavar="T", help="with --backend milvus: the server's token (user:password)")
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the networks run (default auto: a GPU if any)")
     parser.add_argument("--api-key", action="append", metavar="KEY", help="accept this X-API-Key (repeatable)")
     parser.add_argument("--keys-for-reads", action="store_true", help="ask for an API key on reads too")
     parser.add_argument("--allow-root", action="append", metavar="DIR",
@@ -81,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
 
     from asymret.api.app import create_app
     from asymret.errors import NotFoundError
+    from asymret.retrieval.checkpoints import load_torch_file
 
     config = build_config(args)
-    for _, path in config.pair_entries():  # fail here, not minutes later in /readyz
+    for _, path in config.pair_entries():  # fail here with one line, not in a /readyz that never turns 200
         if not path.expanduser().is_file():
             raise NotFoundError(f"pair file not found: {path}; pass the pair.pt a training run wrote")
+        load_torch_file(path.expanduser())  # a truncated file is a typed error here
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
     return 0

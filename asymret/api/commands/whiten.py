@@ -50,9 +50,9 @@ def register(subparsers) -> None:
                         "learn only the missing ones")
     parser.add_argument("--out", metavar="PAIR2.pt", help="write the whitened pair here (default: over --pair)")
     parser.add_argument("--seed", type=int, default=0, help="draws same-label pairs and --max-pairs subsets")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda:0, ...")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers that open images (default 2)")
     parser.add_argument("--cache-dir", metavar="DIR", help="an embedding cache (asymret train's runs/.cache): a "
                         "network whose embeddings of these training images it holds (the frozen gallery network's) "
                         "is not run again")

@@ -3,6 +3,7 @@ get, delete, thumbnail."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated
 
@@ -69,11 +70,13 @@ def add_images(name: GalleryName, service: Writer,
     n = len(images)
     labels, cameras = per_image(label, n, "label"), per_image(camera, n, "camera")
     attrs = [parse_attributes(a) for a in per_image(attributes, n, "attributes")]
+    if not gallery.readonly:
+        service.sweep_uploads(name, gallery)
     paths = [service.save_upload(name, d) for d in data]
     try:
         return add_encoded(service, name, gallery, images, [
-            {"path": str(p), "label": lb, "camera": c, "attributes": a}
-            for p, lb, c, a in zip(paths, labels, cameras, attrs)])
+            {"path": str(p), "label": lb, "camera": c, "attributes": a, "sha256": hashlib.sha256(d).hexdigest()}
+            for p, lb, c, a, d in zip(paths, labels, cameras, attrs, data)])
     except BaseException:
         for path in paths:
             service.forget_upload(name, str(path))
