@@ -7,6 +7,7 @@ acknowledged. Temporary files left by a crash are named ``.<name>.tmp-*`` and sw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -61,3 +62,12 @@ def read_json(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{what} {path} must hold a JSON object; restore it from a backup")
     return data
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks (OSError when it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

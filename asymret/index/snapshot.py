@@ -18,14 +18,14 @@ restore itself is one commit (:meth:`Gallery.replace_all`); the snapshot folder 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from datetime import datetime
 from pathlib import Path
 
-from asymret.errors import ConflictError, DataError, NotFoundError
+from asymret.errors import ConflictError, DataError, InputError, NotFoundError
+from asymret.files import file_sha256
 from asymret.index.files import fsync_dir, read_json, write_json_atomic
 from asymret.index.store import Gallery, GalleryStore
 from asymret.index.vectors import VectorIndex, sidecar_path
@@ -35,19 +35,12 @@ MANIFEST, INDEX, ROWS = "manifest.json", "vectors.faiss", "items.jsonl"
 GALLERY_KEYS = ("name", "dim", "factory", "metric", "network_spec", "network_hash", "next_id")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_snapshot(store: GalleryStore, name: str, out, gallery: Gallery | None = None) -> dict:
     """Write gallery ``name`` to the new folder ``out``; returns the manifest.
 
     ``gallery``: an open handle to snapshot from (a server's); else it is opened read-only here.
     """
+    _faiss_only(store)
     out = Path(out)
     if out.exists():
         raise ConflictError(f"{out} already exists; give a new folder for the snapshot")
@@ -109,6 +102,7 @@ def restore_snapshot(store: GalleryStore, folder, *, name: str | None = None, re
     """Restore the snapshot in ``folder`` as gallery ``name`` (default: its own name); returns
     ``(name, count)``. ``network_hash``: the gallery network the caller serves, which the snapshot's
     must equal. With ``replace`` an existing gallery of the same gallery network is replaced."""
+    _faiss_only(store)
     folder = Path(folder)
     manifest = read_manifest(folder)
     meta = manifest["gallery"]
@@ -160,3 +154,9 @@ def read_rows(path: Path):
 
 def _short(digest: str | None) -> str:
     return "no recorded network" if digest is None else f"network hash {digest[:12]}"
+
+
+def _faiss_only(store) -> None:
+    if getattr(store, "backend", "faiss") != "faiss":
+        raise InputError(f"snapshots hold a FAISS gallery's files; a {store.backend} gallery is backed up with that "
+                         "engine's own tools (for Milvus: milvus-backup), or rebuilt with 'asymret index build'")

@@ -12,13 +12,13 @@ and left out (``asymret index add --skip-bad``) instead of stopping the add half
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from asymret.errors import ImageError
+from asymret.files import file_sha256
 from asymret.index import Gallery
 from asymret.retrieval.records import ImageRecord, load_image
 
@@ -26,20 +26,15 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 
 
-def file_sha256(path) -> str | None:
-    """The hex SHA-256 of a file's bytes; None when it cannot be read (the encoder reports that)."""
-    digest = hashlib.sha256()
+def record_sha256(record: ImageRecord) -> str | None:
+    """The SHA-256 of the record's file; None for a crop (``bbx``) or a file that cannot be read (the encoder
+    reports that)."""
+    if record.bbx is not None:
+        return None
     try:
-        with open(path, "rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
+        return file_sha256(record.path)
     except OSError:
         return None
-    return digest.hexdigest()
-
-
-def record_sha256(record: ImageRecord) -> str | None:
-    return None if record.bbx is not None else file_sha256(record.path)
 
 
 @dataclass

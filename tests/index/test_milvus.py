@@ -252,3 +252,31 @@ def test_quotes_in_values_cannot_change_the_filter(store):
         assert [h.id for h in gallery.search(q, k=3, filters={"attributes": {'a"]': 1}})[0]] == []
         kept = gallery.search(q, k=3, exclude=[{"label": sneaky, "camera": "c"}])[0]
         assert sorted(h.id for h in kept) == [1, 2]
+
+
+def test_stored_and_referenced_agree_on_both_backends(store):
+    """What makes an add idempotent and an upload sweep safe: (path, sha256) pairs already stored, and paths
+    some item points to, answered the same by both backends."""
+    gallery = store.create(f"h-{uuid.uuid4().hex[:6]}", DIM, "Flat")
+    sha = [f"{i:064x}" for i in range(4)]
+    gallery.add(unit(4, DIM, seed=3), [{"path": f"/img/{i}.jpg", "sha256": sha[i] if i < 3 else None}
+                                       for i in range(4)])
+    paths = ["/img/0.jpg", "/img/1.jpg", "/img/3.jpg", "/img/9.jpg", '/img/"quoted".jpg']
+    hashes = [sha[0], sha[2], sha[3], sha[0], sha[0]]
+    assert gallery.stored(paths, hashes).tolist() == [True, False, False, False, False]  # same path, other bytes: new
+    assert gallery.referenced(paths).tolist() == [True, True, True, False, False]
+    assert [item.sha256 for item in gallery.get([0, 3])] == [sha[0], None]
+    gallery.close()
+
+
+def test_snapshots_refuse_a_milvus_gallery_with_the_reason(tmp_path, lite):
+    from asymret.errors import InputError
+    from asymret.index.snapshot import write_snapshot
+
+    with open_store("milvus", tmp_path / "galleries", uri=str(lite)) as s:
+        s.create("snap", DIM, "Flat").close()
+        try:
+            with pytest.raises(InputError, match="milvus-backup"):
+                write_snapshot(s, "snap", tmp_path / "out")
+        finally:
+            s.delete("snap")
