@@ -110,7 +110,7 @@ class MilvusStore:
             if not self.uri.endswith(".db"):
                 raise ConfigError(f"--uri {self.uri!r} is neither a Milvus Lite file (ending in .db) nor a server "
                                   "address (http://host:19530); give one of them")
-            if not create and not Path(self.uri).expanduser().is_file():
+            if not create and not Path(self.uri).expanduser().exists():  # Lite keeps a folder of that name
                 raise NotFoundError(f"no Milvus Lite file at {self.uri}; give the --uri that 'asymret index build' "
                                     "wrote to (nothing was created)")
         if create:
@@ -130,6 +130,10 @@ class MilvusStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def ping(self) -> None:
+        """One cheap request to Milvus (readiness probes); raises if the server does not answer."""
+        self.client.list_collections()
 
     def close(self) -> None:
         self.client.close()

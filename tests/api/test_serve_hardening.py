@@ -145,6 +145,7 @@ def operations(spec: dict):
 
 WRITES = {("POST", "/v1/galleries"), ("DELETE", "/v1/galleries/{name}"),
           ("POST", "/v1/galleries/{name}/items"), ("POST", "/v1/galleries/{name}/items/paths"),
+          ("POST", "/v1/galleries/{name}/snapshot"), ("POST", "/v1/snapshots/{snapshot}/restore"),
           ("DELETE", "/v1/galleries/{name}/items/{item_id}")}
 
 

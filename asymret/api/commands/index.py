@@ -195,7 +195,7 @@ def run_add(args: argparse.Namespace) -> int:
         except ImageError as exc:
             raise ImageError(f"{exc}; rerun with --skip-bad to skip such images (after 'asymret index abort "
                              f"{args.name}' to drop this unfinished add)") from None
-    _print_summary(summary, args.root)
+    _print_summary(summary, args)
     skipped = [f"{summary[key]:,} {what}" for key, what in (("skipped_stored", "already in the gallery"),
                                                                ("skipped_bad", "undecodable")) if summary.get(key)]
     if skipped:
@@ -239,7 +239,7 @@ def _print_summary(summary: dict, args) -> None:
     if "rank" in summary:  # a torchrun worker: rank 0 reports the gallery
         return
     done = {"build": "built", "add": "added to", "embeddings": "built"}[summary["kind"]]
-    where = Path(args.root) / summary["name"] if args.backend == "faiss" else f"Milvus {args.uri or 'Lite in ' + args.root}"
+    where = Path(args.root) / summary["name"] if args.backend == "faiss" else f"Milvus {args.uri or args.root}"
     print(f"{done} gallery '{summary['name']}' in {where}: now {summary['count']:,} items "
           f"({summary['dim']}-d); {summary['added']:,} added, {summary['encoded']:,} images encoded by this "
           f"process [{summary['seconds']:.1f} s]")
