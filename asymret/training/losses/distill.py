@@ -1,4 +1,5 @@
-"""Re-ID distillers, ACD and the local-feature carry-overs (methods.md §3, §4, §5).
+"""Re-ID distillers (methods.md §3); ACD's logit distillation is in :mod:`.acd` (§4), the local-feature
+carry-overs in :mod:`.local` (§5).
 
 §3 distillers (``fitnet``, ``cc``, ``csd``, ``raml``, ``rop``, ``d3still``, ``pkt``, ``ugd``) compare
 ``batch.query_raw`` (B, D) and ``batch.gallery_raw`` (B, D): the two networks' retrieval features of the
@@ -11,12 +12,6 @@ cosine by up to 4e-3, which CSD's τ_g = 0.01 and ROP's 1e-6 step magnify. None 
 gallery side unless its method says so: under ACD (§4) the base loss's gradient reaches the co-trained
 gallery network. Each class's ``weight`` defaults to the paper's weight for ResNet query networks; the
 MobileNet alternative is in its docstring.
-
-§4 ``acd`` works on logits: the frozen query network's ``query_logits`` z^q, the gallery's
-``gallery_logits`` z^g and the collaborative ``collab_logits`` z^c = W_g(½(g + q)).
-
-§5 ``mqd``, ``simdistill``, ``attentive`` carry ideas from the local-feature distillation seeds over to
-global descriptors.
 """
 
 from __future__ import annotations
@@ -27,14 +22,11 @@ from torch import Tensor, nn
 
 from asymret.errors import ConfigError, InputError
 from asymret.retrieval.encoders import grid_tokens
-from asymret.training.losses.registry import LossBatch, LossOutput, register_loss
+from asymret.training.losses.registry import LossBatch, LossOutput, detached_parts, register_loss
 
 D3STILL = "Xie et al., D3still: Decoupled differential distillation for asymmetric image retrieval, CVPR 2024"
 UGD = ("Unambiguous granularity distillation for asymmetric image retrieval, Neural Networks 2025 "
        "(sciencedirect S0893608025001820; its official code is D3still's distillers/UGD.py)")
-ACD = "Xie et al., Asymmetric collaborative distillation for asymmetric image retrieval"
-STFM = "Mao et al., 3DG-STFM: 3D geometric guided student-teacher feature matching, ECCV 2022"
-SIMDISTILL = "seed 000 (asymmetric local-feature distillation), Eq. (10), Tables 3-4"
 
 
 # ---- shared pieces -----------------------------------------------------------------------------------
@@ -46,6 +38,11 @@ def kl_elements(target_logits: Tensor, logits: Tensor, dim: int = -1) -> Tensor:
     """
     log_p = F.log_softmax(target_logits, dim)
     return log_p.exp() * (log_p - F.log_softmax(logits, dim))
+
+
+def logit_kd(target_logits: Tensor, logits: Tensor, tau: float) -> Tensor:
+    """Hinton KD: ``τ² mean_i KL(σ(z_target/τ) ‖ σ(z/τ))``."""
+    return tau ** 2 * kl_elements(target_logits / tau, logits / tau).sum(1).mean()
 
 
 def unit64(x: Tensor) -> Tensor:
@@ -222,7 +219,7 @@ class VanillaKDLoss(nn.Module):
             raise InputError(f"vanilla_kd compares query logits of shape {tuple(z_q.shape)} with gallery logits of "
                              f"shape {tuple(z_g.shape)}; give both networks num_classes: the training identities")
         kd = logit_kd(z_g, z_q, self.temperature)
-        return LossOutput(self.weight * kd, _parts(kd=kd))
+        return LossOutput(self.weight * kd, detached_parts(kd=kd))
 
 
 @register_loss("pkt", family="reid", source="Passalis & Tefas, Learning deep representations with probabilistic "
@@ -242,7 +239,7 @@ class PKTLoss(nn.Module):
     def forward(self, batch: LossBatch) -> LossOutput:
         query, gallery = batch.query_raw, batch.gallery_raw
         pkt = pkt_loss(query, gallery, self.eps)
-        return LossOutput(self.weight * pkt, _parts(pkt=pkt))
+        return LossOutput(self.weight * pkt, detached_parts(pkt=pkt))
 
 
 def ugd_projector(in_dim: int, dim: int) -> nn.Sequential:
@@ -317,86 +314,10 @@ class UGDLoss(nn.Module):
             q_local.append(projector(tokens.reshape(b * t, c)).reshape(b, t, -1))
         glob, (local, local_half) = ugd_loss(query, gallery, q_local, list(g_local), list(g_logits), labels)
         total = self.weight * (self.alpha * glob + self.beta * (local + local_half))
-        return LossOutput(total, _parts(glob=glob, local=local, local_half=local_half))
-
-
-# ---- §4: ACD ---------------------------------------------------------------------------------------
-
-def logit_kd(target_logits: Tensor, logits: Tensor, tau: float) -> Tensor:
-    """Hinton KD: ``τ² mean_i KL(σ(z_target/τ) ‖ σ(z/τ))``."""
-    return tau ** 2 * kl_elements(target_logits / tau, logits / tau).sum(1).mean()
-
-
-def acd_loss(z_q: Tensor, z_g: Tensor, z_c: Tensor, alpha: float = 3.0, beta: float = 2.0,
-             tau: float = 2.0) -> tuple[Tensor, Tensor]:
-    """ACD Eq. (3), its two terms: ``α τ² KL(σ(z^g/τ) ‖ σ(z^q/τ))`` and
-    ``β (τ/2)² KL(σ(z^c/(τ/2)) ‖ σ(z^q/(τ/2)))``, mean over the batch.
-
-    P comes from the gallery side (z^g, z^c) and carries the gradient; the frozen query network's z^q is
-    a constant. This is the direction of methods.md and of the ACD code (``vanillakd_loss(z^q, z^g)``:
-    ``F.kl_div(log_softmax(z^q/τ), softmax(z^g/τ))``). Defaults α = 3, β = 2, τ = 2 (τ = 4 for Swin).
-    """
-    z_q = z_q.detach()
-    return alpha * logit_kd(z_g, z_q, tau), beta * logit_kd(z_c, z_q, tau / 2)
-
-
-# ---- §5: carried over from local-feature distillation -------------------------------------------------
-
-def mqd_loss(query: Tensor, gallery: Tensor, temperature: float = 2.0, tau: float = 0.1,
-             focal: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Tensor:
-    """Mutual query divergence (3DG-STFM Eq. 4-5) on the batch similarity matrices.
-
-    Logits ``S/τ`` (τ = 0.1, the paper's dual-softmax temperature) for ``S^qg`` and ``S^gg``; each row
-    and each column is one query distribution; loss ``T² mean over the 2B distributions of
-    KL(p_gallery ‖ p_query)`` at KD temperature T = 2 (reference code), gallery side without gradient.
-    ``focal`` weights each element by Eq. 2, ``α (1 − p̂)^γ`` with p the query side's confidence at
-    T = 1 and p̂ = p on the true match (the diagonal: the same image), 1 − p elsewhere (α = 0.25, γ = 2).
-    """
-    q, g = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
-    logits_q, logits_g = q @ g.t() / tau, (g @ g.t()).detach() / tau
-    match = torch.eye(len(q), dtype=torch.bool, device=q.device)
-    per_direction = []
-    for dim in (1, 0):  # rows: query i searches the gallery; columns: gallery j searches the queries
-        kl = kl_elements(logits_g / temperature, logits_q / temperature, dim)
-        if focal:
-            p = F.softmax(logits_q, dim)
-            kl = kl * focal_alpha * (1 - torch.where(match, p, 1 - p)).pow(focal_gamma)
-        per_direction.append(kl.sum(dim).mean())
-    return temperature ** 2 * (per_direction[0] + per_direction[1]) / 2
-
-
-def simdistill_loss(query: Tensor, gallery: Tensor, w_q: Tensor | None = None, w_g: Tensor | None = None,
-                    tau_s: float = 0.5, tau_t: float = 0.5) -> Tensor:
-    """Confidence-weighted joint similarity distillation (seed 000, Eq. 10):
-    ``S̄^qg_ij = (w^q_i/τ_s) S^qg_ij (w^g_j/τ_t)``, ``S̄^gg_ij = (w^g_i/τ_t) S^gg_ij (w^g_j/τ_t)``,
-    loss ``mean_i KL(softmax(S̄^gg_i) ‖ softmax(S̄^qg_i))``, the gallery row without gradient.
-
-    Confidences w default to 1. Defaults τ_s = τ_t = 0.5 (Table 3).
-    """
-    q, g = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
-    ones = q.new_ones(len(q))
-    a_q = (ones if w_q is None else w_q) / tau_s
-    a_g = (ones if w_g is None else w_g) / tau_t
-    s_qg = a_q.unsqueeze(1) * (q @ g.t()) * a_g.unsqueeze(0)
-    s_gg = a_g.unsqueeze(1) * (g @ g.t()) * a_g.unsqueeze(0)
-    return kl_elements(s_gg.detach(), s_qg).sum(1).mean()
-
-
-def attentive_loss(query: Tensor, gallery: Tensor, variance: Tensor, eps: float = 1e-3) -> Tensor:
-    """Attentive regression (3DG-STFM Eq. 7): ``mean_i ‖q_i − μ_t,i‖² / (2 σ²_t,i)``.
-
-    σ²_t is the gallery network's uncertainty for the image, without gradient (else the loss falls by
-    raising it), floored at ``eps`` (our choice, not the paper's) so that one near-certain item cannot
-    take over the batch.
-    """
-    return ((query - gallery).pow(2).sum(1) / (2 * variance.detach().clamp_min(eps))).mean()
+        return LossOutput(total, detached_parts(glob=glob, local=local, local_half=local_half))
 
 
 # ---- registered losses -------------------------------------------------------------------------------
-
-def _parts(**terms: Tensor) -> dict[str, Tensor]:
-    return {name: t.detach() for name, t in terms.items()}
-
 
 @register_loss("fitnet", family="reid", source=f"Romero et al., FitNets, ICLR 2015; {D3STILL}, Table 1",
                summary="MSE between the query and gallery retrieval features as D3still's FitNet.py feeds them: "
@@ -420,7 +341,7 @@ class FitNetLoss(nn.Module):
                              f"features of shape {tuple(gallery.shape)}; set in_dim and out_dim to add a "
                              "projector")
         mse = fitnet_loss(query, gallery)
-        return LossOutput(self.weight * mse, _parts(mse=mse))
+        return LossOutput(self.weight * mse, detached_parts(mse=mse))
 
 
 @register_loss("cc", family="reid", source=f"Peng et al., Correlation congruence, ICCV 2019; {D3STILL}, Table 1",
@@ -437,7 +358,7 @@ class CCLoss(nn.Module):
     def forward(self, batch: LossBatch) -> LossOutput:
         query, gallery = batch.query_raw, batch.gallery_raw
         cc = cc_loss(query, gallery)
-        return LossOutput(self.weight * cc, _parts(cc=cc))
+        return LossOutput(self.weight * cc, detached_parts(cc=cc))
 
 
 @register_loss("csd", family="reid", source=f"Wu et al., Contextual similarity distillation, CVPR 2023; "
@@ -456,7 +377,7 @@ class CSDLoss(nn.Module):
     def forward(self, batch: LossBatch) -> LossOutput:
         query, gallery = batch.query_raw, batch.gallery_raw
         kl = csd_loss(*ranked_similarities(query, gallery, self.k), self.tau_q, self.tau_g)
-        return LossOutput(self.weight * kl, _parts(kl=kl))
+        return LossOutput(self.weight * kl, detached_parts(kl=kl))
 
 
 @register_loss("raml", family="reid", source=f"Suma et al., Large-to-small image resolution asymmetry in "
@@ -479,7 +400,7 @@ class RAMLLoss(nn.Module):
         query, gallery = batch.query_raw, batch.gallery_raw
         absolute, rel_qg, rel_qq = raml_loss(query, gallery, self.lambda1, self.lambda2, self.eps)
         total = self.weight * (absolute + rel_qg + rel_qq)
-        return LossOutput(total, _parts(absolute=absolute, rel_qg=rel_qg, rel_qq=rel_qq))
+        return LossOutput(total, detached_parts(absolute=absolute, rel_qg=rel_qg, rel_qq=rel_qq))
 
 
 @register_loss("rop", family="reid", source=f"Wu et al., A general rank preserving framework for asymmetric "
@@ -502,7 +423,7 @@ class ROPLoss(nn.Module):
     def forward(self, batch: LossBatch) -> LossOutput:
         query, gallery = batch.query_raw, batch.gallery_raw
         rop = rop_loss(*ranked_similarities(query, gallery, self.k), self.tau, self.rank_weight, self.tau_g)
-        return LossOutput(self.weight * rop, _parts(rop=rop))
+        return LossOutput(self.weight * rop, detached_parts(rop=rop))
 
 
 @register_loss("d3still", family="reid", source=f"{D3STILL}, Table 1",
@@ -525,83 +446,4 @@ class D3stillLoss(nn.Module):
         feature, hard, simple = d3still_loss(*ranked_similarities(query, gallery, self.k),
                                              self.alpha, self.beta, self.gamma)
         total = self.weight * (feature + hard + simple)
-        return LossOutput(total, _parts(feature=feature, hard=hard, simple=simple))
-
-
-@register_loss("acd", family="acd", source=f"{ACD}, Eq. (3)",
-               summary="asymmetric collaborative distillation: the co-trained gallery network's logits "
-                       "and the collaborative logits follow the frozen query network's",
-               equation="α τ² KL(σ(z^g/τ) ‖ σ(z^q/τ)) + β (τ/2)² KL(σ(z^c/(τ/2)) ‖ σ(z^q/(τ/2)))",
-               needs=("query_logits", "gallery_logits", "collab_logits"))
-class ACDLoss(nn.Module):
-    """α = 3, β = 2, τ = 2 (τ = 4 for a Swin gallery network). z^q is frozen and gets no gradient."""
-
-    def __init__(self, alpha: float = 3.0, beta: float = 2.0, tau: float = 2.0):
-        super().__init__()
-        self.alpha, self.beta, self.tau = alpha, beta, tau
-
-    def forward(self, batch: LossBatch) -> LossOutput:
-        z_q, z_g, z_c = batch.query_logits, batch.gallery_logits, batch.collab_logits
-        gallery_kl, collab_kl = acd_loss(z_q, z_g, z_c, self.alpha, self.beta, self.tau)
-        return LossOutput(gallery_kl + collab_kl, _parts(gallery_kl=gallery_kl, collab_kl=collab_kl))
-
-
-@register_loss("mqd", family="local", source=f"{STFM}, Eq. (4)-(5)",
-               summary="mutual query divergence: every row and column of S^qg follows the same one of "
-                       "S^gg as a query distribution, optionally focal-weighted. Direction: the teacher's "
-                       "distribution is the target, KL(p_T ‖ p_S) (Hinton's KD). Eq. (4) as printed weights "
-                       "log p_T by p_S, which would make the teacher's log-probabilities the target of a "
-                       "student distribution; the paper's text calls the loss 'the mean of KD loss of all n "
-                       "distributions', and KD's gradient in the student equals -Σ p_T log p_S's, so the "
-                       "printed S/T are read as swapped",
-               equation="w · T² mean_{2B distributions} KL(softmax(S^gg/τT) ‖ softmax(S^qg/τT))",
-               needs=("query", "gallery"))
-class MQDLoss(nn.Module):
-    """``weight`` 1 (the paper's outdoor weight; 4 indoor)."""
-
-    def __init__(self, weight: float = 1.0, temperature: float = 2.0, tau: float = 0.1, focal: bool = False,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
-        super().__init__()
-        self.weight, self.temperature, self.tau = weight, temperature, tau
-        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
-
-    def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = batch.query, batch.gallery
-        mqd = mqd_loss(query, gallery, self.temperature, self.tau, self.focal, self.focal_alpha, self.focal_gamma)
-        return LossOutput(self.weight * mqd, _parts(mqd=mqd))
-
-
-@register_loss("simdistill", family="local", source=SIMDISTILL,
-               summary="confidence-weighted joint similarity distillation: row-softmax KL between the "
-                       "weighted S^gg and S^qg",
-               equation="w · mean_i KL(softmax(S̄^gg_i) ‖ softmax(S̄^qg_i)),  "
-                        "S̄_ij = (w_i/τ) S_ij (w_j/τ)",
-               needs=("query", "gallery"))
-class SimDistillLoss(nn.Module):
-    """``weight`` 2 (λ_KD, Table 4). Reads ``query_confidence``/``gallery_confidence`` when present."""
-
-    def __init__(self, weight: float = 2.0, tau_s: float = 0.5, tau_t: float = 0.5):
-        super().__init__()
-        self.weight, self.tau_s, self.tau_t = weight, tau_s, tau_t
-
-    def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery = batch.query, batch.gallery
-        kl = simdistill_loss(query, gallery, batch.query_confidence, batch.gallery_confidence,
-                             self.tau_s, self.tau_t)
-        return LossOutput(self.weight * kl, _parts(kl=kl))
-
-
-@register_loss("attentive", family="local", source=f"{STFM}, Eq. (7)",
-               summary="attentive regression: regress onto the gallery embedding, weighted by the "
-                       "gallery network's certainty for the image",
-               equation="w · mean_i ‖q_i − μ_t,i‖² / (2 max(σ²_t,i, eps))",
-               needs=("query", "gallery", "uncertainty"))
-class AttentiveLoss(nn.Module):
-    def __init__(self, weight: float = 1.0, eps: float = 1e-3):
-        super().__init__()
-        self.weight, self.eps = weight, eps
-
-    def forward(self, batch: LossBatch) -> LossOutput:
-        query, gallery, variance = batch.query, batch.gallery, batch.uncertainty
-        att = attentive_loss(query, gallery, variance, self.eps)
-        return LossOutput(self.weight * att, _parts(attentive=att))
+        return LossOutput(total, detached_parts(feature=feature, hard=hard, simple=simple))

@@ -225,3 +225,8 @@ def _checked_forward(forward: Callable) -> Callable:
 
     checked.checks_needs = True
     return checked
+
+
+def detached_parts(**terms: Tensor) -> dict[str, Tensor]:
+    """A loss's named parts for logging: each term without gradient (``LossOutput.parts``)."""
+    return {name: t.detach() for name, t in terms.items()}
