@@ -138,8 +138,8 @@ def check(args, root: Path, expected: list[Path]) -> dict:
         with store.engine.connect() as conn:
             import sqlalchemy as sa
 
-            from asymret.index.store import galleries
-            from asymret.index.store import items as table
+            from asymret.index.rows import galleries
+            from asymret.index.rows import items as table
 
             gid = conn.execute(sa.select(galleries.c.id).where(galleries.c.name == args.gallery)).scalar_one()
             sql_ids = np.sort(np.asarray(conn.execute(sa.select(table.c.id).where(table.c.gallery_id == gid))

@@ -413,8 +413,8 @@ class Service:
 
     def restore_gallery(self, snapshot: str, name: str | None, replace: bool) -> tuple[str, int]:
         """Restore a snapshot of ``<galleries>/_snapshots`` (of this server's gallery network only)."""
+        from asymret.index.rows import spec_hash
         from asymret.index.snapshot import read_manifest, restore_snapshot
-        from asymret.index.store import spec_hash
 
         folder = self.snapshots / snapshot
         if not SNAPSHOT_ID.match(snapshot) or not folder.is_dir():

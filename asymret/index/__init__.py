@@ -16,7 +16,8 @@ Knows nothing about images or networks: imports neither torch models nor ``retri
 
 from asymret.index.backend import GalleryBackend, StoreBackend, open_store
 from asymret.index.recommend import IndexRecommendation, index_memory, recommend_index
-from asymret.index.store import Gallery, GalleryStore, Hit, Item
+from asymret.index.rows import Hit, Item
+from asymret.index.store import Gallery, GalleryStore
 from asymret.index.synthetic import iter_synthetic_embeddings, synthetic_embeddings
 from asymret.index.topk import topk_inner_product
 from asymret.index.vectors import VectorIndex

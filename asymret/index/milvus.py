@@ -41,7 +41,7 @@ import numpy as np
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
 from asymret.index.backend import exclusion_rules
 from asymret.index.milvus_expr import exclusion_expression, filter_expression, in_expression
-from asymret.index.store import NAME, Hit, Item, as_json, spec_hash, validate_rows
+from asymret.index.rows import NAME, Hit, Item, as_json, spec_hash, utc_now, validate_rows
 from asymret.index.vectors import DEFAULT_EF_SEARCH, as_ids, default_nprobe, normalise
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ def index_params(factory: str) -> tuple[str, dict]:
         return "HNSW", {"M": int(m[1]), "efConstruction": 40}
     raise ConfigError(f"Milvus has no index like FAISS '{factory}'; use Flat, IVF<n>,Flat, IVF<n>,SQ8, "
                       "IVF<n>,PQ<m> or HNSW<M> with --backend milvus")
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _micros(t: datetime) -> int:
@@ -179,7 +175,7 @@ class MilvusStore:
         schema.add_field("created_at", DataType.INT64)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=index_type, metric_type="IP", params=params)
-        now = _now().isoformat()
+        now = utc_now().isoformat()
         meta = {"format": FORMAT, "name": name, "dim": int(dim), "factory": factory, "metric": metric,
                 "network_spec": spec, "network_hash": spec_hash(spec), "created_at": now}
         self.client.create_collection(collection_name(name), schema=schema, index_params=index,
@@ -253,7 +249,7 @@ class MilvusGallery:
 
     def _set(self, **properties) -> None:
         self.client.alter_collection_properties(self.collection, properties={
-            **{f"asymret.{k}": v for k, v in properties.items()}, "asymret.updated_at": _now().isoformat()})
+            **{f"asymret.{k}": v for k, v in properties.items()}, "asymret.updated_at": utc_now().isoformat()})
 
     def reserve_ids(self, upto: int) -> None:
         """Make ``asymret.next_id`` at least ``upto`` (a sharded build reserves its ids before ranks write)."""
@@ -305,7 +301,7 @@ class MilvusGallery:
         if present.size:
             raise ConflictError(f"gallery '{self.name}' already holds ids {present[:5].tolist()}; nothing was added")
         self.reserve_ids(int(ids.max()) + 1)  # before the rows: a crash now skips these ids, never reuses them
-        created = _micros(_now())
+        created = _micros(utc_now())
         self._dirty = True
         step = max(1, 4_000_000 // self.dim)  # ~16 MB per request, under gRPC's message limit
         for s in range(0, len(ids), step):

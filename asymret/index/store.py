@@ -37,8 +37,6 @@ invariant that every write and every open must keep, and it is checked by readin
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
@@ -46,8 +44,6 @@ import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +56,19 @@ from asymret.index.backend import exclusion_rules, search_excluding
 from asymret.index.files import fsync_dir, read_json
 from asymret.index.journal import ADD, REMOVE, Journal
 from asymret.index.migrate import upgrade
+from asymret.index.rows import (
+    NAME,
+    Hit,
+    Item,
+    as_json,
+    galleries,
+    items,
+    metadata,
+    spec_hash,
+    utc_now,
+    validate_rows,
+    where_clauses,
+)
 from asymret.index.vectors import VectorIndex, as_ids, sidecar_path
 
 if TYPE_CHECKING:
@@ -67,38 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-metadata = sa.MetaData()
-galleries = sa.Table(
-    "galleries", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.String(64), nullable=False, unique=True),
-    sa.Column("dim", sa.Integer, nullable=False),
-    sa.Column("factory", sa.String(128), nullable=False),
-    sa.Column("metric", sa.String(8), nullable=False),
-    sa.Column("network_spec", sa.JSON),
-    sa.Column("network_hash", sa.String(64)),
-    sa.Column("last_seq", sa.BigInteger, nullable=False),  # last committed journal record
-    sa.Column("next_id", sa.BigInteger, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-)
-items = sa.Table(
-    "items", metadata,
-    sa.Column("gallery_id", sa.Integer, sa.ForeignKey("galleries.id"), primary_key=True),
-    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("path", sa.Text),
-    sa.Column("label", sa.String(255)),
-    sa.Column("camera", sa.String(64)),
-    sa.Column("attributes", sa.JSON),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("sha256", sa.String(64)),  # of the image file's bytes: reruns skip what is stored (migrate.py)
-    sa.Index("ix_items_label", "gallery_id", "label"),
-    sa.Index("ix_items_camera", "gallery_id", "camera"),
-    sa.Index("ix_items_path", "gallery_id", "path"),
-)
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ROW_KEYS = ("path", "label", "camera", "attributes", "sha256")
 # Names that would put a gallery folder where the store keeps its own files: the SQLite database and
 # its journal/WAL/shm sidecars (any ``galleries.db*``), the API's uploads and the folder that holds
 # galleries an older asymret let take such a name (they keep working from there: GalleryStore.folder).
@@ -106,121 +83,6 @@ RESERVED_PREFIX = "galleries.db"
 RESERVED = frozenset({"_uploads", "_reserved", "_snapshots"})
 RESERVED_DIR = "_reserved"
 SQL_CHUNK = 10_000  # ids per IN (...) list: under SQLite's and PostgreSQL's parameter limits
-
-
-@dataclass(frozen=True)
-class Item:
-    """One gallery item's metadata."""
-
-    id: int
-    path: str | None
-    label: str | None
-    camera: str | None
-    attributes: dict
-    created_at: datetime
-    sha256: str | None = None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "created_at": self.created_at.isoformat()}
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: the item and its cosine similarity to the query."""
-
-    id: int
-    score: float
-    item: Item
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "score": self.score, **self.item.to_dict()}
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def spec_hash(network_spec: Mapping | None) -> str | None:
-    """SHA-256 of the canonical JSON of a gallery network's spec: equal specs, equal hashes."""
-    if network_spec is None:
-        return None
-    canonical = json.dumps(network_spec, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _as_json(value, what: str) -> dict | None:
-    """A JSON mapping (a pydantic model is dumped first), as the database will store it."""
-    if value is not None and hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json")
-    if value is not None and not isinstance(value, Mapping):
-        raise InputError(f"{what} must be a mapping of JSON values, got {type(value).__name__}")
-    try:
-        return json.loads(json.dumps(value)) if value is not None else None
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} must hold only JSON values ({exc})") from None
-
-
-def _rows(rows, n: int) -> list[dict]:
-    rows = [{}] * n if rows is None else list(rows)
-    if len(rows) != n:
-        raise InputError(f"got {n} vectors but {len(rows)} metadata rows; give one row per vector")
-    out = []
-    for row in rows:
-        if not isinstance(row, Mapping) or set(row) - set(ROW_KEYS):
-            extra = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, Mapping) else type(row).__name__
-            raise InputError(f"metadata rows are mappings with keys {', '.join(ROW_KEYS)}; got {extra} "
-                             "(put anything else under 'attributes')")
-        sha = row.get("sha256")
-        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise InputError("a row's 'sha256' must be 64 lower-case hex digits (hashlib.sha256(data).hexdigest())")
-        out.append({"path": _text(row.get("path")), "label": _text(row.get("label")),
-                    "camera": _text(row.get("camera")), "sha256": sha,
-                    "attributes": _as_json(row.get("attributes") or {}, "a row's 'attributes'")})
-    return out
-
-
-def _text(value) -> str | None:
-    return None if value is None else str(value)
-
-
-# the other backends (asymret.index.milvus) check rows and JSON values exactly as this one does
-validate_rows, as_json = _rows, _as_json
-
-
-# ------------------------------------------------------------------------------------- filters
-def _where(filters: Mapping) -> list:
-    """SQL conditions for ``{"label": v, "camera": [v1, v2], "attributes": {"key": v}}``.
-
-    A list means any of its values; label, camera and path compare as text, attributes by JSON type.
-    """
-    clauses = []
-    for key, value in filters.items():
-        if key in ("label", "camera", "path"):
-            clauses.append(_match(lambda v, c=items.c[key]: c == _text(v), value))
-        elif key == "attributes" and isinstance(value, Mapping):
-            for name, wanted in value.items():
-                clauses.append(_match(lambda v, n=name: _json_equals(items.c.attributes[n], v), wanted))
-        else:
-            raise InputError(f"cannot filter on '{key}'; filters take label, camera, path and "
-                             "attributes (a mapping of attribute name to value)")
-    return clauses
-
-
-def _match(equals, value):
-    values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-    return sa.or_(*(equals(v) for v in values)) if values else sa.false()
-
-
-def _json_equals(element, value):
-    if isinstance(value, bool):
-        return element.as_boolean() == value
-    if isinstance(value, int):
-        return element.as_integer() == value
-    if isinstance(value, float):
-        return element.as_float() == value
-    if isinstance(value, str):
-        return element.as_string() == value
-    raise InputError(f"attribute filters compare to text, numbers or booleans, got {type(value).__name__}")
 
 
 # ----------------------------------------------------------------------------------------- locks
@@ -362,8 +224,8 @@ class GalleryStore:
             raise InputError(f"gallery name '{name}' is reserved for the store's own files (galleries.db*, "
                              "_uploads, _reserved, _snapshots); choose another name")
         index = VectorIndex(dim, factory, metric=metric)  # checks dim, factory and metric first
-        spec = _as_json(network_spec, "network_spec")
-        now = _now()
+        spec = as_json(network_spec, "network_spec")
+        now = utc_now()
         # The folder (with its empty index) exists before the row commits, so no row is ever without
         # its folder; the root's create lock keeps a concurrent create of the same name off it.
         with _flocked(self.root / ".create.lock", fcntl.LOCK_EX):
@@ -540,11 +402,11 @@ class Gallery:
                                  f"index has {index.dim}-d {index.metric}")
             if not np.array_equal(np.sort(ids), index.ids()):
                 raise InputError("the item rows' ids differ from the index's ids; give one row per vector")
-            rows = _rows(rows, len(ids))
+            rows = validate_rows(rows, len(ids))
             self.checkpoint()  # the journal is empty: nothing to replay across the replace
             seq = self._seq + 1
             index.save(self.folder / self.STAGED, extra={**index.extra, "checkpoint_seq": seq})
-            records = [{"gallery_id": self._gid, "id": int(i), "created_at": c or _now(), **row}
+            records = [{"gallery_id": self._gid, "id": int(i), "created_at": c or utc_now(), **row}
                        for i, c, row in zip(ids, created_at, rows)]
             # never below this gallery's own: an id it gave out (then replaced away) is not given again
             next_id = max(next_id, self._next_id, int(ids.max()) + 1 if len(ids) else 0)
@@ -553,7 +415,7 @@ class Gallery:
                 for start in range(0, len(records), SQL_CHUNK):
                     conn.execute(items.insert(), records[start:start + SQL_CHUNK])
                 conn.execute(galleries.update().where(galleries.c.id == self._gid)
-                             .values(last_seq=seq, next_id=next_id, updated_at=_now()))
+                             .values(last_seq=seq, next_id=next_id, updated_at=utc_now()))
             self._seq, self._next_id = seq, next_id
             with _flocked(self.folder / self.CHECKPOINT_LOCK, fcntl.LOCK_EX):
                 self._settle_replace(seq, self.folder / self.INDEX)
@@ -602,7 +464,7 @@ class Gallery:
         with self._lock:
             self._writable()
             x = self.index.as_unit(vectors)
-            rows = _rows(rows, len(x))
+            rows = validate_rows(rows, len(x))
             if ids is None:
                 ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
             ids = as_ids(ids)
@@ -614,7 +476,7 @@ class Gallery:
             if not self.index.is_trained:
                 self.train(x)
             next_id = max(self._next_id, int(ids.max()) + 1)
-            now = _now()
+            now = utc_now()
             records = [{"gallery_id": self._gid, "id": int(i), "created_at": now, **row}
                        for i, row in zip(ids, rows)]
             self._commit(ADD, ids, x, lambda conn: conn.execute(items.insert(), records), next_id=next_id)
@@ -653,7 +515,7 @@ class Gallery:
             with self.store.engine.begin() as conn:
                 write_rows(conn)
                 conn.execute(galleries.update().where(galleries.c.id == self._gid)
-                             .values(last_seq=seq, next_id=next_id, updated_at=_now()))
+                             .values(last_seq=seq, next_id=next_id, updated_at=utc_now()))
         except BaseException as exc:
             self._journal.truncate(offset)  # never committed: the record must not be replayed
             if isinstance(exc, IntegrityError):
@@ -687,7 +549,7 @@ class Gallery:
         """Record (in the index's sidecar, saved now) that the vectors were ``name``-processed with ``settings``."""
         with self._lock:
             self._writable()
-            self.index.extra["processing"] = {**self.processing, name: _as_json(settings, "settings")}
+            self.index.extra["processing"] = {**self.processing, name: as_json(settings, "settings")}
             self.checkpoint()
 
     # ------------------------------------------------------------------------------------- reads
@@ -706,7 +568,7 @@ class Gallery:
             if not filters:
                 scores, ids = self.index.search(queries, k, **params)
             else:
-                where = _where(filters)
+                where = where_clauses(filters)
                 allowed = self._matching(where, limit=self.store.selector_limit + 1)
                 if len(allowed) <= self.store.selector_limit:
                     scores, ids = self.index.search(queries, k, allowed_ids=allowed, **params)

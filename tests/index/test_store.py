@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from asymret.errors import ConflictError, InputError, NotFoundError
 from asymret.index import vectors as vectors_module
 from asymret.index.journal import ADD
-from asymret.index.store import galleries, items
+from asymret.index.rows import galleries, items
 
 from .conftest import brute_force, unit
 

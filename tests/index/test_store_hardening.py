@@ -5,13 +5,15 @@ the folder made before the row commits, an old store with such a row still worki
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 
 import pytest
 import sqlalchemy as sa
 
 from asymret.errors import InputError, NotFoundError
 from asymret.index import store as store_module
-from asymret.index.store import GalleryStore, galleries, items
+from asymret.index.rows import galleries, items
+from asymret.index.store import GalleryStore
 
 from .conftest import unit
 
@@ -36,7 +38,7 @@ def test_an_old_store_with_a_reserved_name_still_opens_lists_and_writes(tmp_path
     with GalleryStore(tmp_path) as store, store.create("ok", DIM) as gallery:
         gallery.add(unit(2, DIM), [{"path": "a.jpg"}, {"path": "b.jpg"}])
     old = tmp_path / "galleries.db-journal"
-    now = store_module._now()
+    now = datetime.now(timezone.utc)
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'galleries.db'}")
     with engine.begin() as conn:
         conn.execute(galleries.insert().values(name=old.name, dim=DIM, factory="Flat", metric="ip", last_seq=0,
