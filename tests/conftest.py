@@ -21,15 +21,21 @@ NO_SHARED = (f"needs the real ground-truth files in {SHARED / 'data'}: put the p
 CI = os.environ.get("CI", "").lower() == "true"
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer's machine; under CI=true fail instead, so that CI never passes by skipping what
+    it is meant to run (the real ground truth, the browser test)."""
+    if CI:
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real ground-truth files. A user's clone has no shared/: the test skips with one line saying where
     the files go. CI always has it beside the clone, so there (CI=true) a missing copy fails instead."""
     path = SHARED / "data"
     if not path.is_dir():
-        if CI:
-            pytest.fail(f"CI=true: {NO_SHARED}", pytrace=False)
-        pytest.skip(NO_SHARED)
+        skip_or_fail(NO_SHARED)
     return path
 
 
