@@ -1,10 +1,20 @@
 """Request coalescing: concurrent queries share one forward pass of the query network.
 
-One worker thread owns the encoder. It takes the first waiting item, then keeps collecting until the
-batch holds ``max_batch`` items or ``max_wait_ms`` have passed since that first item arrived (the
-dynamic batching of inference servers such as Triton), and runs the whole batch at once. Under load
-the queue fills while a batch runs, so the next batch forms at once; an idle server adds at most
-``max_wait_ms`` to a lone request. ``max_batch=1`` switches coalescing off (one forward per request).
+One worker thread owns the encoder. It takes the first waiting item and everything queued behind it
+(up to ``max_batch``), and runs the whole batch at once. Under load the queue fills while a batch runs,
+so the next batch forms by itself, with no waiting. Only when the previous batch held more than one
+item (requests are arriving together) does it also wait up to ``max_wait_ms`` after the first item for
+more to join (the dynamic batching of inference servers such as Triton); a lone request on a quiet server
+is never held back, so one client sees no added latency. ``max_batch=1`` switches coalescing off (one
+forward per request).
+
+:meth:`Batcher.map` (what the server calls) runs a request's items in the calling thread when the encoder
+is idle and nobody is queued: a lone request then costs no hand-off to the worker and back (two thread
+wake-ups, each a scheduler delay on a busy CPU). A lock keeps that to one forward pass at a time; whoever
+arrives while it runs queues, and the worker serves them together when it ends.
+
+``benchmarks/bench_serve.py`` measured what this replaces: a lone request waited the whole ``max_wait_ms``
+(2 ms) on every call, more than the HTTP round trip, plus the two hand-offs (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ class Batcher(Generic[T, R]):
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda size: None)
         self._queue: queue.Queue = queue.Queue()
+        self._busy = threading.Lock()  # held while ``fn`` runs, in the worker or in a caller (map)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -49,9 +60,31 @@ class Batcher(Generic[T, R]):
         self._queue.put((item, future))
         return future
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for the worker (approximate while others submit)."""
+        return self._queue.qsize()
+
     def __call__(self, item: T, timeout: float | None = None) -> R:
         """``fn``'s result on ``item``, waiting for its batch."""
         return self.submit(item).result(timeout)
+
+    def map(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
+        """``fn``'s results on ``items`` (one request's): in this thread, ``max_batch`` at a time, when the
+        encoder is idle and no one is queued; otherwise queued, to be coalesced with the others'."""
+        if self._queue.empty() and self._busy.acquire(blocking=False):
+            try:
+                if self._queue.empty():
+                    entries = [(item, Future()) for item in items]
+                    for start in range(0, len(entries), self.max_batch):
+                        batch = entries[start:start + self.max_batch]
+                        self.on_batch(len(batch))
+                        self._answer(batch)
+                    return [future.result() for _, future in entries]
+            finally:
+                self._busy.release()
+        futures = [self.submit(item) for item in items]
+        return [future.result(timeout) for future in futures]
 
     def close(self) -> None:
         """Finish the waiting requests, then stop the worker."""
@@ -59,27 +92,36 @@ class Batcher(Generic[T, R]):
             self._queue.put(_STOP)
             self._thread.join()
 
-    def _collect(self, first) -> tuple[list, bool]:
+    def _collect(self, first, wait: bool) -> tuple[list, bool]:
+        """``first`` and what is queued behind it; with ``wait``, also what arrives within ``max_wait``."""
         batch, deadline = [first], time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             try:
-                entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                entry = self._queue.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.monotonic()
+                if not wait or remaining <= 0:
+                    break
+                try:
+                    entry = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
             if entry is _STOP:
                 return batch, True
             batch.append(entry)
         return batch, False
 
     def _run(self) -> None:
-        stop = False
+        stop, last_size = False, 1
         while not stop:
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch, stop = self._collect(first)
-            self.on_batch(len(batch))
-            self._answer(batch)
+            with self._busy:  # a caller running its own batch (map) finishes first; more queue meanwhile
+                batch, stop = self._collect(first, wait=last_size > 1 and self.max_wait > 0)
+                last_size = len(batch)
+                self.on_batch(len(batch))
+                self._answer(batch)
 
     def _answer(self, batch: list) -> None:
         try:

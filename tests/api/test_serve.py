@@ -410,6 +410,65 @@ def test_batcher_coalesces_within_bounds():
     assert sizes[0] == 1 and max(sizes) == 4 and sum(sizes) == 11 and len(sizes) == 4  # 1 + 4 + 4 + 2
 
 
+def test_batcher_never_holds_a_lone_request_but_waits_for_company_under_load():
+    hour = 3_600_000  # max_wait_ms: a lone request that waited for it would time out below
+    lone = Batcher(lambda items: [x + 1 for x in items], max_batch=8, max_wait_ms=hour)
+    assert [lone(i, timeout=60) for i in range(3)] == [1, 2, 3]  # one at a time: each runs at once
+    lone.close()
+
+    sizes, release = [], threading.Event()
+
+    def record(items):
+        sizes.append(len(items))
+        release.wait(60)
+        return items
+
+    busy = Batcher(record, max_batch=4, max_wait_ms=hour)
+    first = [busy.submit(0)]
+    while not sizes:  # the worker holds item 0; two more queue behind it: requests arrive together
+        time.sleep(0.01)
+    first += [busy.submit(1), busy.submit(2)]
+    release.set()
+    assert [f.result(60) for f in first] == [0, 1, 2] and sizes == [1, 2]
+    # the last batch held 2, so the next one waits for company: it runs when full, not with its first item
+    later = [busy.submit(i) for i in range(4)]
+    assert [f.result(60) for f in later] == [0, 1, 2, 3] and sizes == [1, 2, 4]
+    busy.close()
+
+
+def test_batcher_map_runs_in_the_caller_when_idle_and_queues_when_busy():
+    threads, sizes, release = [], [], threading.Event()
+
+    def record(items):
+        threads.append(threading.get_ident())
+        sizes.append(len(items))
+        if items[0] == "hold":
+            release.wait(60)
+        return [f"{x}!" for x in items]
+
+    batcher = Batcher(record, max_batch=2, max_wait_ms=0)
+    assert batcher.map(["a", "b", "c"]) == ["a!", "b!", "c!"]  # idle: this thread, max_batch at a time
+    assert threads == [threading.get_ident()] * 2 and sizes == [2, 1]
+    held = batcher.submit("hold")  # the worker is busy with it ...
+    while len(sizes) < 3:
+        time.sleep(0.01)
+    answers = []
+    callers = [threading.Thread(target=lambda x=x: answers.append(batcher.map([x]))) for x in ("d", "e")]
+    for t in callers:
+        t.start()
+    while batcher.queued < 2:  # ... so both callers queue behind it
+        time.sleep(0.01)
+    release.set()
+    for t in callers:
+        t.join(60)
+    assert held.result(60) == "hold!" and sorted(answers) == [["d!"], ["e!"]]
+    assert sizes[3:] == [2] and threads[2] == threads[3] != threading.get_ident()  # coalesced, by the worker
+    errors = Batcher(lambda items: [1 / x for x in items], max_batch=8)
+    with pytest.raises(ZeroDivisionError):
+        errors.map([1, 0])  # a bad item fails its request, in the caller too
+    batcher.close(), errors.close()
+
+
 def test_batcher_isolates_a_bad_item_and_can_be_off():
     def invert(items):
         return [1 / x for x in items]
