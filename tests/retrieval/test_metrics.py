@@ -15,7 +15,6 @@ import pytest
 from asymret.errors import InputError
 from asymret.retrieval import metrics as M
 
-
 # ----------------------------------------------------------------------------- reference implementations
 
 
