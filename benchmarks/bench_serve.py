@@ -9,8 +9,8 @@ search by vector and by image, against baselines measured in the same run:
   pays for the round trip (client, loopback, HTTP parsing, routing).
 
 The machine may be shared, so the cells are interleaved: every round measures each cell once for
-``--seconds``, and the tables give each cell's median over ``--rounds`` rounds, each ratio the median of
-its per-round ratios (with the range), and the load average beside them.
+``--seconds``, in a new order each round, and the tables give each cell's median over ``--rounds``
+rounds, each ratio the median of its per-round ratios (with the range), and the load average beside them.
 
 The servers run as ``asymret serve`` in their own processes; clients are threads with keep-alive httpx
 connections. The pair has the first demo's shapes (gallery ResNet-18 256-d at 112 px, query
@@ -307,7 +307,10 @@ def run(args, work: Path, seconds: float, rounds: int) -> dict:
         batched = [0.0, 0.0]  # images and batches of the coalescing server during its 8-client image cells
         loads = []
         for round_ in range(rounds):
-            for key, measure, pid in cells:
+            # a new order each round: a cell measured right after others on the same server ran measurably
+            # slower (the coalescing server's 1-client image cell: 14.5 against 9.9 ms with the servers swapped)
+            order = np.random.default_rng(round_).permutation(len(cells))
+            for key, measure, pid in (cells[i] for i in order):
                 before = batch_counts(urls["http"]) if key == "http/image/8" else None
                 cpu = cpu_seconds(pid)  # the server's CPU for HTTP cells (its work, whatever the load), else ours
                 cell = measure()

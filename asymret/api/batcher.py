@@ -8,13 +8,7 @@ more to join (the dynamic batching of inference servers such as Triton); a lone 
 is never held back, so one client sees no added latency. ``max_batch=1`` switches coalescing off (one
 forward per request).
 
-:meth:`Batcher.map` (what the server calls) runs a request's items in the calling thread when the encoder
-is idle and nobody is queued: a lone request then costs no hand-off to the worker and back (two thread
-wake-ups, each a scheduler delay on a busy CPU). A lock keeps that to one forward pass at a time; whoever
-arrives while it runs queues, and the worker serves them together when it ends.
-
-``benchmarks/bench_serve.py`` measured what this replaces: a lone request waited the whole ``max_wait_ms``
-(2 ms) on every call, more than the HTTP round trip, plus the two hand-offs (docs/serve.md).
+The rule this replaces held every lone request for the whole ``max_wait_ms`` (2 ms by default).
 """
 
 from __future__ import annotations
@@ -48,7 +42,6 @@ class Batcher(Generic[T, R]):
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda size: None)
         self._queue: queue.Queue = queue.Queue()
-        self._busy = threading.Lock()  # held while ``fn`` runs, in the worker or in a caller (map)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -60,31 +53,9 @@ class Batcher(Generic[T, R]):
         self._queue.put((item, future))
         return future
 
-    @property
-    def queued(self) -> int:
-        """Items waiting for the worker (approximate while others submit)."""
-        return self._queue.qsize()
-
     def __call__(self, item: T, timeout: float | None = None) -> R:
         """``fn``'s result on ``item``, waiting for its batch."""
         return self.submit(item).result(timeout)
-
-    def map(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
-        """``fn``'s results on ``items`` (one request's): in this thread, ``max_batch`` at a time, when the
-        encoder is idle and no one is queued; otherwise queued, to be coalesced with the others'."""
-        if self._queue.empty() and self._busy.acquire(blocking=False):
-            try:
-                if self._queue.empty():
-                    entries = [(item, Future()) for item in items]
-                    for start in range(0, len(entries), self.max_batch):
-                        batch = entries[start:start + self.max_batch]
-                        self.on_batch(len(batch))
-                        self._answer(batch)
-                    return [future.result() for _, future in entries]
-            finally:
-                self._busy.release()
-        futures = [self.submit(item) for item in items]
-        return [future.result(timeout) for future in futures]
 
     def close(self) -> None:
         """Finish the waiting requests, then stop the worker."""
@@ -117,11 +88,10 @@ class Batcher(Generic[T, R]):
             first = self._queue.get()
             if first is _STOP:
                 break
-            with self._busy:  # a caller running its own batch (map) finishes first; more queue meanwhile
-                batch, stop = self._collect(first, wait=last_size > 1 and self.max_wait > 0)
-                last_size = len(batch)
-                self.on_batch(len(batch))
-                self._answer(batch)
+            batch, stop = self._collect(first, wait=last_size > 1 and self.max_wait > 0)
+            last_size = len(batch)
+            self.on_batch(len(batch))
+            self._answer(batch)
 
     def _answer(self, batch: list) -> None:
         try:

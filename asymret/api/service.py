@@ -417,7 +417,8 @@ class Service:
         coalesced with others' for the same network."""
         net = query_net or self.default_query_net
         transform = net.pair.query_net.transform
-        return np.stack(net.batcher.map([transform(image) for image in images]))
+        futures = [net.batcher.submit(transform(image)) for image in images]
+        return np.stack([future.result() for future in futures])
 
     def gallery_vectors(self, images) -> np.ndarray:
         """Gallery-network embeddings of PIL images (items being added)."""

@@ -436,39 +436,6 @@ def test_batcher_never_holds_a_lone_request_but_waits_for_company_under_load():
     busy.close()
 
 
-def test_batcher_map_runs_in_the_caller_when_idle_and_queues_when_busy():
-    threads, sizes, release = [], [], threading.Event()
-
-    def record(items):
-        threads.append(threading.get_ident())
-        sizes.append(len(items))
-        if items[0] == "hold":
-            release.wait(60)
-        return [f"{x}!" for x in items]
-
-    batcher = Batcher(record, max_batch=2, max_wait_ms=0)
-    assert batcher.map(["a", "b", "c"]) == ["a!", "b!", "c!"]  # idle: this thread, max_batch at a time
-    assert threads == [threading.get_ident()] * 2 and sizes == [2, 1]
-    held = batcher.submit("hold")  # the worker is busy with it ...
-    while len(sizes) < 3:
-        time.sleep(0.01)
-    answers = []
-    callers = [threading.Thread(target=lambda x=x: answers.append(batcher.map([x]))) for x in ("d", "e")]
-    for t in callers:
-        t.start()
-    while batcher.queued < 2:  # ... so both callers queue behind it
-        time.sleep(0.01)
-    release.set()
-    for t in callers:
-        t.join(60)
-    assert held.result(60) == "hold!" and sorted(answers) == [["d!"], ["e!"]]
-    assert sizes[3:] == [2] and threads[2] == threads[3] != threading.get_ident()  # coalesced, by the worker
-    errors = Batcher(lambda items: [1 / x for x in items], max_batch=8)
-    with pytest.raises(ZeroDivisionError):
-        errors.map([1, 0])  # a bad item fails its request, in the caller too
-    batcher.close(), errors.close()
-
-
 def test_batcher_isolates_a_bad_item_and_can_be_off():
     def invert(items):
         return [1 / x for x in items]

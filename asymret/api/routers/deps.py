@@ -20,13 +20,11 @@ def _service(request: Request, key: str | None, *, write: bool) -> Service:
     return service.check_ready()
 
 
-# async: they do no I/O, and FastAPI runs a plain ``def`` dependency in its thread pool, two thread
-# hand-offs per request that cost more than the key check itself on a busy CPU (docs/serve.md).
-async def reader(request: Request, key: Annotated[str | None, Security(api_key)]) -> Service:
+def reader(request: Request, key: Annotated[str | None, Security(api_key)]) -> Service:
     return _service(request, key, write=False)
 
 
-async def writer(request: Request, key: Annotated[str | None, Security(api_key)]) -> Service:
+def writer(request: Request, key: Annotated[str | None, Security(api_key)]) -> Service:
     return _service(request, key, write=True)
 
 
