@@ -1,10 +1,14 @@
 """Request coalescing: concurrent queries share one forward pass of the query network.
 
-One worker thread owns the encoder. It takes the first waiting item, then keeps collecting until the
-batch holds ``max_batch`` items or ``max_wait_ms`` have passed since that first item arrived (the
-dynamic batching of inference servers such as Triton), and runs the whole batch at once. Under load
-the queue fills while a batch runs, so the next batch forms at once; an idle server adds at most
-``max_wait_ms`` to a lone request. ``max_batch=1`` switches coalescing off (one forward per request).
+One worker thread owns the encoder. It takes the first waiting item and everything queued behind it
+(up to ``max_batch``), and runs the whole batch at once. Under load the queue fills while a batch runs,
+so the next batch forms by itself, with no waiting. Only when the previous batch held more than one
+item (requests are arriving together) does it also wait up to ``max_wait_ms`` after the first item for
+more to join (the dynamic batching of inference servers such as Triton); a lone request on a quiet server
+is never held back, so one client sees no added latency. ``max_batch=1`` switches coalescing off (one
+forward per request).
+
+The rule this replaces held every lone request for the whole ``max_wait_ms`` (2 ms by default).
 """
 
 from __future__ import annotations
@@ -59,25 +63,33 @@ class Batcher(Generic[T, R]):
             self._queue.put(_STOP)
             self._thread.join()
 
-    def _collect(self, first) -> tuple[list, bool]:
+    def _collect(self, first, wait: bool) -> tuple[list, bool]:
+        """``first`` and what is queued behind it; with ``wait``, also what arrives within ``max_wait``."""
         batch, deadline = [first], time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             try:
-                entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                entry = self._queue.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.monotonic()
+                if not wait or remaining <= 0:
+                    break
+                try:
+                    entry = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
             if entry is _STOP:
                 return batch, True
             batch.append(entry)
         return batch, False
 
     def _run(self) -> None:
-        stop = False
+        stop, last_size = False, 1
         while not stop:
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch, stop = self._collect(first)
+            batch, stop = self._collect(first, wait=last_size > 1 and self.max_wait > 0)
+            last_size = len(batch)
             self.on_batch(len(batch))
             self._answer(batch)
 

@@ -112,7 +112,14 @@ def grid_tokens(fmap: Tensor, grid: int) -> Tensor:
 
 @contextmanager
 def eval_mode(module: nn.Module):
-    """Run ``module`` in eval mode and restore its previous mode after (BN must not update)."""
+    """Run ``module`` in eval mode and restore its previous mode after (BN must not update).
+
+    A module already in eval mode throughout is left alone: ``eval()`` and ``train()`` each walk every
+    submodule through ``__setattr__``, which for a MobileNetV2 cost more than a 80 px forward pass in the
+    server's profile (benchmarks/bench_serve.py, docs/serve.md)."""
+    if not any(m.training for m in module.modules()):
+        yield module
+        return
     was_training = module.training
     module.eval()
     try:

@@ -18,9 +18,9 @@ def unit(rng, n, d=16):
 
 
 @pytest.fixture
-def revisited(tmp_path, shared_data):
+def revisited(tmp_path, groundtruth_data):
     rng = np.random.default_rng(0)
-    gnd = shared_data / "revisited" / "gnd_roxford5k.pkl"
+    gnd = groundtruth_data / "revisited" / "gnd_roxford5k.pkl"
     paths = {}
     for name, n in (("q", 70), ("x", 4993), ("d", 500)):
         paths[name] = tmp_path / f"{name}.npy"
@@ -54,9 +54,9 @@ def test_revisited_json_matches_metrics_with_and_without_distractors(revisited, 
     assert "medium" in table and f"{100 * out['medium']['mAP']:.2f}" in table
 
 
-def test_veri_and_generic_reid_agree(tmp_path, shared_data, capsys):
+def test_veri_and_generic_reid_agree(tmp_path, groundtruth_data, capsys):
     rng = np.random.default_rng(1)
-    veri = shared_data / "veri776"
+    veri = groundtruth_data / "veri776"
     qn = (veri / "name_query.txt").read_text().split()
     gn = (veri / "name_test.txt").read_text().split()
     np.save(tmp_path / "q.npy", unit(rng, len(qn)))
@@ -81,7 +81,7 @@ def test_veri_and_generic_reid_agree(tmp_path, shared_data, capsys):
     ("missing", "queries file not found"),
     ("no_gnd", "needs --gnd"),
 ])
-def test_bad_input_is_one_line_error(revisited, shared_data, tmp_path, capsys, case, message):
+def test_bad_input_is_one_line_error(revisited, groundtruth_data, tmp_path, capsys, case, message):
     gnd, p = revisited
     q = p["q"]
     if case == "wrong_rows":
@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_error(revisited, shared_data, tmp_path, capsys, c
         a[5] = np.nan
         np.save(q, a)
     elif case == "other_gnd":
-        gnd = shared_data / "revisited" / "gnd_rparis6k.pkl"
+        gnd = groundtruth_data / "revisited" / "gnd_rparis6k.pkl"
     elif case == "missing":
         q = tmp_path / "absent.npy"
     argv = ["evaluate", "features", "--protocol", "revisited", "--queries", str(q), "--database", str(p["x"])]

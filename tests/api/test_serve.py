@@ -410,6 +410,32 @@ def test_batcher_coalesces_within_bounds():
     assert sizes[0] == 1 and max(sizes) == 4 and sum(sizes) == 11 and len(sizes) == 4  # 1 + 4 + 4 + 2
 
 
+def test_batcher_never_holds_a_lone_request_but_waits_for_company_under_load():
+    hour = 3_600_000  # max_wait_ms: a lone request that waited for it would time out below
+    lone = Batcher(lambda items: [x + 1 for x in items], max_batch=8, max_wait_ms=hour)
+    assert [lone(i, timeout=60) for i in range(3)] == [1, 2, 3]  # one at a time: each runs at once
+    lone.close()
+
+    sizes, release = [], threading.Event()
+
+    def record(items):
+        sizes.append(len(items))
+        release.wait(60)
+        return items
+
+    busy = Batcher(record, max_batch=4, max_wait_ms=hour)
+    first = [busy.submit(0)]
+    while not sizes:  # the worker holds item 0; two more queue behind it: requests arrive together
+        time.sleep(0.01)
+    first += [busy.submit(1), busy.submit(2)]
+    release.set()
+    assert [f.result(60) for f in first] == [0, 1, 2] and sizes == [1, 2]
+    # the last batch held 2, so the next one waits for company: it runs when full, not with its first item
+    later = [busy.submit(i) for i in range(4)]
+    assert [f.result(60) for f in later] == [0, 1, 2, 3] and sizes == [1, 2, 4]
+    busy.close()
+
+
 def test_batcher_isolates_a_bad_item_and_can_be_off():
     def invert(items):
         return [1 / x for x in items]

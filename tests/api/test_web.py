@@ -1,8 +1,8 @@
 """The web page in a real headless Chromium, driven over the DevTools protocol: choose an image in the
 file input, wait for the ranked results, check them against the REST API's answer, keep a screenshot.
 
-Needs Debian's ``chromium`` (``apt-get install chromium``) and the ``websockets`` package; skipped with
-the reason otherwise. The screenshot goes to ``$ASYMRET_ARTIFACTS`` (default: the test's tmp folder).
+Needs Debian's ``chromium`` (``apt-get install chromium chromium-driver``; ``.ci/run`` installs them) and
+the ``websockets`` package; skipped with the reason otherwise, except under CI=true, where it fails. The screenshot goes to ``$ASYMRET_ARTIFACTS`` (default: the test's tmp folder).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 
 from asymret.api.service import ServeConfig
 from tests.api.servekit import encoded, files, make_pair, photo, serve
+from tests.conftest import skip_or_fail
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -63,7 +64,8 @@ class DevTools:
 @pytest.fixture
 def browser(tmp_path):
     if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine: apt-get install chromium (Debian) to run the browser test")
+        skip_or_fail("no Chromium on this machine: apt-get install chromium chromium-driver (Debian) to run the "
+                     "browser test (docs/install.md)")
     pytest.importorskip("websockets", reason="the DevTools client needs the websockets package")
     profile = tmp_path / "profile"
     process = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],

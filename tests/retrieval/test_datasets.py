@@ -23,9 +23,6 @@ from asymret.retrieval.datasets import (
     read_gnd,
 )
 from asymret.retrieval.records import load_image
-from tests.conftest import SHARED as _SHARED
-
-SHARED = _SHARED / "data"  # beside the repository; tests reading it are marked needs_shared (conftest)
 
 
 def write_image(path: Path, size=(40, 30), seed=0) -> None:
@@ -213,20 +210,19 @@ def test_image_that_does_not_decode_is_an_image_error(revisited_root):
         load_image(ds.database[2])
 
 
-@pytest.mark.needs_shared
 @pytest.mark.parametrize("name, n_db, no_easy", [("roxford5k", 4993, 2), ("rparis6k", 6322, 0)])
-def test_real_revisited_ground_truth(tmp_path, name, n_db, no_easy):
+def test_real_revisited_ground_truth(groundtruth_data, tmp_path, name, n_db, no_easy):
     root = tmp_path / name
     root.mkdir()
-    os.symlink(SHARED / "revisited" / f"gnd_{name}.pkl", root / f"gnd_{name}.pkl")
+    os.symlink(groundtruth_data / "revisited" / f"gnd_{name}.pkl", root / f"gnd_{name}.pkl")
     ds = RevisitedDataset(root, check_files=False)
-    raw = pickle.loads((SHARED / "revisited" / f"gnd_{name}.pkl").read_bytes())
+    raw = pickle.loads((groundtruth_data / "revisited" / f"gnd_{name}.pkl").read_bytes())
     assert len(ds.queries) == 70 and ds.num_database == n_db == len(ds.database)
     assert sum(len(g["easy"]) == 0 for g in ds.gnd) == no_easy
     assert [r.path.name for r in ds.database] == [f"{n}.jpg" for n in raw["imlist"]]
     assert [r.path.name for r in ds.queries] == [f"{n}.jpg" for n in raw["qimlist"]]
     assert [list(r.bbx) for r in ds.queries] == [[float(v) for v in g["bbx"]] for g in raw["gnd"]]
-    assert read_gnd(SHARED / "revisited" / f"gnd_{name}.pkl") == raw
+    assert read_gnd(groundtruth_data / "revisited" / f"gnd_{name}.pkl") == raw
 
 
 # --- VeRi-776 -------------------------------------------------------------------------------------
@@ -235,19 +231,20 @@ def read_index_file(path: Path) -> list[np.ndarray]:
     return [np.array(line.split(), dtype=np.int64) - 1 for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def real_veri(tmp_path_factory):
-    root = tmp_path_factory.mktemp("VeRi")
+@pytest.fixture
+def real_veri(groundtruth_data, tmp_path):
+    """VeRi776 over shared/data's name lists, or their generated twin's."""
+    root = tmp_path / "VeRi"
+    root.mkdir()
     for part in ("train", "query", "test"):
-        os.symlink(SHARED / "veri776" / f"name_{part}.txt", root / f"name_{part}.txt")
+        os.symlink(groundtruth_data / "veri776" / f"name_{part}.txt", root / f"name_{part}.txt")
     return VeRi776(root, check_files=False)
 
 
-@pytest.mark.needs_shared
-def test_real_veri_groundtruth_equals_official_index_files(real_veri):
+def test_real_veri_groundtruth_equals_official_index_files(real_veri, groundtruth_data):
     positives, junk = real_veri.groundtruth()
-    gt = read_index_file(SHARED / "veri776" / "gt_index.txt")
-    jk = read_index_file(SHARED / "veri776" / "jk_index.txt")
+    gt = read_index_file(groundtruth_data / "veri776" / "gt_index.txt")
+    jk = read_index_file(groundtruth_data / "veri776" / "jk_index.txt")
     assert len(positives) == len(gt) == len(jk) == 1678 == len(real_veri.query)
     for ours, official in zip(positives, gt):
         np.testing.assert_array_equal(ours, official)
@@ -255,21 +252,19 @@ def test_real_veri_groundtruth_equals_official_index_files(real_veri):
         np.testing.assert_array_equal(ours, official)
 
 
-@pytest.mark.needs_shared
-def test_real_veri_without_camera_rule_only_the_query_itself_is_junk(real_veri):
+def test_real_veri_without_camera_rule_only_the_query_itself_is_junk(real_veri, groundtruth_data):
     names = [r.path.name for r in real_veri.gallery]
     positives, junk = real_veri.groundtruth(camera_rule=False)
-    gt = read_index_file(SHARED / "veri776" / "gt_index.txt")
-    jk = read_index_file(SHARED / "veri776" / "jk_index.txt")
+    gt = read_index_file(groundtruth_data / "veri776" / "gt_index.txt")
+    jk = read_index_file(groundtruth_data / "veri776" / "jk_index.txt")
     for q, pos, jnk, g, j in zip(real_veri.query, positives, junk, gt, jk):
         own = names.index(q.path.name)
         np.testing.assert_array_equal(jnk, [own])
         np.testing.assert_array_equal(pos, np.setdiff1d(np.union1d(g, j), [own]))
 
 
-@pytest.mark.needs_shared
-def test_real_veri_train_labels_match_name_train_labeled(real_veri):
-    official = [line.split() for line in (SHARED / "veri776" / "name_train_labeled.txt").read_text().splitlines()]
+def test_real_veri_train_labels_match_name_train_labeled(real_veri, groundtruth_data):
+    official = [line.split() for line in (groundtruth_data / "veri776" / "name_train_labeled.txt").read_text().splitlines()]
     assert [r.path.name for r in real_veri.train] == [name for name, _ in official]
     assert [r.label for r in real_veri.train] == [int(label) for _, label in official]
     assert [r.identity for r in real_veri.train] == [int(name[:4]) for name, _ in official]

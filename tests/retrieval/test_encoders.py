@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from asymret.errors import ConfigError
-from asymret.retrieval.encoders import GeM, create_encoder, encoder_checkpoint, gem
+from asymret.retrieval.encoders import GeM, create_encoder, encoder_checkpoint, eval_mode, gem
 from asymret.retrieval.specs import MULTISCALE, EncoderSpec, InputSpec
 from asymret.retrieval.transforms import build_transform
 
@@ -187,6 +187,21 @@ def test_encode_batch_runs_in_eval_mode_and_restores_training(images):
     assert encoder.training and torch.equal(encoder.head.neck[0].running_mean, stats)
     encoder.eval()
     assert torch.equal(out, encoder(images).detach())
+
+
+def test_eval_mode_leaves_an_eval_module_alone_and_restores_a_mixed_one(monkeypatch):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).eval()
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: calls.append(mode) or self)
+    with eval_mode(net) as inside:  # the server's case: already eval throughout, so no walk over the modules
+        assert inside is net and not net.training
+    assert calls == []
+    monkeypatch.undo()
+    net.train()
+    net[1].eval()  # a frozen BatchNorm inside a training network
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert net.training and net[0].training  # as before: train(True) on the way out
 
 
 def test_backbone_state_dict_with_classifier_loads_into_the_backbone(tmp_path, images):

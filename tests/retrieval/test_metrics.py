@@ -15,12 +15,6 @@ import pytest
 from asymret.errors import InputError
 from asymret.retrieval import metrics as M
 from asymret.retrieval import positions as P
-from tests.conftest import SHARED as _SHARED
-
-SHARED = _SHARED / "data"
-GND = {name: SHARED / "revisited" / f"gnd_{name}.pkl" for name in ("roxford5k", "rparis6k")}
-VERI = SHARED / "veri776"
-
 
 # ----------------------------------------------------------------------------- reference implementations
 
@@ -136,8 +130,9 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _load_gnd(name):
-    with open(GND[name], "rb") as f:
+def _load_gnd(data, name):
+    """``data``: shared/data or its generated twin (the ``groundtruth_data`` fixture)."""
+    with open(data / "revisited" / f"gnd_{name}.pkl", "rb") as f:
         return pickle.load(f)
 
 
@@ -157,12 +152,11 @@ def _features_for(gnd, n_db, rng, d=32, signal=0.0):
     return q, db
 
 
-@pytest.mark.needs_shared
 @pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
 @pytest.mark.parametrize("distractors", [0, 3000])
 @pytest.mark.parametrize("signal", [0.0, 3.0])
-def test_revisited_matches_revisitop(name, distractors, signal):
-    data = _load_gnd(name)
+def test_revisited_matches_revisitop(groundtruth_data, name, distractors, signal):
+    data = _load_gnd(groundtruth_data, name)
     gnd = data["gnd"]
     rng = np.random.default_rng(len(name) + distractors + int(signal))
     q, db = _features_for(gnd, len(data["imlist"]) + distractors, rng, signal=signal)
@@ -185,9 +179,8 @@ def test_revisited_matches_revisitop(name, distractors, signal):
         assert ours["easy"]["queries"] == 68 and ours["medium"]["queries"] == 70
 
 
-@pytest.mark.needs_shared
-def test_revisited_truncated_ranking_is_flagged_and_scores_missing_positives_as_nothing():
-    data = _load_gnd("roxford5k")
+def test_revisited_truncated_ranking_is_flagged_and_scores_missing_positives_as_nothing(groundtruth_data):
+    data = _load_gnd(groundtruth_data, "roxford5k")
     gnd = data["gnd"]
     rng = np.random.default_rng(7)
     q, db = _features_for(gnd, len(data["imlist"]), rng, signal=4.0)
@@ -205,11 +198,10 @@ def test_revisited_truncated_ranking_is_flagged_and_scores_missing_positives_as_
         assert truncated[protocol]["mAP"] <= M.evaluate_revisited(gnd, scores=sim.T)[protocol]["mAP"] + 1e-12
 
 
-@pytest.mark.needs_shared
 @pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
-def test_mp_at_k_of_a_ranking_truncated_at_100_equals_the_full_rankings(name):
+def test_mp_at_k_of_a_ranking_truncated_at_100_equals_the_full_rankings(groundtruth_data, name):
     """Random features (positives deep in the ranking): every mP@k from the top 100 is the full ranking's."""
-    data = _load_gnd(name)
+    data = _load_gnd(groundtruth_data, name)
     gnd = data["gnd"]
     q, db = _features_for(gnd, len(data["imlist"]), np.random.default_rng(11))
     sim = (q @ db.T).T
@@ -369,10 +361,9 @@ def test_integer_and_half_precision_scores_are_ranked_exactly():
             assert np.array_equal(pos, _stable_positions(row.astype(np.float64), idx))
 
 
-@pytest.mark.needs_shared
-def test_revisited_on_rows_of_several_blocks_matches_revisitop():
+def test_revisited_on_rows_of_several_blocks_matches_revisitop(groundtruth_data):
     """Rows longer than one block (both the whole-block and the cut path) against revisitop's loop."""
-    data = _load_gnd("roxford5k")
+    data = _load_gnd(groundtruth_data, "roxford5k")
     gnd = data["gnd"][:12]
     rng = np.random.default_rng(11)
     q, db = _features_for(gnd, len(data["imlist"]) + 2 * P.SORT_BLOCK, rng, d=16, signal=2.0)
@@ -406,15 +397,15 @@ def _read_index_file(path):
             for line in path.read_text().splitlines()]
 
 
-@pytest.mark.needs_shared
-def test_veri_groundtruth_from_names_equals_official_index_files():
-    qn = (VERI / "name_query.txt").read_text().split()
-    gn = (VERI / "name_test.txt").read_text().split()
+def test_veri_groundtruth_from_names_equals_official_index_files(groundtruth_data):
+    veri = groundtruth_data / "veri776"
+    qn = (veri / "name_query.txt").read_text().split()
+    gn = (veri / "name_test.txt").read_text().split()
     qid, qcam = _parse(qn)
     gid, gcam = _parse(gn)
     where = {n: i for i, n in enumerate(gn)}
     pos, junk = M.reid_groundtruth(qid, qcam, gid, gcam, query_gallery_index=[where[n] for n in qn])
-    gt, jk = _read_index_file(VERI / "gt_index.txt"), _read_index_file(VERI / "jk_index.txt")
+    gt, jk = _read_index_file(veri / "gt_index.txt"), _read_index_file(veri / "jk_index.txt")
     assert len(pos) == len(gt) == 1678
     for a, b in zip(pos, gt):
         assert np.array_equal(a, np.sort(b))
@@ -422,10 +413,10 @@ def test_veri_groundtruth_from_names_equals_official_index_files():
         assert np.array_equal(a, np.sort(b))
 
 
-@pytest.mark.needs_shared
-def test_reid_matches_torchreid_and_official_veri_on_real_lists():
-    qn = (VERI / "name_query.txt").read_text().split()
-    gn = (VERI / "name_test.txt").read_text().split()
+def test_reid_matches_torchreid_and_official_veri_on_real_lists(groundtruth_data):
+    veri = groundtruth_data / "veri776"
+    qn = (veri / "name_query.txt").read_text().split()
+    gn = (veri / "name_test.txt").read_text().split()
     qid, qcam = _parse(qn)
     gid, gcam = _parse(gn)
     rng = np.random.default_rng(0)

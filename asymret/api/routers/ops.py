@@ -16,7 +16,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
-def healthz():
+async def healthz():  # on the event loop: liveness needs no thread, and bench_serve.py's HTTP floor is this
     return {"status": "ok"}
 
 
