@@ -72,3 +72,10 @@ class TrainingError(AsymretError):
 
     code = "training_failed"
     http_status = 409
+
+
+class NotReadyError(AsymretError):
+    """The pair and galleries are still loading (or failed to load: see /readyz)."""
+
+    code = "not_ready"
+    http_status = 503

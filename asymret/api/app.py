@@ -30,7 +30,8 @@ from asymret import __version__
 from asymret.api.routers import galleries, items, ops, search, snapshots, web
 from asymret.api.routers.deps import KEY_HEADER, reader, writer
 from asymret.api.schemas import ErrorBody
-from asymret.api.service import ServeConfig, Service
+from asymret.api.service import Service
+from asymret.api.settings import ServeConfig
 from asymret.errors import AsymretError, UnauthorizedError
 
 log = logging.getLogger("asymret.serve")

@@ -10,119 +10,33 @@ one, a server-size one) searches the same galleries, and a request names the one
 Query encodes are coalesced into batches by one :class:`~asymret.api.batcher.Batcher` per query
 network, so a batch never mixes networks.
 
-Over 450 lines because the settings, the service and its metrics share one life cycle that every router
-reads; what can stand alone lives beside it (file and upload rules in :mod:`~asymret.api.uploads`,
-the readiness probe in :mod:`~asymret.api.probe`, coalescing in :mod:`~asymret.api.batcher`).
+The service owns the life cycle (load in the background, ready, close) and the encoding; beside it, each
+job in its module: settings (:mod:`~asymret.api.settings`), API keys (:mod:`~asymret.api.auth`), metrics
+(:mod:`~asymret.api.metrics`), the open galleries (:mod:`~asymret.api.registry`), images taken in and kept
+(:mod:`~asymret.api.uploads`), the readiness probe (:mod:`~asymret.api.probe`) and coalescing
+(:mod:`~asymret.api.batcher`).
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
-import io
 import logging
-import re
-import shutil
 import threading
-import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from asymret.api.auth import ApiKeys
 from asymret.api.batcher import Batcher
+from asymret.api.metrics import Metrics
 from asymret.api.probe import DatabaseProbe
-from asymret.api.uploads import ImageLimits, decode_image, own_upload, read_user_file, resolve_under_roots
-from asymret.errors import (
-    AsymretError,
-    ConfigError,
-    ConflictError,
-    ForbiddenError,
-    NotFoundError,
-    UnauthorizedError,
-)
+from asymret.api.registry import SNAPSHOTS, GalleryRegistry
+from asymret.api.settings import ServeConfig
+from asymret.api.uploads import UPLOADS, ImageLimits, Uploads
+from asymret.errors import AsymretError, ConfigError, NotFoundError, NotReadyError
 
 log = logging.getLogger("asymret.serve")
-UPLOADS = "_uploads"  # under the galleries folder; gallery names cannot start with '_'
-UPLOAD_GRACE_S = 600.0  # an upload file younger than this may belong to an add in progress
-SNAPSHOTS = "_snapshots"  # REST snapshots, also under the galleries folder
-SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-\d{8}T\d{12}Z$")
-QUERY_NET_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # what NAME=PATH may name a query network
-
-
-def pair_entry(entry: str | Path) -> tuple[str | None, Path]:
-    """``(name, path)`` of a ``pair``/``pairs`` entry: ``PATH`` or ``NAME=PATH`` (an existing file
-    whose own name holds '=' stays a path)."""
-    text = str(entry)
-    name, sep, path = text.partition("=")
-    if sep and re.fullmatch(QUERY_NET_NAME, name) and not Path(text).expanduser().is_file():
-        return name, Path(path)
-    return None, Path(text)
-
-
-class ServeConfig(BaseModel):
-    """``asymret serve`` settings (a YAML file, flags on top)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pair: Path | None = Field(None, description="pair.pt written by asymret train: both networks and the "
-                                                "whitening; its query network is the default one ('NAME=PATH' "
-                                                "names it)")
-    pairs: list[Path] = Field(default_factory=list, description="more pairs whose query networks search the "
-                                                                "same gallery network's galleries, after 'pair'")
-    galleries: Path = Field(Path("galleries"), description="folder of the gallery store")
-    db_url: str | None = Field(None, description="SQLAlchemy URL of the metadata; SQLite in the folder by default")
-    backend: Literal["faiss", "milvus"] = Field("faiss", description="where galleries live: FAISS files + SQL "
-                                                "metadata, or Milvus (needs the [milvus] extra; docs/scale.md)")
-    uri: str | None = Field(None, description="with backend milvus: a Milvus Lite file (default "
-                                              "<galleries>/galleries.milvus.db) or http://host:19530")
-    token: str | None = Field(None, description="with backend milvus: the server's token (user:password)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    api_keys: list[str] = Field(default_factory=list, description="keys accepted in the X-API-Key header")
-    keys_for_reads: bool = Field(False, description="ask for a key on reads (search, get) too, not just writes")
-    allowed_roots: list[Path] = Field(default_factory=list, description="folders items may be added from by path")
-    max_request_mb: float = Field(32.0, gt=0, description="largest request body (all uploads together)")
-    max_image_mb: float = Field(16.0, gt=0, description="largest single image file")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="width x height limit, checked from the header")
-    image_formats: list[str] = Field(["JPEG", "PNG", "WEBP", "GIF", "BMP"], min_length=1)
-    max_batch: int = Field(32, ge=1, description="most query images encoded in one forward pass (1: no coalescing)")
-    max_wait_ms: float = Field(2.0, ge=0, description="longest a query waits for others to join its batch")
-    thumbnail_px: int = Field(160, ge=16, le=1024)
-    torch_threads: int = Field(0, ge=0, description="intra-op threads of the networks (0: torch's default, one "
-                                                   "per core); 1 suits a CPU shared with other work")
-    runtime: Literal["torch", "onnx"] = Field("torch", description="what encodes the queries: PyTorch, or ONNX "
-                                               "Runtime on the query network exported at start-up "
-                                               "(asymret export; needs the [onnx] extra)")
-    ready_timeout_s: float = Field(2.0, gt=0, description="how long /readyz waits for the metadata database "
-                                                          "to answer its probe before answering 503")
-    search_threads: int = Field(1, ge=1, description="FAISS threads per search: concurrency comes from the "
-                                                     "requests, and waking a thread team costs more than a "
-                                                     "small search (raise it for large batch searches)")
-
-    @model_validator(mode="after")
-    def _some_pair(self):
-        if self.pair is None and not self.pairs:
-            raise ValueError("no pair file; give 'pair' (or 'pairs'), the pair.pt a training run wrote")
-        return self
-
-    def pair_entries(self) -> list[tuple[str | None, Path]]:
-        """``(name or None, path)`` of every pair to serve, the default (first) one first."""
-        return [pair_entry(e) for e in ([self.pair] if self.pair is not None else []) + list(self.pairs)]
-
-
-class NotReadyError(AsymretError):
-    """The pair and galleries are still loading (or failed to load: see /readyz)."""
-
-    code = "not_ready"
-    http_status = 503
 
 
 @dataclass
@@ -163,38 +77,6 @@ def space_difference(ours: dict, theirs: dict) -> str:
     return f"the whitening ({whitening(theirs['whitening'])} instead of {whitening(ours['whitening'])})"
 
 
-class Metrics:
-    """Prometheus metrics in a registry of their own (several apps may live in one process)."""
-
-    def __init__(self, service: Service):
-        self.registry = CollectorRegistry()
-        self.requests = Counter("asymret_http_requests", "HTTP requests by route and status",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("asymret_http_request_seconds", "HTTP request latency", ["method", "route"],
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
-                                 registry=self.registry)
-        self.batch_size = Histogram("asymret_query_batch_size", "query images per query-network forward pass",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
-        self.registry.register(_IndexSizes(service))
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
-
-
-class _IndexSizes:
-    """``asymret_gallery_items{gallery}``, read from the open galleries at scrape time."""
-
-    def __init__(self, service: Service):
-        self.service = service
-
-    def collect(self):
-        family = GaugeMetricFamily("asymret_gallery_items", "items in each open gallery", labels=["gallery"])
-        for name, gallery in list(self.service.galleries.items()):
-            family.add_metric([name], len(gallery))
-        yield family
-
-
 class Service:
     """Loads the pair and opens every gallery (:meth:`start`, in the background), then serves them."""
 
@@ -202,21 +84,17 @@ class Service:
         self.config = config
         self.limits = ImageLimits(int(config.max_image_mb * 2**20), config.max_image_pixels,
                                   tuple(f.upper() for f in config.image_formats))
-        self.uploads = config.galleries / UPLOADS
+        self.uploads = Uploads(config.galleries / UPLOADS, self.limits, config.allowed_roots,
+                               thumbnail_px=config.thumbnail_px)
+        self.keys = ApiKeys(config.api_keys, for_reads=config.keys_for_reads)
         self.probe, self.ready_timeout_s = DatabaseProbe(), config.ready_timeout_s
-        self.snapshots = config.galleries / SNAPSHOTS
-        self.upload_grace_s, self._swept = UPLOAD_GRACE_S, {}
         self.metrics = Metrics(self)
-        self.galleries: dict = {}
+        self.registry: GalleryRegistry | None = None  # once loaded
         self.query_nets: dict[str, QueryNet] = {}  # by name, the default first
         self.pair = self.store = None
         self.gallery_cost: dict = {}
         self.ready = threading.Event()
         self.error: str | None = None
-        self._lock = threading.Lock()
-        self.thumbnail = functools.lru_cache(maxsize=4096)(self._thumbnail)
-        if not config.api_keys:
-            log.warning("no API keys configured: anyone who can reach this server may add and delete")
 
     # ------------------------------------------------------------------------------- life cycle
     def start(self) -> threading.Thread:
@@ -244,9 +122,12 @@ class Service:
         self.store = open_store(self.config.backend, self.config.galleries, uri=self.config.uri,
                                 token=self.config.token, db_url=self.config.db_url,
                                 device="auto" if self.device.type == "cuda" else "cpu")
+        self.registry = GalleryRegistry(self.store, dim=self.dim, network_spec=self.network_spec, space=self.space,
+                                        uploads=self.uploads, snapshots=self.config.galleries / SNAPSHOTS,
+                                        search_threads=self.config.search_threads)
         for summary in self.store.list():
             try:
-                self._open(summary["name"])
+                self.registry.open(summary["name"])
             except AsymretError as exc:  # one broken gallery must not keep the others from serving
                 log.error("gallery '%s' is not served: %s", summary["name"], exc)
         if self.config.runtime == "onnx":
@@ -259,7 +140,7 @@ class Service:
                                   max_wait_ms=self.config.max_wait_ms, on_batch=self.metrics.batch_size.observe,
                                   name=f"query-encoder-{net.name}")
         self.ready.set()
-        log.info("serving %d galleries; query network(s) %s", len(self.galleries),
+        log.info("serving %d galleries; query network(s) %s", len(self.registry),
                  ", ".join(f"{n.name}: {n.description}" for n in self.query_nets.values()))
 
     def _load_pairs(self) -> None:
@@ -317,11 +198,9 @@ class Service:
         for net in self.query_nets.values():
             if net.batcher is not None:
                 net.batcher.close()
-        with self._lock:
-            for gallery in self.galleries.values():
-                gallery.close()
-            self.galleries.clear()
-        if self.store is not None:
+        if self.registry is not None:
+            self.registry.close()
+        elif self.store is not None:
             self.store.close()
         self.probe.close()
         if getattr(self, "_onnx_dir", None) is not None:
@@ -336,16 +215,6 @@ class Service:
             why = f"failed to load: {self.error}" if self.error else "still loading the pair and galleries"
             raise NotReadyError(f"the service is {why}; watch /readyz")
         return self
-
-    def authorize(self, key: str | None, *, write: bool) -> None:
-        """Writes need a configured key when keys are configured; reads only with ``keys_for_reads``."""
-        keys = self.config.api_keys
-        if not keys or not (write or self.config.keys_for_reads):
-            return
-        if key is None:
-            raise UnauthorizedError("this request needs an API key; send it in the X-API-Key header")
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
-            raise ForbiddenError("the X-API-Key header holds no valid key; check the key")
 
     @property
     def default_query_net(self) -> QueryNet:
@@ -366,109 +235,7 @@ class Service:
                                 f"{', '.join(repr(n) for n in self.query_nets)} (see /v1/info)")
         return net
 
-    # -------------------------------------------------------------------------------- galleries
-    def _open(self, name: str):
-        try:
-            gallery = self.store.open(name)
-        except ConflictError as exc:  # e.g. another process writes it: search a snapshot, refuse writes
-            log.warning("%s; serving gallery '%s' read-only", exc, name)
-            gallery = self.store.open(name, readonly=True)
-        self.galleries[name] = gallery
-        if not gallery.readonly:
-            self.sweep_uploads(name, gallery, force=True)
-        return gallery
-
-    def gallery(self, name: str):
-        """The open gallery ``name`` (opened now if another process created it since start-up)."""
-        gallery = self.galleries.get(name)
-        if gallery is None:
-            with self._lock:
-                gallery = self.galleries.get(name) or self._open(name)
-        return gallery
-
-    def create_gallery(self, name: str, factory: str):
-        """An empty gallery for the pair's gallery network (its spec, weights and whitening hashes, as
-        ``asymret index build`` records them)."""
-        with self._lock:
-            gallery = self.store.create(name, self.dim, factory, network_spec=self.network_spec)
-            self.galleries[name] = gallery
-            return gallery
-
-    def delete_gallery(self, name: str) -> None:
-        with self._lock:
-            gallery = self.galleries.pop(name, None)
-            if gallery is not None:
-                gallery.close()
-            self.store.delete(name)
-            shutil.rmtree(self.uploads / name, ignore_errors=True)
-
-    # -------------------------------------------------------------------------------- snapshots
-    def snapshot_gallery(self, name: str) -> tuple[str, dict]:
-        """Write gallery ``name`` to a new snapshot under ``<galleries>/_snapshots``: ``(id, manifest)``."""
-        from asymret.index.snapshot import write_snapshot
-
-        gallery = self.gallery(name)
-        snapshot = f"{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
-        return snapshot, write_snapshot(self.store, name, self.snapshots / snapshot, gallery=gallery)
-
-    def restore_gallery(self, snapshot: str, name: str | None, replace: bool) -> tuple[str, int]:
-        """Restore a snapshot of ``<galleries>/_snapshots`` (of this server's gallery network only)."""
-        from asymret.index.rows import spec_hash
-        from asymret.index.snapshot import read_manifest, restore_snapshot
-
-        folder = self.snapshots / snapshot
-        if not SNAPSHOT_ID.match(snapshot) or not folder.is_dir():
-            raise NotFoundError(f"no snapshot '{snapshot[:80]}' on this server (see GET /v1/snapshots)")
-        target = name or read_manifest(folder)["gallery"]["name"]
-        with self._lock:
-            held = self.galleries.pop(target, None)
-            if held is not None:
-                held.close()  # the restore writes it: this process's writer lock must go first
-            try:
-                name, count = restore_snapshot(self.store, folder, name=target, replace=replace,
-                                               network_hash=spec_hash(self.network_spec))
-            finally:
-                if any(g["name"] == target for g in self.store.list()):
-                    self._open(target)  # restored, or the old one back after a refusal
-        return name, count
-
-    def compatible(self, gallery) -> bool:
-        """Whether this pair's gallery side encodes into ``gallery``'s space (architecture, input, weights,
-        whitening: :func:`~asymret.retrieval.gallery.embedding_space`); a gallery built from bare vectors
-        records no network, and only its dimension can be checked."""
-        from asymret.retrieval.gallery import embedding_space
-
-        spec = gallery.network_spec
-        if gallery.dim != self.dim:
-            return False
-        if not isinstance(spec, dict) or "gallery_net" not in spec:
-            return True
-        try:
-            return embedding_space(spec) == self.space
-        except (KeyError, TypeError, AttributeError):
-            return False
-
-    def require_compatible(self, gallery) -> None:
-        from asymret.retrieval.gallery import describe_network
-
-        if not self.compatible(gallery):
-            raise ConflictError(f"gallery '{gallery.name}' holds {gallery.dim}-d embeddings of "
-                                f"{describe_network(gallery.network_spec)}, but this server's pair encodes "
-                                f"{self.dim}-d with {describe_network(self.network_spec)}; serve the pair the "
-                                "gallery was built with, or search it by vector")
-
-    def search(self, gallery, vectors: np.ndarray, k: int, filters: dict | None, exclude=None):
-        """``gallery.search`` on ``search_threads`` FAISS threads (OpenMP's setting is per calling thread);
-        ``exclude``: one list of exclusion rules per query (:mod:`asymret.index.backend`)."""
-        import faiss
-
-        faiss.omp_set_num_threads(self.config.search_threads)
-        return gallery.search(vectors, k, filters=filters, exclude=exclude)
-
     # --------------------------------------------------------------------------------- encoding
-    def decode(self, data: bytes, name: str = "upload"):
-        return decode_image(data, self.limits, name)
-
     def query_vectors(self, images, query_net: QueryNet | None = None) -> np.ndarray:
         """Embeddings of PIL images by ``query_net`` (the default one if None), each request's images
         coalesced with others' for the same network."""
@@ -504,73 +271,3 @@ class Service:
                 x = self.pair.whitening(x)
             return F.normalize(x.float(), dim=-1).cpu().numpy()
 
-    # ---------------------------------------------------------------------------- image files
-    def image_from_path(self, path: str):
-        """``(RGB image, real path)`` of a server file under the allowed roots."""
-        real = resolve_under_roots(path, self.config.allowed_roots)
-        return decode_image(read_user_file(real, path), self.limits, f"file {path!r}"), real
-
-    def save_upload(self, gallery: str, data: bytes) -> Path:
-        """Keep an uploaded (already validated) gallery image: its thumbnail is served from it."""
-        from PIL import Image
-
-        folder = self.uploads / gallery
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{uuid.uuid4().hex}.{Image.open(io.BytesIO(data)).format.lower()}"
-        path.write_bytes(data)
-        return path.resolve()
-
-    def sweep_uploads(self, name: str, gallery, *, force: bool = False) -> int:
-        """Delete upload files of gallery ``name`` that no item points to and that are older than
-        ``upload_grace_s`` (left by a kill between saving the upload and committing its row; younger
-        ones may belong to an add in progress). Runs at open and at most once per grace period on adds;
-        a file an item points to is never deleted. Returns how many went."""
-        now = time.time()
-        if not force and now - self._swept.get(name, 0.0) < self.upload_grace_s:
-            return 0
-        self._swept[name] = now
-        folder = self.uploads / name
-        if not folder.is_dir():
-            return 0
-        old = [p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime > self.upload_grace_s]
-        if not old:
-            return 0
-        paths = [str(p.resolve()) for p in old]
-        orphans = [p for p, used in zip(old, gallery.referenced(paths)) if not used]
-        for path in orphans:
-            path.unlink(missing_ok=True)
-        if orphans:
-            log.warning("gallery '%s': deleted %d upload file(s) no item points to (left by a kill)", name, len(orphans))
-        return len(orphans)
-
-    def forget_upload(self, gallery: str, path: str | None) -> None:
-        """Delete the kept upload of an item of ``gallery``: only a real file in its own uploads folder."""
-        real = own_upload(path, self.uploads / gallery)
-        if real is not None:
-            real.unlink(missing_ok=True)
-
-    def item_image(self, path: str | None) -> Path:
-        """The image file of an item, if it lies where this server may read (roots or uploads)."""
-        if path:
-            try:
-                return resolve_under_roots(path, [*self.config.allowed_roots, self.uploads])
-            except AsymretError:  # outside the roots, gone, not a file, a name the file system refuses
-                pass
-        raise NotFoundError("this item has no image the server may show (added by path outside the "
-                            "allowed roots, or the file is gone); add its folder with --allow-root")
-
-    def thumbnail_of(self, path: str | None) -> bytes:
-        """The JPEG thumbnail of an item's image (cached while the file is unchanged)."""
-        real = self.item_image(path)
-        try:
-            return self.thumbnail(real, real.stat().st_mtime_ns)
-        except OSError:  # gone (or unreadable) since it was found
-            raise NotFoundError("this item's image file is gone or unreadable on the server; add the "
-                                "image again") from None
-
-    def _thumbnail(self, path: Path, mtime_ns: int) -> bytes:
-        image = decode_image(path.read_bytes(), self.limits, f"item image {path.name}")
-        image.thumbnail((self.config.thumbnail_px, self.config.thumbnail_px))
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=85)
-        return out.getvalue()

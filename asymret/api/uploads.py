@@ -15,8 +15,13 @@ the file system's limit, a loop of links, a file that cannot be read) is an
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import os
+import shutil
+import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -26,8 +31,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from asymret.errors import ForbiddenError, ImageError, InputError, NotFoundError
+from asymret.errors import AsymretError, ForbiddenError, ImageError, InputError, NotFoundError
 
+log = logging.getLogger("asymret.serve")
+UPLOADS = "_uploads"  # under the galleries folder; gallery names cannot start with '_'
+UPLOAD_GRACE_S = 600.0  # an upload file younger than this may belong to an add in progress
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
@@ -145,3 +153,89 @@ def own_upload(path: str | None, folder: Path) -> Path | None:
         return real if inside and not given.is_symlink() and real.is_file() else None
     except (OSError, RuntimeError, ValueError):  # gone, a loop of links, a NUL byte: nothing of ours
         return None
+
+
+class Uploads:
+    """The images a server takes in and keeps: decoded within ``limits``, read from under ``allowed_roots``,
+    uploads kept under ``root/<gallery>/`` (their thumbnails are served from them), orphans swept."""
+
+    def __init__(self, root: Path, limits: ImageLimits, allowed_roots: Sequence[Path] = (), *,
+                 grace_s: float = UPLOAD_GRACE_S, thumbnail_px: int = 160):
+        self.root, self.limits, self.allowed_roots = Path(root), limits, list(allowed_roots)
+        self.grace_s, self.thumbnail_px, self._swept = grace_s, thumbnail_px, {}
+        self.thumbnail = functools.lru_cache(maxsize=4096)(self._thumbnail)
+
+    def decode(self, data: bytes, name: str = "upload"):
+        return decode_image(data, self.limits, name)
+
+    def remove(self, gallery: str) -> None:
+        """Every kept upload of ``gallery`` (it was deleted)."""
+        shutil.rmtree(self.root / gallery, ignore_errors=True)
+
+    def image_from_path(self, path: str):
+        """``(RGB image, real path)`` of a server file under the allowed roots."""
+        real = resolve_under_roots(path, self.allowed_roots)
+        return decode_image(read_user_file(real, path), self.limits, f"file {path!r}"), real
+
+    def save(self, gallery: str, data: bytes) -> Path:
+        """Keep an uploaded (already validated) gallery image: its thumbnail is served from it."""
+        folder = self.root / gallery
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{uuid.uuid4().hex}.{Image.open(io.BytesIO(data)).format.lower()}"
+        path.write_bytes(data)
+        return path.resolve()
+
+    def sweep(self, name: str, gallery, *, force: bool = False) -> int:
+        """Delete upload files of gallery ``name`` that no item points to and that are older than
+        ``upload_grace_s`` (left by a kill between saving the upload and committing its row; younger
+        ones may belong to an add in progress). Runs at open and at most once per grace period on adds;
+        a file an item points to is never deleted. Returns how many went."""
+        now = time.time()
+        if not force and now - self._swept.get(name, 0.0) < self.grace_s:
+            return 0
+        self._swept[name] = now
+        folder = self.root / name
+        if not folder.is_dir():
+            return 0
+        old = [p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime > self.grace_s]
+        if not old:
+            return 0
+        paths = [str(p.resolve()) for p in old]
+        orphans = [p for p, used in zip(old, gallery.referenced(paths)) if not used]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        if orphans:
+            log.warning("gallery '%s': deleted %d upload file(s) no item points to (left by a kill)", name, len(orphans))
+        return len(orphans)
+
+    def forget(self, gallery: str, path: str | None) -> None:
+        """Delete the kept upload of an item of ``gallery``: only a real file in its own uploads folder."""
+        real = own_upload(path, self.root / gallery)
+        if real is not None:
+            real.unlink(missing_ok=True)
+
+    def item_image(self, path: str | None) -> Path:
+        """The image file of an item, if it lies where this server may read (roots or uploads)."""
+        if path:
+            try:
+                return resolve_under_roots(path, [*self.allowed_roots, self.root])
+            except AsymretError:  # outside the roots, gone, not a file, a name the file system refuses
+                pass
+        raise NotFoundError("this item has no image the server may show (added by path outside the "
+                            "allowed roots, or the file is gone); add its folder with --allow-root")
+
+    def thumbnail_of(self, path: str | None) -> bytes:
+        """The JPEG thumbnail of an item's image (cached while the file is unchanged)."""
+        real = self.item_image(path)
+        try:
+            return self.thumbnail(real, real.stat().st_mtime_ns)
+        except OSError:  # gone (or unreadable) since it was found
+            raise NotFoundError("this item's image file is gone or unreadable on the server; add the "
+                                "image again") from None
+
+    def _thumbnail(self, path: Path, mtime_ns: int) -> bytes:
+        image = decode_image(path.read_bytes(), self.limits, f"item image {path.name}")
+        image.thumbnail((self.thumbnail_px, self.thumbnail_px))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue()

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 from asymret.retrieval.datasets import RevisitedDataset
 from tests.api.servekit import encoded, files, photo, serve
 from tests.api.test_index_cli import fails, mini, nets, pair_file, run  # noqa: F401  (fixtures)

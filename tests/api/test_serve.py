@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from asymret.api.batcher import Batcher
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 from asymret.errors import ConfigError
 from tests.api.servekit import GALLERY_SPEC, Reference, encoded, files, make_pair, photo, serve
 

@@ -12,7 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from asymret.api.service import ServeConfig, Service
+from asymret.api.service import Service
+from asymret.api.settings import ServeConfig
 from tests.api.servekit import encoded, files, make_pair, photo, serve
 
 KEY = {"X-API-Key": "s3cret"}
@@ -106,7 +107,7 @@ def test_deleting_an_item_deletes_only_its_own_upload(live, setup):
                   str(outside_link),  # a link in the uploads folder to a file outside it
                   theirs["path"],  # another gallery's upload
                   str(uploads / "g")]  # a folder
-    gallery = service.gallery("g")
+    gallery = service.registry.get("g")
     vectors = np.random.default_rng(0).standard_normal((len(evil_paths), 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = gallery.add(vectors, [{"path": p} for p in evil_paths])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 from tests.api.servekit import Reference, encoded, files, make_pair, photo, serve
 
 MAX_PIXELS = 1_000_000

@@ -11,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from asymret.api.service import ServeConfig, Service, pair_entry
+from asymret.api.service import Service
+from asymret.api.settings import ServeConfig, pair_entry
 from asymret.errors import ConfigError
 from tests.api.servekit import QUERY_SPEC, Reference, encoded, files, make_shared_pairs, photo, serve
 from tests.api.test_web import DevTools, browser  # noqa: F401 - the headless Chromium fixture

@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 from tests.api.servekit import Reference, encoded, files, make_shared_pairs, photo, serve
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnxruntime) is not installed")

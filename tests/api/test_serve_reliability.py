@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 from tests.api.servekit import encoded, files, free_socket, make_pair, photo, serve, wait_ready
 
 KEY = "fuzz-key"

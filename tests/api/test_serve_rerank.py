@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 from asymret.index import GalleryStore
 from asymret.retrieval import rerank
 from asymret.retrieval.gallery import build_from_embeddings

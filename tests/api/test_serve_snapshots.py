@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 
 from .servekit import encoded, files, make_pair, photo, serve
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from asymret.api.service import ServeConfig
+from asymret.api.settings import ServeConfig
 from tests.api.servekit import encoded, files, make_pair, photo, serve
 from tests.conftest import skip_or_fail
 

@@ -53,7 +53,7 @@ def register(subparsers) -> None:
 
 def build_config(args: argparse.Namespace):
     """The config file's settings, then the flags given, then ASYMRET_API_KEYS, validated."""
-    from asymret.api.service import ServeConfig
+    from asymret.api.settings import ServeConfig
     from asymret.config import load_tree, validate
 
     tree, origins = load_tree(args.config) if args.config else ({}, {})

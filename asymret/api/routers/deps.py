@@ -17,7 +17,7 @@ ApiKey = Annotated[str | None, Header(alias=KEY_HEADER, include_in_schema=False)
 
 def _service(request: Request, key: str | None, *, write: bool) -> Service:
     service: Service = request.app.state.service
-    service.authorize(key, write=write)
+    service.keys.authorize(key, write=write)
     return service.check_ready()
 
 

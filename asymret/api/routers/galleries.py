@@ -14,12 +14,12 @@ def gallery_info(service, gallery) -> dict:
     info = gallery.info()
     keys = ("index_bytes", "journal_bytes", "last_seq", "processing", "backend")  # those the backend reports
     index = {**info["index"], **{key: info[key] for key in keys if key in info}}
-    return {**info, "index": index, "compatible": service.compatible(gallery)}
+    return {**info, "index": index, "compatible": service.registry.compatible(gallery)}
 
 
 @router.post("", status_code=201, response_model=GalleryInfo, summary="Create a gallery for this pair's gallery network")
 def create_gallery(body: GalleryCreate, service: Writer):
-    return gallery_info(service, service.create_gallery(body.name, body.factory))
+    return gallery_info(service, service.registry.create(body.name, body.factory))
 
 
 @router.get("", response_model=GalleryList, summary="List the galleries")
@@ -29,10 +29,10 @@ def list_galleries(service: Reader):
 
 @router.get("/{name}", response_model=GalleryInfo, summary="A gallery's size, index type and gallery network")
 def get_gallery(name: GalleryName, service: Reader):
-    return gallery_info(service, service.gallery(name))
+    return gallery_info(service, service.registry.get(name))
 
 
 @router.delete("/{name}", response_model=Deleted, summary="Delete a gallery, its vectors, items and uploads")
 def delete_gallery(name: GalleryName, service: Writer):
-    service.delete_gallery(name)
+    service.registry.delete(name)
     return {"deleted": name}

@@ -49,7 +49,7 @@ def parse_attributes(text: str | None) -> dict:
 def read_uploads(service, files: list[UploadFile]) -> tuple[list[bytes], list]:
     """The uploaded bytes and their decoded images, each checked before it is decoded in full."""
     data = [f.file.read(service.limits.max_bytes + 1) for f in files]
-    images = [service.decode(d, f"image {i + 1} ({f.filename or 'unnamed'})") for i, (d, f) in enumerate(zip(data, files))]
+    images = [service.uploads.decode(d, f"image {i + 1} ({f.filename or 'unnamed'})") for i, (d, f) in enumerate(zip(data, files))]
     return data, images
 
 
@@ -64,31 +64,31 @@ def add_images(name: GalleryName, service: Writer,
                label: PerImage = None, camera: PerImage = None,
                attributes: Annotated[list[str] | None, Form(description="a JSON object per image (or none)")] = None):
     """The gallery network encodes each image; the upload is kept to serve its thumbnail."""
-    gallery = service.gallery(name)
-    service.require_compatible(gallery)
+    gallery = service.registry.get(name)
+    service.registry.require_compatible(gallery)
     data, images = read_uploads(service, image)
     n = len(images)
     labels, cameras = per_image(label, n, "label"), per_image(camera, n, "camera")
     attrs = [parse_attributes(a) for a in per_image(attributes, n, "attributes")]
     if not gallery.readonly:
-        service.sweep_uploads(name, gallery)
-    paths = [service.save_upload(name, d) for d in data]
+        service.uploads.sweep(name, gallery)
+    paths = [service.uploads.save(name, d) for d in data]
     try:
         return add_encoded(service, name, gallery, images, [
             {"path": str(p), "label": lb, "camera": c, "attributes": a, "sha256": hashlib.sha256(d).hexdigest()}
             for p, lb, c, a, d in zip(paths, labels, cameras, attrs, data)])
     except BaseException:
         for path in paths:
-            service.forget_upload(name, str(path))
+            service.uploads.forget(name, str(path))
         raise
 
 
 @router.post("/paths", status_code=201, response_model=ItemsAdded, summary="Add images from server paths")
 def add_paths(name: GalleryName, body: AddPaths, service: Writer):
     """Each path must lie under one of the server's allowed roots (``..`` and symlinks out are refused)."""
-    gallery = service.gallery(name)
-    service.require_compatible(gallery)
-    loaded = [service.image_from_path(item.path) for item in body.items]
+    gallery = service.registry.get(name)
+    service.registry.require_compatible(gallery)
+    loaded = [service.uploads.image_from_path(item.path) for item in body.items]
     return add_encoded(service, name, gallery, [image for image, _ in loaded], [
         {"path": str(real), "label": item.label, "camera": item.camera, "attributes": item.attributes}
         for item, (_, real) in zip(body.items, loaded)])
@@ -96,20 +96,20 @@ def add_paths(name: GalleryName, body: AddPaths, service: Writer):
 
 @router.get("/{item_id}", response_model=ItemOut, summary="An item's metadata")
 def get_item(name: GalleryName, item_id: ItemId, service: Reader):
-    return item_out(name, service.gallery(name).get([item_id])[0])
+    return item_out(name, service.registry.get(name).get([item_id])[0])
 
 
 @router.delete("/{item_id}", response_model=Deleted, summary="Delete an item")
 def delete_item(name: GalleryName, item_id: ItemId, service: Writer):
-    gallery = service.gallery(name)
+    gallery = service.registry.get(name)
     item = gallery.get([item_id])[0]
     gallery.remove([item_id])
-    service.forget_upload(name, item.path)
+    service.uploads.forget(name, item.path)
     return {"deleted": str(item_id)}
 
 
 @router.get("/{item_id}/thumbnail", response_class=Response, summary="A JPEG thumbnail of an item's image",
             responses={200: {"content": {"image/jpeg": {}}}})
 def thumbnail(name: GalleryName, item_id: ItemId, service: Reader):
-    jpeg = service.thumbnail_of(service.gallery(name).get([item_id])[0].path)
+    jpeg = service.uploads.thumbnail_of(service.registry.get(name).get([item_id])[0].path)
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

@@ -28,7 +28,7 @@ def readyz(request: Request):
     service = request.app.state.service
     loaded = service.ready.is_set()
     error = service.database_problem() if loaded else service.error  # None while still loading
-    body = {"ready": loaded and error is None, "galleries": len(service.galleries), "error": error}
+    body = {"ready": loaded and error is None, "galleries": len(service.registry or ()), "error": error}
     return body if body["ready"] else JSONResponse(body, status_code=503)
 
 

@@ -70,7 +70,7 @@ def run_search(service, gallery, vectors: np.ndarray, options: SearchOptions, qu
 def find(service, gallery, vectors: np.ndarray, k: int, options: SearchOptions, queries: list[dict]) -> list[list]:
     """The ``k`` best hits per query that pass the filters and the rules (store ``Hit`` objects)."""
     filters = options.filters.as_store_filters() if options.filters else None
-    return service.search(gallery, vectors, k, filters, [_rules(q, options.exclude_same_camera) for q in queries])
+    return service.registry.search(gallery, vectors, k, filters, [_rules(q, options.exclude_same_camera) for q in queries])
 
 
 def reranked(service, gallery, vectors: np.ndarray, options: SearchOptions, queries: list[dict]):
@@ -144,7 +144,7 @@ def search(name: GalleryName, body: SearchRequest, service: Reader):
     """A batch of queries, each a vector in the gallery network's space or an item id (the item
     itself is left out of its own hits)."""
     start = time.perf_counter()
-    gallery = service.gallery(name)
+    gallery = service.registry.get(name)
     by_item = [q.item_id for q in body.queries if q.item_id is not None]
     items = dict(zip(by_item, gallery.get(by_item))) if by_item else {}  # unknown ids: 404
     stored = dict(zip(by_item, item_vectors(gallery, by_item))) if by_item else {}
@@ -173,8 +173,8 @@ def search_image(name: GalleryName, service: Reader,
     for the same network); the gallery answers."""
     start = time.perf_counter()
     net = service.query_net(query_net)
-    gallery = service.gallery(name)
-    service.require_compatible(gallery)
+    gallery = service.registry.get(name)
+    service.registry.require_compatible(gallery)
     _, images = read_uploads(service, image)
     options = SearchOptions(k=k, filters=parse_filters(filters), exclude_same_camera=exclude_same_camera,
                             group_by_label=group_by_label, rerank=rerank)

@@ -51,12 +51,12 @@ def snapshot_out(snapshot: str, manifest: dict) -> dict:
 @router.post("/v1/galleries/{name}/snapshot", status_code=201, response_model=SnapshotOut,
              summary="Write a gallery to a new snapshot on the server")
 def create_snapshot(name: GalleryName, service: Writer):
-    return snapshot_out(*service.snapshot_gallery(name))
+    return snapshot_out(*service.registry.snapshot(name))
 
 
 @router.get("/v1/snapshots", response_model=SnapshotList, summary="The snapshots on the server")
 def list_snapshots(service: Reader):
-    folders = sorted(service.snapshots.glob("*/" + MANIFEST)) if service.snapshots.is_dir() else []
+    folders = sorted(service.registry.snapshots.glob("*/" + MANIFEST)) if service.registry.snapshots.is_dir() else []
     return {"snapshots": [snapshot_out(m.parent.name, read_json(m, "snapshot manifest")) for m in folders]}
 
 
@@ -64,5 +64,5 @@ def list_snapshots(service: Reader):
              summary="Restore a snapshot as a gallery (hashes verified; same gallery network only)")
 def restore(snapshot: SnapshotId, service: Writer, body: RestoreIn | None = None):
     body = body or RestoreIn()
-    name, count = service.restore_gallery(snapshot, body.name, body.replace)
+    name, count = service.registry.restore(snapshot, body.name, body.replace)
     return {"gallery": name, "count": count}
