@@ -33,25 +33,31 @@ class ServeConfig(BaseModel):
     pairs: list[Path] = Field(default_factory=list, description="more pairs whose query networks search the "
                                                                 "same gallery network's galleries, after 'pair'")
     galleries: Path = Field(Path("galleries"), description="folder of the gallery store")
-    db_url: str | None = Field(None, description="SQLAlchemy URL of the metadata; SQLite in the folder by default")
+    db_url: str | None = Field(None, description="SQLAlchemy URL of the metadata; SQLite in the folder by default",
+                               json_schema_extra={"flag": "--db"})
     backend: Literal["faiss", "milvus"] = Field("faiss", description="where galleries live: FAISS files + SQL "
                                                 "metadata, or Milvus (needs the [milvus] extra; docs/scale.md)")
     uri: str | None = Field(None, description="with backend milvus: a Milvus Lite file (default "
                                               "<galleries>/galleries.milvus.db) or http://host:19530")
     token: str | None = Field(None, description="with backend milvus: the server's token (user:password)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    api_keys: list[str] = Field(default_factory=list, description="keys accepted in the X-API-Key header")
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the networks run (auto: a GPU if any)")
+    api_keys: list[str] = Field(default_factory=list, description="a key accepted in the X-API-Key header "
+                                "(repeatable; also ASYMRET_API_KEYS, comma-separated, which keeps keys out of ps)",
+                                json_schema_extra={"flag": "--api-key"})
     keys_for_reads: bool = Field(False, description="ask for a key on reads (search, get) too, not just writes")
-    allowed_roots: list[Path] = Field(default_factory=list, description="folders items may be added from by path")
+    allowed_roots: list[Path] = Field(default_factory=list, description="a folder items may be added from by "
+                                      "server path (repeatable)", json_schema_extra={"flag": "--allow-root"})
     max_request_mb: float = Field(32.0, gt=0, description="largest request body (all uploads together)")
     max_image_mb: float = Field(16.0, gt=0, description="largest single image file")
     max_image_pixels: int = Field(40_000_000, gt=0, description="width x height limit, checked from the header")
-    image_formats: list[str] = Field(["JPEG", "PNG", "WEBP", "GIF", "BMP"], min_length=1)
+    image_formats: list[str] = Field(["JPEG", "PNG", "WEBP", "GIF", "BMP"], min_length=1,
+                                     description="an accepted image format, as PIL names it (repeatable)",
+                                     json_schema_extra={"flag": "--image-format"})
     max_batch: int = Field(32, ge=1, description="most query images encoded in one forward pass (1: no coalescing)")
     max_wait_ms: float = Field(2.0, ge=0, description="longest a query waits for others to join its batch")
-    thumbnail_px: int = Field(160, ge=16, le=1024)
+    thumbnail_px: int = Field(160, ge=16, le=1024, description="longer side of the thumbnails the page shows")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the networks (0: torch's default, one "
                                                    "per core); 1 suits a CPU shared with other work")
     runtime: Literal["torch", "onnx"] = Field("torch", description="what encodes the queries: PyTorch, or ONNX "

@@ -474,6 +474,41 @@ def test_serve_config_from_file_flags_and_env(tmp_path, monkeypatch):
         build_config(build_parser().parse_args(["serve", "--config", str(tmp_path / "typo.yaml")]))
 
 
+def test_every_serve_setting_is_a_flag_and_the_flag_sets_it(tmp_path):
+    """serve builds its flags from ServeConfig: each field (but the pairs, which --pair fills) has one, and a
+    value given on the command line arrives in that field, typed."""
+    import typing
+
+    from asymret.api.cli import build_parser
+    from asymret.api.commands.serve import SPECIAL, build_config
+    from asymret.api.settings import ServeConfig
+
+    argv, want = ["serve", "--pair", "p.pt"], {}
+    for name, field in ServeConfig.model_fields.items():
+        if name in SPECIAL:
+            continue
+        flag = (field.json_schema_extra or {}).get("flag") or "--" + name.replace("_", "-")
+        kind, args = field.annotation, typing.get_args(field.annotation)
+        if kind is bool:
+            argv.append(flag)
+            want[name] = True
+        elif typing.get_origin(kind) is typing.Literal:
+            argv += [flag, str(args[-1])]
+            want[name] = args[-1]
+        elif typing.get_origin(kind) is list:
+            value = "PNG" if name == "image_formats" else "x1"
+            argv += [flag, value]
+            want[name] = [args[0](value)]
+        else:
+            base = next((a for a in args if a is not type(None)), kind) if args else kind
+            value = {int: "70", float: "3.5"}.get(base, "v1")
+            argv += [flag, value]
+            want[name] = base(value)
+    want["backend"], argv[argv.index("--backend") + 1] = "faiss", "faiss"  # milvus would take --uri and --token
+    config = build_config(build_parser().parse_args(argv))
+    assert {name: getattr(config, name) for name in want} == want
+
+
 def test_serve_cli_refuses_a_missing_pair(tmp_path, capsys):
     from asymret.api.cli import main
 

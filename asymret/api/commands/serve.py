@@ -4,13 +4,45 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
+from pathlib import Path
 
-FLAGS = {  # flag -> ServeConfig key (--pair: below, it fills two keys)
-    "galleries": "galleries", "db": "db_url", "host": "host", "port": "port", "device": "device",
-    "api_key": "api_keys", "allow_root": "allowed_roots", "max_request_mb": "max_request_mb",
-    "max_image_pixels": "max_image_pixels", "max_batch": "max_batch", "max_wait_ms": "max_wait_ms",
-    "torch_threads": "torch_threads", "runtime": "runtime", "backend": "backend", "uri": "uri", "token": "token",
-}
+SPECIAL = ("pair", "pairs")  # --pair fills both (the first is the default query network)
+
+
+def _flag(name: str, field) -> str:
+    return (field.json_schema_extra or {}).get("flag") or "--" + name.replace("_", "-")
+
+
+def config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~asymret.api.settings.ServeConfig` field, its help the field's description and its
+    default, its type, choices and repetition from the field's annotation."""
+    from asymret.api.settings import ServeConfig
+
+    for name, field in ServeConfig.model_fields.items():
+        if name in SPECIAL:
+            continue
+        kind, args = field.annotation, typing.get_args(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        shown = f" (default {', '.join(map(str, default)) if isinstance(default, list) else default})" \
+            if default not in (None, [], False) else ""
+        options = {"dest": name, "help": f"{field.description}{shown}"}
+        if kind is bool:
+            options["action"] = "store_true"
+            options["default"] = None
+        elif typing.get_origin(kind) is typing.Literal:
+            options["choices"] = list(args)
+        else:
+            base = args[0] if typing.get_origin(kind) is list else next(
+                (a for a in args if a is not type(None)), kind) if args else kind
+            options.update(type=base, metavar=_metavar(_flag(name, field), base))
+            if typing.get_origin(kind) is list:
+                options["action"] = "append"
+        parser.add_argument(_flag(name, field), **options)
+
+
+def _metavar(flag: str, kind: type) -> str:
+    return {Path: "DIR", int: "N", float: "X"}.get(kind) or flag.rsplit("-", 1)[-1].upper()
 
 
 def register(subparsers) -> None:
@@ -25,29 +57,8 @@ def register(subparsers) -> None:
                         help="the pair file of asymret train; repeat it to serve several query networks trained "
                         "against the same gallery network (the first is the default; NAME, what requests call "
                         "it by, defaults to the pair's run name)")
-    parser.add_argument("--galleries", metavar="DIR", help="gallery store folder (default ./galleries)")
-    parser.add_argument("--db", metavar="URL", help="SQLAlchemy URL of the metadata (default: SQLite in DIR)")
-    parser.add_argument("--backend", choices=["faiss", "milvus"], help="where galleries live (default faiss: "
-                        "FAISS files + SQL metadata; milvus: docs/scale.md)")
-    parser.add_argument("--uri", metavar="URI", help="with --backend milvus: a Milvus Lite file (default "
-                        "DIR/galleries.milvus.db) or http://host:19530")
-    parser.add_argument("--token", metavar="T", help="with --backend milvus: the server's token (user:password)")
-    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the networks run (default auto: a GPU if any)")
-    parser.add_argument("--api-key", action="append", metavar="KEY", help="accept this X-API-Key (repeatable)")
-    parser.add_argument("--keys-for-reads", action="store_true", help="ask for an API key on reads too")
-    parser.add_argument("--allow-root", action="append", metavar="DIR",
-                        help="items may be added by server path from under DIR (repeatable)")
-    parser.add_argument("--max-request-mb", type=float, help="largest request body (default 32)")
-    parser.add_argument("--max-image-pixels", type=int, help="width x height limit per image (default 40M)")
-    parser.add_argument("--max-batch", type=int, help="most query images per forward pass (default 32)")
-    parser.add_argument("--max-wait-ms", type=float, help="longest a query waits for a batch (default 2)")
+    config_flags(parser)
     parser.add_argument("--no-coalesce", action="store_true", help="encode each query alone (max_batch 1)")
-    parser.add_argument("--torch-threads", type=int, help="intra-op threads of the networks (default: one per "
-                        "core; 1 on a CPU shared with other work)")
-    parser.add_argument("--runtime", choices=["torch", "onnx"], help="what encodes the queries: PyTorch (default) "
-                        "or ONNX Runtime on the query network exported at start-up (pip install \"asymret[onnx]\")")
     parser.set_defaults(func=run)
 
 
@@ -60,11 +71,9 @@ def build_config(args: argparse.Namespace):
     if args.pair:  # the flags replace the config file's pairs: the first is the default query network
         tree["pair"], tree["pairs"] = args.pair[0], args.pair[1:]
         origins["pair"] = origins["pairs"] = "command line"
-    for flag, key in FLAGS.items():
-        if getattr(args, flag) is not None:
-            tree[key], origins[key] = getattr(args, flag), "command line"
-    if args.keys_for_reads:
-        tree["keys_for_reads"] = True
+    for key in ServeConfig.model_fields:
+        if key not in SPECIAL and getattr(args, key, None) is not None:
+            tree[key], origins[key] = getattr(args, key), "command line"
     if args.no_coalesce:
         tree["max_batch"] = 1
     env_keys = [k.strip() for k in os.environ.get("ASYMRET_API_KEYS", "").split(",") if k.strip()]
