@@ -16,7 +16,7 @@ import numpy as np
 from asymret.errors import ConflictError, NotFoundError
 from asymret.index.rows import spec_hash
 from asymret.index.snapshot import read_manifest, restore_snapshot, write_snapshot
-from asymret.retrieval.gallery import describe_network, embedding_space
+from asymret.retrieval.sides import describe_network, embedding_space
 
 log = logging.getLogger("asymret.serve")
 SNAPSHOTS = "_snapshots"  # REST snapshots, under the galleries folder

@@ -59,7 +59,7 @@ class QueryNet:
 
 def space_difference(ours: dict, theirs: dict) -> str:
     """What differs between two gallery sides' network specs (:meth:`SideEncoder.network_spec`), in words."""
-    from asymret.retrieval.gallery import PROVENANCE
+    from asymret.retrieval.sides import PROVENANCE
 
     a = {k: v for k, v in ours["gallery_net"].items() if k not in PROVENANCE}
     b = {k: v for k, v in theirs["gallery_net"].items() if k not in PROVENANCE}
@@ -145,8 +145,8 @@ class Service:
 
     def _load_pairs(self) -> None:
         """Every pair of the config; all must share the first one's gallery side (spec, weights, whitening)."""
-        from asymret.retrieval.gallery import SideEncoder, embedding_space
         from asymret.retrieval.pair import load_pair
+        from asymret.retrieval.sides import SideEncoder, embedding_space
 
         nets: dict[str, QueryNet] = {}
         for name, path in self.config.pair_entries():

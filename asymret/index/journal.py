@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asymret.index.files import fsync_dir
+from asymret.files import fsync_dir
 
 MAGIC = b"AJR1"
 HEADER = struct.Struct("<QBII")

@@ -25,8 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from asymret.errors import ConflictError, DataError, InputError, NotFoundError
-from asymret.files import file_sha256
-from asymret.index.files import fsync_dir, read_json, write_json_atomic
+from asymret.files import file_sha256, fsync_dir, read_json, write_json_atomic
 from asymret.index.store import Gallery, GalleryStore
 from asymret.index.vectors import VectorIndex, sidecar_path
 

@@ -52,8 +52,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
+from asymret.files import fsync_dir, read_json
 from asymret.index.backend import exclusion_rules, search_excluding
-from asymret.index.files import fsync_dir, read_json
 from asymret.index.journal import ADD, REMOVE, Journal
 from asymret.index.migrate import upgrade
 from asymret.index.rows import (

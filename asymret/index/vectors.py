@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 
 from asymret.errors import ConfigError, ConflictError, DataError, InputError
-from asymret.index.files import atomic_write, read_json, write_json_atomic
+from asymret.files import atomic_write, read_json, write_json_atomic
 from asymret.index.topk import topk_inner_product, topk_inner_product_torch
 
 log = logging.getLogger(__name__)

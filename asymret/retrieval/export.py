@@ -157,7 +157,7 @@ def export_onnx(encoder, path, whitening=None, opset: int = DEFAULT_OPSET, meta:
     import torch
 
     onnx = _require("onnx")
-    from asymret.retrieval.gallery import SideEncoder, embedding_space
+    from asymret.retrieval.sides import SideEncoder, embedding_space
 
     spec = encoder.spec
     check_exportable(spec)

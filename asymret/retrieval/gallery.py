@@ -35,14 +35,13 @@ into a :class:`~asymret.index.Gallery` (FAISS index + SQL metadata) that query n
   decode (:mod:`asymret.retrieval.dedupe`); the positions kept are in the plan (``keep``), so a rerun
   resumes the same job. :func:`abort_pending` drops an unfinished job (its items stay).
 
-Over 450 lines on purpose: the plan, the shards and the merge are one resumable job whose rerun rules
-(what a killed build or add resumes, when it is another job) must be read together.
+What one side of a pair is and records is in :mod:`asymret.retrieval.sides`; what a build reads, in
+:mod:`asymret.retrieval.datasets.inputs`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import logging
@@ -50,7 +49,6 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -58,26 +56,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asymret import runtime
-from asymret.config import load_tree, validate
 from asymret.errors import ConflictError, DataError, InputError
 from asymret.files import atomic_write, read_json, write_json_atomic
 from asymret.index.backend import GalleryBackend as Gallery
 from asymret.index.backend import StoreBackend as GalleryStore
 from asymret.retrieval.cache import records_fingerprint
-from asymret.retrieval.datasets import (
-    IMAGE_EXTENSIONS,
-    CsvDataset,
-    RevisitedDataset,
-    read_lines,
-    require_files,
-)
 from asymret.retrieval.dedupe import record_sha256, select_new
-from asymret.retrieval.encode import encode_images, encode_records
-from asymret.retrieval.encoders import Encoder, create_encoder
-from asymret.retrieval.pair import Pair, weights_hash
 from asymret.retrieval.records import ImageRecord
-from asymret.retrieval.specs import EncoderSpec
-from asymret.retrieval.whitening import Whitening
+from asymret.retrieval.sides import SideEncoder, check_space, embedding_space
 
 log = logging.getLogger(__name__)
 
@@ -89,121 +75,10 @@ BUILD_DIR, PLAN, JOB_LOCK = "build", "plan.json", "job.lock"
 # plan keys a rerun does not compare: where the ids start, and which records (and so how many) an
 # add kept after skipping those already stored or undecodable
 DERIVED = ("first_id", "keep", "count", "skipped_stored", "skipped_bad")
-PROVENANCE = ("weights", "pretrained")  # where an encoder's weights came from, not what it computes
 BARRIER_TIMEOUT = timedelta(hours=24)  # ranks wait at a barrier while the slowest encodes its shards
 
 
-# ------------------------------------------------------------------------------------------ sides
-@dataclass
-class SideEncoder:
-    """One side of a pair: its encoder, then the gallery network's whitening when the pair has one."""
-
-    encoder: Encoder
-    whitening: Whitening | None = None
-
-    @classmethod
-    def gallery(cls, pair: Pair) -> SideEncoder:
-        return cls(pair.gallery_net, pair.whitening)
-
-    @classmethod
-    def query(cls, pair: Pair) -> SideEncoder:
-        return cls(pair.query_net, pair.whitening)
-
-    @property
-    def dim(self) -> int:
-        return self.whitening.dim if self.whitening is not None else self.encoder.dim
-
-    def whiten(self, x: np.ndarray) -> np.ndarray:
-        return self.whitening(x) if self.whitening is not None else x
-
-    def encode_records(self, records: Sequence[ImageRecord], **kw) -> np.ndarray:
-        return self.whiten(encode_records(self.encoder, records, **kw))
-
-    def encode_images(self, images, device=None) -> np.ndarray:
-        return self.whiten(encode_images(self.encoder, images, device=device))
-
-    def network_spec(self) -> dict:
-        """What a gallery stores about the network that encoded it: spec and content hashes."""
-        w = self.whitening
-        whitening = None
-        if w is not None:
-            digest = hashlib.sha256(w.m.cpu().numpy().tobytes() + w.P.cpu().numpy().tobytes()).hexdigest()
-            whitening = {"kind": w.kind, "dim": w.dim, "sha256": digest}
-        return {"gallery_net": self.encoder.spec.model_dump(mode="json"),
-                "weights_sha256": weights_hash(self.encoder), "whitening": whitening}
-
-
-def embedding_space(network_spec: dict) -> str:
-    """A hash of what fixes the embedding space (architecture, input spec, weights, whitening), not
-    of where the weights were read from: equal hashes, interchangeable embeddings."""
-    spec = {k: v for k, v in network_spec["gallery_net"].items() if k not in PROVENANCE}
-    return hashlib.sha256(json.dumps({**network_spec, "gallery_net": spec}, sort_keys=True).encode()).hexdigest()
-
-
-def _ours(network_spec: dict | None) -> bool:
-    """Whether ``network_spec`` was written by :meth:`SideEncoder.network_spec` (not by another tool)."""
-    return isinstance(network_spec, dict) and {"gallery_net", "weights_sha256", "whitening"} <= set(network_spec)
-
-
-def describe_network(network_spec: dict | None) -> str:
-    if not _ours(network_spec):
-        return f"unknown network ({json.dumps(network_spec)[:80] if network_spec else 'built from precomputed embeddings'})"
-    net, white = network_spec["gallery_net"], network_spec["whitening"]
-    return (f"{net['backbone']} at {net['input']['size']} px, weights {network_spec['weights_sha256'][:12]}"
-            + (f", {white['kind']} whitening to {white['dim']}-d" if white else ""))
-
-
-def check_space(gallery: Gallery, side: SideEncoder) -> None:
-    """ConflictError unless ``side`` (a pair's gallery side) encodes into the space ``gallery`` holds."""
-    if not _ours(gallery.network_spec):
-        log.warning("gallery '%s' records no gallery network; cannot check that the pair fits it", gallery.name)
-        return
-    ours = side.network_spec()
-    if embedding_space(gallery.network_spec) != embedding_space(ours):
-        raise ConflictError(f"gallery '{gallery.name}' was encoded by {describe_network(gallery.network_spec)}, "
-                            f"but this pair's gallery network is {describe_network(ours)}; use the pair "
-                            "whose gallery network built the gallery, or rebuild it")
-
-
-def gallery_encoder(spec_path, weights=None) -> Encoder:
-    """An encoder from a YAML spec (an encoder spec, or any config with a ``gallery_net`` section);
-    ``weights`` (a local checkpoint) overrides the spec's ``weights``."""
-    tree, _ = load_tree(spec_path)
-    tree = tree.get("gallery_net", tree)
-    if weights is not None:
-        tree = {**tree, "weights": str(Path(weights).expanduser())}
-    return create_encoder(validate(tree, EncoderSpec, source=str(spec_path))).eval()
-
-
-# ------------------------------------------------------------------------------------------ inputs
-def read_images(source) -> list[ImageRecord]:
-    """Records of a folder, a list file, a CSV ``path,label[,camera]`` or a ``gnd_*.pkl`` (see module doc)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _folder(path)
-    if not path.is_file():
-        raise DataError(f"images not found: {path}; give a folder, a list file (one path per line), "
-                        "a CSV path,label[,camera] or a gnd_*.pkl")
-    if path.suffix.lower() == ".csv":
-        return list(CsvDataset(path))
-    if path.suffix == ".pkl":
-        return list(RevisitedDataset(path.parent, name=path.stem.removeprefix("gnd_")).database)
-    lines = [line for line in read_lines(path, "image list (one path per line)") if line and not line.startswith("#")]
-    paths = [path.parent / line for line in lines]
-    if not paths:
-        raise DataError(f"{path} lists no images; write one image path per line")
-    require_files(paths, path, f"relative paths are read from {path.parent}")
-    return [ImageRecord(p) for p in paths]
-
-
-def _folder(root: Path) -> list[ImageRecord]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
-        raise DataError(f"no images in {root} ({', '.join(IMAGE_EXTENSIONS)}); point --images at the image folder")
-    return [ImageRecord(p, identity=p.relative_to(root).parts[0] if p.parent != root else None) for p in files]
-
-
+# -------------------------------------------------------------------------------------- building
 def item_rows(records: Sequence[ImageRecord]) -> list[dict]:
     """The metadata row of each record: absolute path, label (the dataset's own), camera, and the
     SHA-256 of the file's bytes (what makes a rerun of an add skip it: :mod:`asymret.retrieval.dedupe`)."""
@@ -211,27 +86,6 @@ def item_rows(records: Sequence[ImageRecord]) -> list[dict]:
              "sha256": record_sha256(r)} for r in records]
 
 
-def read_item_rows(path) -> list[dict]:
-    """Rows of a metadata CSV whose header names any of ``path,label,camera`` (other columns become
-    the item's attributes), for a gallery built from precomputed embeddings."""
-    path = Path(path).expanduser()
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise DataError(f"{path} is empty; its first line must be a header such as path,label,camera")
-            rows = [{k.strip(): (v.strip() if isinstance(v, str) and v.strip() else None)
-                     for k, v in row.items() if k} for row in reader]
-    except (FileNotFoundError, IsADirectoryError):
-        raise DataError(f"metadata CSV not found: {path}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; save the CSV as UTF-8") from None
-    keys = ("path", "label", "camera")
-    return [{**{k: row.pop(k, None) for k in keys}, "attributes": {k: v for k, v in row.items() if v is not None}}
-            for row in rows]
-
-
-# -------------------------------------------------------------------------------------- building
 def dba_settings(dba, k: int | None = None, alpha: float | None = None) -> dict | None:
     """The database-side augmentation a build applies: ``{"k", "alpha"}`` (defaults of
     :mod:`asymret.retrieval.rerank`), or None without ``dba``; bad settings fail before any encoding."""

@@ -12,8 +12,8 @@ pytest.importorskip("onnxruntime")
 from asymret.api.cli import main
 from asymret.retrieval.encoders import create_encoder
 from asymret.retrieval.export import OnnxEncoder
-from asymret.retrieval.gallery import SideEncoder, embedding_space
 from asymret.retrieval.pair import load_pair, save_pair
+from asymret.retrieval.sides import SideEncoder, embedding_space
 from asymret.retrieval.whitening import Whitening
 from tests.api.servekit import GALLERY_SPEC, QUERY_SPEC, make_pair, photo
 

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from asymret import files  # the module itself (asymret.index.files re-exports it)
+from asymret import files
 from asymret.errors import DataError
-from asymret.index.files import atomic_write, read_json, write_json_atomic
+from asymret.files import atomic_write, read_json, write_json_atomic
 from asymret.index.vectors import VectorIndex
 
 from .conftest import unit

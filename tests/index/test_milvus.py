@@ -178,16 +178,16 @@ def test_backends_agree_on_every_result(tmp_path, lite):
 def test_mismatched_pair_is_refused_on_both(store):
     import torch
 
-    from asymret.retrieval import gallery as gb
+    from asymret.retrieval import sides
     from asymret.retrieval.encoders import create_encoder
 
     spec = {"backbone": "mobilenetv2_035", "dim": 8, "input": {"size": 32}}
     torch.manual_seed(0)
-    ours, other = gb.SideEncoder(create_encoder(spec)), gb.SideEncoder(create_encoder(spec))
+    ours, other = sides.SideEncoder(create_encoder(spec)), sides.SideEncoder(create_encoder(spec))
     with store.create("net", 8, network_spec=ours.network_spec()) as gallery:
-        gb.check_space(gallery, ours)
+        sides.check_space(gallery, ours)
         with pytest.raises(ConflictError, match="rebuild it"):
-            gb.check_space(gallery, other)
+            sides.check_space(gallery, other)
 
 
 def test_approximate_indexes_map_and_find_the_neighbours(tmp_path, lite):

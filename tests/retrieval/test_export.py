@@ -19,8 +19,8 @@ import onnx
 from asymret.errors import ConfigError, DataError, InputError, NotFoundError
 from asymret.retrieval.encoders import create_encoder
 from asymret.retrieval.export import OnnxEncoder, export_onnx, read_metadata
-from asymret.retrieval.gallery import SideEncoder, embedding_space
 from asymret.retrieval.pair import load_pair, save_pair, weights_hash
+from asymret.retrieval.sides import SideEncoder, embedding_space
 from asymret.retrieval.whitening import Whitening
 
 TOL = 1e-4

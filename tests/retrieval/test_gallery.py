@@ -19,7 +19,8 @@ from PIL import Image
 from asymret.errors import ConflictError, DataError, InputError
 from asymret.index import GalleryStore
 from asymret.retrieval import gallery as gb
-from asymret.retrieval import metrics
+from asymret.retrieval import metrics, sides
+from asymret.retrieval.datasets import inputs
 from asymret.retrieval.encoders import create_encoder
 from asymret.retrieval.evaluate import index_ranking
 from asymret.retrieval.pair import load_pair, save_pair
@@ -55,13 +56,13 @@ def pair_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def side(pair_file):
-    return gb.SideEncoder.gallery(load_pair(pair_file))
+    return sides.SideEncoder.gallery(load_pair(pair_file))
 
 
 @pytest.fixture(scope="module")
 def reference(side, folder):
     """Each image alone through the gallery network, whitened in numpy: ``l2n(P (x - m))``."""
-    records = gb.read_images(folder)
+    records = inputs.read_images(folder)
     x = np.concatenate([side.encoder.encode_batch(side.encoder.transform(load_image(r))[None]).numpy()
                         for r in records]).astype(np.float64)
     m, P = side.whitening.m.numpy(), side.whitening.P.numpy()
@@ -86,7 +87,7 @@ def stored(store, name):
 
 # ------------------------------------------------------------------------------------------ inputs
 def test_read_images_folder_list_csv_and_gnd(folder, tmp_path):
-    records = gb.read_images(folder)
+    records = inputs.read_images(folder)
     assert [r.path.name for r in records] == [f"img{i}.png" for i in range(8)]  # a/, b/, then the top level
     assert [r.identity for r in records] == ["a"] * 4 + ["b"] * 3 + [None]
     rows = gb.item_rows(records)
@@ -95,11 +96,11 @@ def test_read_images_folder_list_csv_and_gnd(folder, tmp_path):
 
     listing = tmp_path / "list.txt"  # absolute paths, and paths relative to the list's folder
     listing.write_text(f"# database\n{folder / 'a' / 'img1.png'}\n\n{os.path.relpath(folder, tmp_path)}/b/img5.png\n")
-    assert [r.path.resolve() for r in gb.read_images(listing)] == [folder / "a" / "img1.png", folder / "b" / "img5.png"]
+    assert [r.path.resolve() for r in inputs.read_images(listing)] == [folder / "a" / "img1.png", folder / "b" / "img5.png"]
 
     table = tmp_path / "items.csv"
     table.write_text(f"path,label,camera\n{folder}/b/img6.png,car7,3\n{folder}/img7.png,car2,1\n")
-    assert [(r.path.name, r.identity, r.camera) for r in gb.read_images(table)] == [
+    assert [(r.path.name, r.identity, r.camera) for r in inputs.read_images(table)] == [
         ("img6.png", "car7", 3), ("img7.png", "car2", 1)]
 
     bench = tmp_path / "bench"
@@ -108,24 +109,24 @@ def test_read_images_folder_list_csv_and_gnd(folder, tmp_path):
         Image.new("RGB", (16, 16)).save(bench / "jpg" / f"{name}.jpg")
     gnd = {"imlist": ["y", "x"], "qimlist": ["q"], "gnd": [{"bbx": [0, 0, 8, 8], "easy": [1], "hard": [], "junk": []}]}
     (bench / "gnd_bench.pkl").write_bytes(pickle.dumps(gnd))
-    assert [r.path.name for r in gb.read_images(bench / "gnd_bench.pkl")] == ["y.jpg", "x.jpg"]  # imlist order
+    assert [r.path.name for r in inputs.read_images(bench / "gnd_bench.pkl")] == ["y.jpg", "x.jpg"]  # imlist order
 
 
 def test_read_images_errors(tmp_path):
     with pytest.raises(DataError, match="images not found"):
-        gb.read_images(tmp_path / "nowhere")
+        inputs.read_images(tmp_path / "nowhere")
     listing = tmp_path / "list.txt"
     listing.write_text("missing1.jpg\nmissing2.jpg\n")
     with pytest.raises(DataError, match="2 of 2 images named in .* are missing"):
-        gb.read_images(listing)
+        inputs.read_images(listing)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images in"):
-        gb.read_images(tmp_path / "empty")
+        inputs.read_images(tmp_path / "empty")
 
 
 # -------------------------------------------------------------------------------------- building
 def test_sharded_build_equals_encoding_each_image_alone(store, side, folder, reference):
-    records = gb.read_images(folder)
+    records = inputs.read_images(folder)
     summary = gb.build_gallery(store, "g", side, records, shard_size=3, **ENCODE)
     assert (summary["count"], summary["encoded"], summary["added"], summary["dim"]) == (8, 8, 8, 6)
     ids, vectors, rows = stored(store, "g")
@@ -136,7 +137,7 @@ def test_sharded_build_equals_encoding_each_image_alone(store, side, folder, ref
     with store.open("g", readonly=True) as gallery:
         spec = gallery.network_spec
     assert spec["gallery_net"]["input"]["size"] == 32 and spec["whitening"]["dim"] == 6
-    assert gb.embedding_space(spec) == gb.embedding_space(side.network_spec())
+    assert sides.embedding_space(spec) == sides.embedding_space(side.network_spec())
     with pytest.raises(ConflictError, match="already exists"):
         gb.build_gallery(store, "g", side, records, **ENCODE)
 
@@ -145,9 +146,11 @@ KILLED_BUILD = textwrap.dedent("""
     import os, signal, sys
     from asymret.index import GalleryStore
     from asymret.retrieval import gallery as gb
+    from asymret.retrieval import sides
+    from asymret.retrieval.datasets import inputs
     from asymret.retrieval.pair import load_pair
 
-    real, calls = gb.encode_records, []
+    real, calls = sides.encode_records, []
 
     def dies_on_third_shard(*args, **kw):
         calls.append(1)
@@ -155,9 +158,9 @@ KILLED_BUILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kw)
 
-    gb.encode_records = dies_on_third_shard
+    sides.encode_records = dies_on_third_shard
     root, pair, images = sys.argv[1:]
-    gb.build_gallery(GalleryStore(root), "g", gb.SideEncoder.gallery(load_pair(pair)), gb.read_images(images),
+    gb.build_gallery(GalleryStore(root), "g", sides.SideEncoder.gallery(load_pair(pair)), inputs.read_images(images),
                      shard_size=2, num_workers=0, progress=False)
 """)
 
@@ -171,14 +174,14 @@ def test_killed_build_resumes_without_encoding_done_shards_again(store, side, fo
     assert (pending["shards"], pending["shards_done"], pending["kind"]) == (4, 2, "build")
 
     encoded = []
-    real = gb.encode_records
+    real = sides.encode_records
 
     def recording(encoder, records, **kw):
         encoded.extend(r.path.name for r in records)
         return real(encoder, records, **kw)
 
-    monkeypatch.setattr(gb, "encode_records", recording)
-    summary = gb.build_gallery(store, "g", side, gb.read_images(folder), shard_size=2, **ENCODE)
+    monkeypatch.setattr(sides, "encode_records", recording)
+    summary = gb.build_gallery(store, "g", side, inputs.read_images(folder), shard_size=2, **ENCODE)
     assert encoded == [f"img{i}.png" for i in range(4, 8)]  # shards 0 and 1 came from disk
     assert (summary["encoded"], summary["added"], summary["count"]) == (4, 8, 8)
     ids, vectors, _ = stored(store, "g")
@@ -191,15 +194,15 @@ def test_unfinished_build_of_another_job_is_refused(store, side, folder, monkeyp
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gb, "encode_records", interrupted)
+    monkeypatch.setattr(sides, "encode_records", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        gb.build_gallery(store, "g", side, gb.read_images(folder), shard_size=2, **ENCODE)
+        gb.build_gallery(store, "g", side, inputs.read_images(folder), shard_size=2, **ENCODE)
     with pytest.raises(ConflictError, match=r"unfinished build of another job \(its shard_size differ"):
-        gb.build_gallery(store, "g", side, gb.read_images(folder), shard_size=4, **ENCODE)
+        gb.build_gallery(store, "g", side, inputs.read_images(folder), shard_size=4, **ENCODE)
 
 
 def test_add_takes_new_ids_and_refuses_another_gallery_network(store, side, folder, reference):
-    records = gb.read_images(folder)
+    records = inputs.read_images(folder)
     gb.build_gallery(store, "g", side, records[:5], **ENCODE)
     with store.open("g") as gallery:
         gallery.remove([4])  # the largest id: its number must not be given out again
@@ -210,7 +213,7 @@ def test_add_takes_new_ids_and_refuses_another_gallery_network(store, side, fold
     np.testing.assert_allclose(vectors, reference[[0, 1, 2, 3, 5, 6, 7]], atol=1e-5)
     assert [row[0] for row in rows[4:]] == [str(r.path) for r in records[5:]]
 
-    other = gb.SideEncoder(create_encoder(EncoderSpec(backbone="resnet10t", dim=6, input=InputSpec(size=32))))
+    other = sides.SideEncoder(create_encoder(EncoderSpec(backbone="resnet10t", dim=6, input=InputSpec(size=32))))
     with pytest.raises(ConflictError, match="was encoded by resnet10t at 32 px.*pca whitening to 6-d"):
         gb.add_images(store, "g", other, records, **ENCODE)
 
@@ -224,7 +227,7 @@ def test_build_from_embeddings_trains_ivf_and_keeps_rows(store, tmp_path):
         writer = csv.writer(f)
         writer.writerow(["path", "label", "camera", "city"])
         writer.writerows([f"img{i}.jpg", f"id{i % 7}", "" if i % 2 else "c1", "paris"] for i in range(400))
-    rows = gb.read_item_rows(meta)
+    rows = inputs.read_item_rows(meta)
     assert rows[1] == {"path": "img1.jpg", "label": "id1", "camera": None, "attributes": {"city": "paris"}}
     with pytest.raises(InputError, match="400 embeddings but 399 metadata rows"):
         gb.build_from_embeddings(store, "e", x, rows[:-1], progress=False)
@@ -254,7 +257,7 @@ def dba_direct(x, k=3, alpha=3.0):
 
 
 def test_dba_is_applied_once_at_build_and_recorded(store, side, folder, reference, caplog):
-    records = gb.read_images(folder)
+    records = inputs.read_images(folder)
     with pytest.raises(InputError, match="positive integer"):
         gb.dba_settings(True, k=0)
     with pytest.raises(InputError, match="add --dba"):

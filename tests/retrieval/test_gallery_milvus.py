@@ -17,6 +17,8 @@ import pytest
 
 from asymret.index.backend import open_store
 from asymret.retrieval import gallery as gb
+from asymret.retrieval import sides
+from asymret.retrieval.datasets import inputs
 
 from .test_gallery import ENCODE, folder, pair_file, reference, side  # noqa: F401  (fixtures)
 
@@ -85,12 +87,12 @@ def test_torchrun_ranks_write_directly_what_one_faiss_process_builds(server, sto
     assert n == 8
     np.testing.assert_allclose(vectors, reference, atol=1e-5)
     with open_store("faiss", tmp_path / "faiss") as faiss_store:
-        gb.build_gallery(faiss_store, "one", side, gb.read_images(folder), shard_size=3, **ENCODE)
+        gb.build_gallery(faiss_store, "one", side, inputs.read_images(folder), shard_size=3, **ENCODE)
         with faiss_store.open("one", readonly=True) as one:
             assert rows == [(i.path, i.label, i.camera) for i in one.get(np.arange(8))]
             np.testing.assert_allclose(one.vectors(np.arange(8)), vectors, atol=1e-6)
     with store.open("two", readonly=True) as gallery:
-        assert gallery.next_id == 8 and gb.embedding_space(gallery.network_spec) == gb.embedding_space(
+        assert gallery.next_id == 8 and sides.embedding_space(gallery.network_spec) == sides.embedding_space(
             side.network_spec())
     assert not (tmp_path / "scratch" / "two" / "build").exists()
 
@@ -99,9 +101,11 @@ KILLED_BUILD = textwrap.dedent("""
     import os, signal, sys
     from asymret.index.backend import open_store
     from asymret.retrieval import gallery as gb
+    from asymret.retrieval import sides
+    from asymret.retrieval.datasets import inputs
     from asymret.retrieval.pair import load_pair
 
-    real, calls = gb.encode_records, []
+    real, calls = sides.encode_records, []
 
     def dies_on_third_shard(*args, **kw):
         calls.append(1)
@@ -109,10 +113,10 @@ KILLED_BUILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kw)
 
-    gb.encode_records = dies_on_third_shard
+    sides.encode_records = dies_on_third_shard
     root, uri, pair, images = sys.argv[1:]
-    gb.build_gallery(open_store("milvus", root, uri=uri), "g", gb.SideEncoder.gallery(load_pair(pair)),
-                     gb.read_images(images), shard_size=2, num_workers=0, progress=False)
+    gb.build_gallery(open_store("milvus", root, uri=uri), "g", sides.SideEncoder.gallery(load_pair(pair)),
+                     inputs.read_images(images), shard_size=2, num_workers=0, progress=False)
 """)
 
 
@@ -127,14 +131,14 @@ def test_killed_build_resumes_without_duplicating_or_losing_an_item(server, stor
         assert len(gallery) == 4 and gallery.next_id == 8  # two shards in, all eight ids reserved
 
     encoded = []
-    real = gb.encode_records
+    real = sides.encode_records
 
     def recording(encoder, records, **kw):
         encoded.extend(r.path.name for r in records)
         return real(encoder, records, **kw)
 
-    monkeypatch.setattr(gb, "encode_records", recording)
-    summary = gb.build_gallery(store, "g", side, gb.read_images(folder), shard_size=2, **ENCODE)
+    monkeypatch.setattr(sides, "encode_records", recording)
+    summary = gb.build_gallery(store, "g", side, inputs.read_images(folder), shard_size=2, **ENCODE)
     assert encoded == [f"img{i}.png" for i in range(4, 8)]  # shards 0 and 1 were in Milvus already
     assert (summary["encoded"], summary["count"]) == (4, 8)
     ids, vectors, _, n = stored(store, "g")

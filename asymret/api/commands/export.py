@@ -26,8 +26,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from asymret.retrieval.export import DEFAULT_OPSET, OnnxEncoder, export_onnx
-    from asymret.retrieval.gallery import SideEncoder, embedding_space
     from asymret.retrieval.pair import load_pair
+    from asymret.retrieval.sides import SideEncoder, embedding_space
 
     pair = load_pair(args.pair)
     encoder = pair.query_net if args.side == "query" else pair.gallery_net

@@ -122,7 +122,7 @@ def _store(args, *, create: bool = True):
 
 def _gallery_side(args, device):
     """The gallery side from --pair or --gallery-net [--weights]; None when neither is given."""
-    from asymret.retrieval import gallery as gb
+    from asymret.retrieval import sides
     from asymret.retrieval.pair import load_pair
 
     if args.pair and args.gallery_net:
@@ -130,9 +130,9 @@ def _gallery_side(args, device):
     if args.weights and not args.gallery_net:
         raise InputError("--weights goes with --gallery-net SPEC.yaml (a pair file holds its own weights)")
     if args.pair:
-        return gb.SideEncoder.gallery(load_pair(args.pair, device=device))
+        return sides.SideEncoder.gallery(load_pair(args.pair, device=device))
     if args.gallery_net:
-        return gb.SideEncoder(gb.gallery_encoder(args.gallery_net, args.weights).to(device))
+        return sides.SideEncoder(sides.gallery_encoder(args.gallery_net, args.weights).to(device))
     return None
 
 
@@ -144,7 +144,7 @@ def _encode_args(args, device) -> dict:
 
 
 def _images_and_side(args):
-    from asymret.retrieval import gallery as gb
+    from asymret.retrieval.datasets import inputs
     from asymret.runtime import resolve_device
 
     device = resolve_device(args.device, setting="--device", fix="use --device cpu or auto")
@@ -152,11 +152,12 @@ def _images_and_side(args):
     if side is None:
         raise InputError("encoding images needs the gallery network: --pair PAIR.pt, or --gallery-net "
                          "SPEC.yaml --weights W.pt")
-    return gb.read_images(args.images), side, device
+    return inputs.read_images(args.images), side, device
 
 
 def run_build(args: argparse.Namespace) -> int:
     from asymret.retrieval import gallery as gb
+    from asymret.retrieval.datasets import inputs
 
     if bool(args.images) == bool(args.embeddings):
         raise InputError("give --images DIR|LIST|CSV to encode, or --embeddings X.npy to load (one of them)")
@@ -168,7 +169,7 @@ def run_build(args: argparse.Namespace) -> int:
         with _store(args) as store:
             summary = gb.build_from_embeddings(
                 store, args.name, load_features(args.embeddings, "embeddings"),
-                gb.read_item_rows(args.meta) if args.meta else None, factory=args.factory,
+                inputs.read_item_rows(args.meta) if args.meta else None, factory=args.factory,
                 network_spec=side.network_spec() if side is not None else None, progress=sys.stderr.isatty(),
                 dba=dba)
     else:
@@ -258,6 +259,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from asymret.retrieval import gallery as gb
+    from asymret.retrieval import sides
 
     with _store(args, create=False) as store, store.open(args.name, readonly=True) as gallery:
         info = {**gallery.info(), "pending_build": gb.pending_build(store, args.name)}
@@ -268,7 +270,7 @@ def run_info(args: argparse.Namespace) -> int:
              f"Milvus {info['index']['type']} in collection {info['index']['collection']} at {info['index']['uri']}")
     print(f"gallery '{info['name']}': {info['count']:,} items, {info['dim']}-d, index {info['factory']} "
           f"({info['metric']}), {where}")
-    print(f"  gallery network: {gb.describe_network(info['network_spec'])}")
+    print(f"  gallery network: {sides.describe_network(info['network_spec'])}")
     for step, settings in info["processing"].items():
         print(f"  vectors processed before adding: {step} ({', '.join(f'{k}={v}' for k, v in settings.items())})")
     print(f"  created {info['created_at']}, updated {info['updated_at']}")
@@ -310,7 +312,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 def _encode_query(args, gallery):
     """The query image through the pair's query network (and the gallery network's whitening)."""
-    from asymret.retrieval import gallery as gb
+    from asymret.retrieval import sides
     from asymret.retrieval.pair import load_pair
     from asymret.retrieval.records import ImageRecord, load_image
     from asymret.runtime import resolve_device
@@ -327,9 +329,9 @@ def _encode_query(args, gallery):
             raise InputError(f"--bbx must be four numbers x1,y1,x2,y2 in pixels; got '{args.bbx}'")
     device = resolve_device(args.device, setting="--device", fix="use --device cpu or auto")
     pair = load_pair(args.pair, device=device)
-    gb.check_space(gallery, gb.SideEncoder.gallery(pair))
+    sides.check_space(gallery, sides.SideEncoder.gallery(pair))
     image = load_image(ImageRecord(Path(args.image), split="query", bbx=bbx))
-    return gb.SideEncoder.query(pair).encode_images([image], device=device)
+    return sides.SideEncoder.query(pair).encode_images([image], device=device)
 
 
 def run_list(args: argparse.Namespace) -> int:

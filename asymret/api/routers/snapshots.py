@@ -12,7 +12,7 @@ from pydantic import Field
 
 from asymret.api.routers.deps import GalleryName, Reader, Writer
 from asymret.api.schemas import GALLERY_NAME, In, Out
-from asymret.index.files import read_json
+from asymret.files import read_json
 from asymret.index.snapshot import MANIFEST
 
 router = APIRouter(tags=["snapshots"])
