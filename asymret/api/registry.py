@@ -108,7 +108,7 @@ class GalleryRegistry:
 
     def compatible(self, gallery) -> bool:
         """Whether this pair's gallery side encodes into ``gallery``'s space (architecture, input, weights,
-        whitening: :func:`~asymret.retrieval.gallery.embedding_space`); a gallery built from bare vectors
+        whitening: :func:`~asymret.retrieval.sides.embedding_space`); a gallery built from bare vectors
         records no network, and only its dimension can be checked."""
         spec = gallery.network_spec
         if gallery.dim != self.dim:

@@ -5,7 +5,7 @@ Asymmetric retrieval at serve time: the GALLERY network encodes the items added 
 it encoded the offline database), a small QUERY network encodes every query image, and both land
 in one space, whitened by the pair's whitening when it has one (AML's asymmetric test setting).
 Several pairs may be served together when they share the gallery network (the same
-:func:`~asymret.retrieval.gallery.embedding_space`): each query network trained against it (a phone-size
+:func:`~asymret.retrieval.sides.embedding_space`): each query network trained against it (a phone-size
 one, a server-size one) searches the same galleries, and a request names the one it wants.
 Query encodes are coalesced into batches by one :class:`~asymret.api.batcher.Batcher` per query
 network, so a batch never mixes networks.

@@ -1,16 +1,20 @@
-"""Which FAISS factory string fits a collection: its size, dimension and a memory budget (as autofaiss picks).
+"""Which FAISS factory string fits a collection: its size, dimension and a memory budget (as autofaiss picks);
+and the Milvus index each factory string becomes.
 
 Used by ``asymret index build --memory-budget`` and by every gallery backend that takes a factory string.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import NamedTuple
 
-from asymret.errors import InputError
+from asymret.errors import ConfigError, InputError
 from asymret.index.vectors import default_nprobe
+
+log = logging.getLogger(__name__)
 
 
 class IndexRecommendation(NamedTuple):
@@ -77,3 +81,24 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return ""
+
+
+def milvus_index(factory: str) -> tuple[str, dict]:
+    """The Milvus index type and build parameters of a FAISS factory string, so that one recommendation (and one
+    ``--factory``) serves both backends (:mod:`asymret.index.milvus`)."""
+    f = factory.replace(" ", "")
+    if f == "Flat":
+        return "FLAT", {}
+    if m := re.fullmatch(r"IVF(\d+),Flat", f):
+        return "IVF_FLAT", {"nlist": int(m[1])}
+    if m := re.fullmatch(r"IVF(\d+),SQ8", f):
+        return "IVF_SQ8", {"nlist": int(m[1])}
+    if m := re.fullmatch(r"IVF(\d+),PQ(\d+)(x8)?", f):
+        return "IVF_PQ", {"nlist": int(m[1]), "m": int(m[2]), "nbits": 8}
+    if m := re.fullmatch(r"OPQ(\d+)(_\d+)?,IVF(\d+),PQ(\d+)(x8)?", f):  # what recommend_index picks when memory is short
+        log.warning("Milvus has no OPQ rotation; '%s' becomes IVF_PQ without it (expect lower recall)", factory)
+        return "IVF_PQ", {"nlist": int(m[3]), "m": int(m[4]), "nbits": 8}
+    if m := re.fullmatch(r"HNSW(\d+)(,Flat)?", f):
+        return "HNSW", {"M": int(m[1]), "efConstruction": 40}
+    raise ConfigError(f"Milvus has no index like FAISS '{factory}'; use Flat, IVF<n>,Flat, IVF<n>,SQ8, "
+                      "IVF<n>,PQ<m> or HNSW<M> with --backend milvus")

@@ -12,6 +12,7 @@ import pytest
 
 from asymret.errors import ConfigError, ConflictError, InputError, NotFoundError
 from asymret.index.backend import GalleryBackend, StoreBackend, open_store
+from asymret.index.recommend import milvus_index
 
 from .conftest import brute_force, unit
 
@@ -191,12 +192,12 @@ def test_mismatched_pair_is_refused_on_both(store):
 
 
 def test_approximate_indexes_map_and_find_the_neighbours(tmp_path, lite):
-    assert milvus.index_params("IVF64,Flat") == ("IVF_FLAT", {"nlist": 64})
-    assert milvus.index_params("HNSW32") == ("HNSW", {"M": 32, "efConstruction": 40})
-    assert milvus.index_params("IVF8,PQ4") == ("IVF_PQ", {"nlist": 8, "m": 4, "nbits": 8})
-    assert milvus.index_params("OPQ8,IVF16,PQ8") == ("IVF_PQ", {"nlist": 16, "m": 8, "nbits": 8})  # no rotation
+    assert milvus_index("IVF64,Flat") == ("IVF_FLAT", {"nlist": 64})
+    assert milvus_index("HNSW32") == ("HNSW", {"M": 32, "efConstruction": 40})
+    assert milvus_index("IVF8,PQ4") == ("IVF_PQ", {"nlist": 8, "m": 4, "nbits": 8})
+    assert milvus_index("OPQ8,IVF16,PQ8") == ("IVF_PQ", {"nlist": 16, "m": 8, "nbits": 8})  # no rotation
     with pytest.raises(ConfigError, match="Milvus has no index like FAISS 'PCA64,Flat'"):
-        milvus.index_params("PCA64,Flat")
+        milvus_index("PCA64,Flat")
     assert milvus.collection_name("a_b-c.d") == "asymret_a__b_mc_dd" != milvus.collection_name("a__b-c.d")
     x, q = unit(1000, DIM, seed=6), unit(20, DIM, seed=7)
     _, exact = brute_force(q, x, 10)
@@ -207,7 +208,7 @@ def test_approximate_indexes_map_and_find_the_neighbours(tmp_path, lite):
                 found = [[h.id for h in row] for row in g.search(q, k=10, **params)]
                 recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact.tolist())])
                 assert recall >= 0.95, (factory, recall)
-                assert g.info()["index"]["type"] == milvus.index_params(factory)[0]
+                assert g.info()["index"]["type"] == milvus_index(factory)[0]
             s.delete(g.name)
 
 
