@@ -33,7 +33,7 @@ import numpy as np
 from asymret.index.backend import open_store
 from asymret.index.synthetic import synthetic_embeddings
 from asymret.index.topk import topk_inner_product
-from asymret.index.vectors import recommend_index
+from asymret.index.recommend import recommend_index
 
 K = 10
 ADD = 10_000  # vectors per add call
