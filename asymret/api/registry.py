@@ -11,6 +11,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from asymret.errors import ConflictError, NotFoundError
@@ -130,7 +131,5 @@ class GalleryRegistry:
     def search(self, gallery, vectors: np.ndarray, k: int, filters: dict | None, exclude=None):
         """``gallery.search`` on ``search_threads`` FAISS threads (OpenMP's setting is per calling thread);
         ``exclude``: one list of exclusion rules per query (:mod:`asymret.index.backend`)."""
-        import faiss
-
         faiss.omp_set_num_threads(self.search_threads)
         return gallery.search(vectors, k, filters=filters, exclude=exclude)

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch.nn.functional as F
+from PIL import Image
 
 from asymret.api.auth import ApiKeys
 from asymret.api.batcher import Batcher
@@ -35,6 +38,13 @@ from asymret.api.registry import SNAPSHOTS, GalleryRegistry
 from asymret.api.settings import ServeConfig
 from asymret.api.uploads import UPLOADS, ImageLimits, Uploads
 from asymret.errors import AsymretError, ConfigError, NotFoundError, NotReadyError
+from asymret.index.backend import open_store
+from asymret.retrieval.cost import encoder_cost
+from asymret.retrieval.encode import encode_tensors, inference, shape_groups
+from asymret.retrieval.export import OnnxEncoder, export_onnx
+from asymret.retrieval.pair import load_pair
+from asymret.retrieval.sides import PROVENANCE, SideEncoder, embedding_space
+from asymret.runtime import resolve_device, set_threads
 
 log = logging.getLogger("asymret.serve")
 
@@ -59,8 +69,6 @@ class QueryNet:
 
 def space_difference(ours: dict, theirs: dict) -> str:
     """What differs between two gallery sides' network specs (:meth:`SideEncoder.network_spec`), in words."""
-    from asymret.retrieval.sides import PROVENANCE
-
     a = {k: v for k, v in ours["gallery_net"].items() if k not in PROVENANCE}
     b = {k: v for k, v in theirs["gallery_net"].items() if k not in PROVENANCE}
     if a != b:
@@ -111,10 +119,6 @@ class Service:
             log.exception("could not load the pair and galleries")
 
     def load(self) -> None:
-        from asymret.index.backend import open_store
-        from asymret.retrieval.cost import encoder_cost
-        from asymret.runtime import resolve_device, set_threads
-
         self.device = resolve_device(self.config.device, fix="serve with --device cpu", error=NotReadyError)
         set_threads(self.config.torch_threads)
         self._load_pairs()
@@ -145,9 +149,6 @@ class Service:
 
     def _load_pairs(self) -> None:
         """Every pair of the config; all must share the first one's gallery side (spec, weights, whitening)."""
-        from asymret.retrieval.pair import load_pair
-        from asymret.retrieval.sides import SideEncoder, embedding_space
-
         nets: dict[str, QueryNet] = {}
         for name, path in self.config.pair_entries():
             pair = load_pair(path, device=self.device)
@@ -172,10 +173,6 @@ class Service:
     def _export_query_nets(self) -> None:
         """runtime: onnx. Each query network (with the shared whitening and L2) as an ONNX graph in a folder that
         lives as long as the service, run by ONNX Runtime with the configured threads."""
-        import tempfile
-
-        from asymret.retrieval.export import OnnxEncoder, export_onnx
-
         self._onnx_dir = tempfile.TemporaryDirectory(prefix="asymret-serve-onnx-")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else None
         for i, net in enumerate(self.query_nets.values()):
@@ -185,8 +182,6 @@ class Service:
 
     def _warm_up(self) -> None:
         """One forward pass per network, so that the first request does not pay for lazy initialisation."""
-        from PIL import Image
-
         blank = Image.new("RGB", (64, 64))
         for net in self.query_nets.values():
             self._encode_queries(net, [net.pair.query_net.transform(blank)])
@@ -252,18 +247,12 @@ class Service:
     def _encode_queries(self, net: QueryNet, tensors) -> np.ndarray:
         if net.onnx is None:
             return self._embed(net.pair.query_net, tensors)
-        from asymret.retrieval.encode import shape_groups
-
         out = np.empty((len(tensors), net.onnx.dim), dtype=np.float32)
         for rows in shape_groups(tensors):  # one ONNX Runtime call per image shape (longer-side specs keep aspect)
             out[rows] = net.onnx.encode(np.stack([tensors[i].numpy() for i in rows]))  # whitened and L2 inside
         return out
 
     def _embed(self, encoder, tensors) -> np.ndarray:
-        import torch.nn.functional as F
-
-        from asymret.retrieval.encode import encode_tensors, inference
-
         # one whitening for all: the pairs share the gallery side, whitening included (its hash is in the space)
         with inference(self.device, None):
             x = encode_tensors(encoder, tensors, self.device)
