@@ -144,7 +144,7 @@ def test_sharded_build_equals_encoding_each_image_alone(store, side, folder, ref
 
 KILLED_BUILD = textwrap.dedent("""
     import os, signal, sys
-    from asymret.index import GalleryStore
+    from asymret.index.backend import open_store
     from asymret.retrieval import gallery as gb
     from asymret.retrieval import sides
     from asymret.retrieval.datasets import inputs
@@ -159,15 +159,16 @@ KILLED_BUILD = textwrap.dedent("""
         return real(*args, **kw)
 
     sides.encode_records = dies_on_third_shard
-    root, pair, images = sys.argv[1:]
-    gb.build_gallery(GalleryStore(root), "g", sides.SideEncoder.gallery(load_pair(pair)), inputs.read_images(images),
-                     shard_size=2, num_workers=0, progress=False)
-""")
+    backend, root, uri, pair, images = sys.argv[1:]
+    gb.build_gallery(open_store(backend, root, uri=uri or None), "g", sides.SideEncoder.gallery(load_pair(pair)),
+                     inputs.read_images(images), shard_size=2, num_workers=0, progress=False)
+""")  # argv: backend, store root, Milvus URI ('' for faiss), pair file, images
 
 
 def test_killed_build_resumes_without_encoding_done_shards_again(store, side, folder, pair_file, reference,
                                                                  monkeypatch):
-    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(store.root), str(pair_file), str(folder)],
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, "faiss", str(store.root), "", str(pair_file),
+                             str(folder)],
                             check=False, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
     pending = gb.pending_build(store, "g")

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from asymret.retrieval import gallery as gb
 from asymret.retrieval import sides
 from asymret.retrieval.datasets import inputs
 
-from .test_gallery import ENCODE, folder, pair_file, reference, side  # noqa: F401  (fixtures)
+from .test_gallery import ENCODE, KILLED_BUILD, folder, pair_file, reference, side  # noqa: F401  (fixtures)
 
 pytest.importorskip("milvus_lite", reason="milvus-lite has no wheel for this platform; the milvus backend is untested here")
 
@@ -97,32 +96,12 @@ def test_torchrun_ranks_write_directly_what_one_faiss_process_builds(server, sto
     assert not (tmp_path / "scratch" / "two" / "build").exists()
 
 
-KILLED_BUILD = textwrap.dedent("""
-    import os, signal, sys
-    from asymret.index.backend import open_store
-    from asymret.retrieval import gallery as gb
-    from asymret.retrieval import sides
-    from asymret.retrieval.datasets import inputs
-    from asymret.retrieval.pair import load_pair
-
-    real, calls = sides.encode_records, []
-
-    def dies_on_third_shard(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kw)
-
-    sides.encode_records = dies_on_third_shard
-    root, uri, pair, images = sys.argv[1:]
-    gb.build_gallery(open_store("milvus", root, uri=uri), "g", sides.SideEncoder.gallery(load_pair(pair)),
-                     inputs.read_images(images), shard_size=2, num_workers=0, progress=False)
-""")
 
 
 def test_killed_build_resumes_without_duplicating_or_losing_an_item(server, store, side, folder, pair_file,  # noqa: F811
                                                                    reference, monkeypatch):  # noqa: F811
-    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(store.root), server, str(pair_file), str(folder)],
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, "milvus", str(store.root), server, str(pair_file),
+                             str(folder)],
                             check=False, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr[-3000:]
     pending = gb.pending_build(store, "g")
