@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from asymret.mini.benchmark import veri_gt  # the official rule, as the mini renderer writes it
+
 # name: (database images, queries without an easy positive), as in the real revisitop pickles
 REVISITED = {"roxford5k": (4993, 2), "rparis6k": (6322, 0)}
 REVISITED_QUERIES = 70
@@ -67,19 +69,6 @@ def veri_lists(seed: int) -> dict[str, list[str]]:
             "train_labeled": [f"{n} {label[int(n[:4])]}" for n in sorted(train)]}
 
 
-def official_veri_index(query: list[str], test: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """``gt_index`` and ``jk_index`` (1-based) by the official rule, one query at a time."""
-    by_identity: dict[str, list[tuple[int, str]]] = {}
-    for j, g in enumerate(test):
-        by_identity.setdefault(g[:4], []).append((j + 1, g[6:9]))
-    gt, jk = [], []
-    for q in query:
-        same = by_identity.get(q[:4], [])
-        gt.append([j for j, cam in same if cam != q[6:9]])
-        jk.append([j for j, cam in same if cam == q[6:9]])
-    return gt, jk
-
-
 def write_shared_twin(data: Path, seed: int = 0) -> Path:
     """Write ``revisited/gnd_*.pkl`` and ``veri776/*.txt`` under ``data`` exactly where ``shared/data`` has
     them; returns ``data``."""
@@ -91,7 +80,7 @@ def write_shared_twin(data: Path, seed: int = 0) -> Path:
     lists = veri_lists(seed)
     for part, names in lists.items():
         (veri / f"name_{part}.txt").write_text("\n".join(names) + "\n")
-    for file, rows in zip(("gt_index.txt", "jk_index.txt"), official_veri_index(lists["query"], lists["test"])):
+    for file, rows in zip(("gt_index.txt", "jk_index.txt"), veri_gt(lists["test"], lists["query"])):
         file_text = "".join(" ".join(map(str, row)) + " \n" for row in rows)
         (veri / file).write_text(file_text)
     return data

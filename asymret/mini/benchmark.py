@@ -187,13 +187,15 @@ def build_sfm(root: Path, seed: int, spec: MiniSize, clusters: list[Region], run
 
 def veri_gt(test: list[str], queries: list[str]) -> tuple[list[list[int]], list[list[int]]]:
     """Official VeRi ground truth, 1-based into ``test``: gt = same vehicle on another camera,
-    jk = same vehicle on the same camera (the query itself included)."""
-    parsed = [(n[:4], n[5:9]) for n in test]
+    jk = same vehicle on the same camera (the query itself included); names ``VVVV_cCCC_...``."""
+    by_vehicle: dict[str, list[tuple[int, str]]] = {}
+    for j, name in enumerate(test):
+        by_vehicle.setdefault(name[:4], []).append((j + 1, name[5:9]))
     gt, jk = [], []
     for q in queries:
-        vid, cam = q[:4], q[5:9]
-        gt.append([i + 1 for i, (v, c) in enumerate(parsed) if v == vid and c != cam])
-        jk.append([i + 1 for i, (v, c) in enumerate(parsed) if v == vid and c == cam])
+        same = by_vehicle.get(q[:4], [])
+        gt.append([j for j, cam in same if cam != q[5:9]])
+        jk.append([j for j, cam in same if cam == q[5:9]])
     return gt, jk
 
 
